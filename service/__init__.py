@@ -1,0 +1,1 @@
+"""HTTP and gRPC pose service over one worker pool with dynamic batching."""

@@ -1,0 +1,1 @@
+"""Training recipe, datasets and evaluation metrics for Dite-HRNet."""
