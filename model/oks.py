@@ -1,68 +1,112 @@
-"""Object keypoint similarity and OKS-NMS, exactly as mmpose 0.16 computes them.
+"""Object keypoint similarity (OKS) and OKS non-maximum suppression.
 
-The paper's COCO numbers rescore and de-duplicate people with these before
-COCOeval, so keeping mmpose's arithmetic (including its quirks) matters.
+Shared by the inference pipeline (duplicate suppression), evaluation and tracking so the
+formula lives in one place. Two conventions exist and both are here:
+
+* :func:`oks_matrix` / :func:`oks_nms` follow mmpose 0.16 ``oks_iou``/``oks_nms`` (the
+  area is the mean of the two poses' areas), as used by mmpose's COCO evaluation;
+* :func:`coco_oks` follows pycocotools ``computeOks`` (ground-truth area and
+  visibility; unlabelled ground truth falls back to the distance to its box).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from model.keypoints import COCO
+_EPS = np.spacing(1)
 
 
-def oks_iou(
-    g: np.ndarray,
-    d: np.ndarray,
-    a_g: float,
-    a_d: np.ndarray,
-    sigmas: np.ndarray | Sequence[float] | None = None,
+def _as_kpts(kpts: np.ndarray) -> np.ndarray:
+    arr = np.asarray(kpts, dtype=np.float64)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[-1] not in (2, 3):
+        raise ValueError(f"keypoints must be [N, K, 2|3], got shape {arr.shape}")
+    return arr
+
+
+def oks_matrix(
+    kpts_a: np.ndarray,
+    kpts_b: np.ndarray,
+    areas_a: Sequence[float] | np.ndarray,
+    areas_b: Sequence[float] | np.ndarray,
+    sigmas: Sequence[float] | np.ndarray,
     vis_thr: float | None = None,
 ) -> np.ndarray:
-    """OKS between one person ``g`` (flat [K*3]) and each row of ``d`` ([M, K*3]).
+    """Pairwise OKS [A, B] between two sets of poses [A, K, 3] and [B, K, 3] (mmpose convention).
 
-    ``a_g``/``a_d`` are the person areas. As in mmpose 0.16 the visibility
-    filter reads ``list(vg > thr) and list(vd > thr)``, which evaluates to the
-    detection mask alone; that quirk is kept on purpose.
+    With ``vis_thr`` only joints scored above it in both poses count (mmpose meant this
+    but its list-``and`` kept only the second pose's mask); no such joint -> OKS 0.
     """
-    sig = COCO.sigmas_array() if sigmas is None else np.asarray(sigmas, dtype=np.float64)
-    variances = (sig * 2) ** 2
-    g = np.asarray(g, dtype=np.float64).reshape(-1)
-    d = np.asarray(d, dtype=np.float64).reshape(len(d), g.size)
-    a_d = np.asarray(a_d, dtype=np.float64).reshape(-1)
-    xg, yg, vg = g[0::3], g[1::3], g[2::3]
-    ious = np.zeros(len(d), dtype=np.float32)
-    for n_d in range(len(d)):
-        xd, yd, vd = d[n_d, 0::3], d[n_d, 1::3], d[n_d, 2::3]
-        e = ((xd - xg) ** 2 + (yd - yg) ** 2) / variances / ((a_g + a_d[n_d]) / 2 + np.spacing(1)) / 2
-        if vis_thr is not None:
-            ind = list(vg > vis_thr) and list(vd > vis_thr)
-            e = e[np.asarray(ind, dtype=bool)]
-        ious[n_d] = np.sum(np.exp(-e)) / len(e) if len(e) != 0 else 0.0
-    return ious
+    a, b = _as_kpts(kpts_a), _as_kpts(kpts_b)
+    sig = np.asarray(sigmas, dtype=np.float64)
+    if a.shape[1] != len(sig) or b.shape[1] != len(sig):
+        raise ValueError(f"{len(sig)} sigmas for poses with {a.shape[1]} and {b.shape[1]} joints")
+    var = (sig * 2) ** 2
+    d2 = ((a[:, None, :, :2] - b[None, :, :, :2]) ** 2).sum(-1)  # [A, B, K]
+    area = (np.asarray(areas_a, np.float64)[:, None] + np.asarray(areas_b, np.float64)[None, :]) / 2
+    e = d2 / var / (area[..., None] + _EPS) / 2
+    if vis_thr is None or a.shape[-1] < 3:
+        return np.exp(-e).mean(-1) if e.shape[-1] else np.zeros(e.shape[:2])
+    mask = (a[:, None, :, 2] > vis_thr) & (b[None, :, :, 2] > vis_thr)
+    count = mask.sum(-1)
+    total = np.where(mask, np.exp(-e), 0.0).sum(-1)
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
 def oks_nms(
-    kpts_db: Sequence[dict[str, Any]],
+    kpts: np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    areas: Sequence[float] | np.ndarray,
     thr: float,
-    sigmas: np.ndarray | Sequence[float] | None = None,
+    sigmas: Sequence[float] | np.ndarray,
     vis_thr: float | None = None,
 ) -> np.ndarray:
-    """Greedy OKS-NMS; each entry has 'keypoints' [K,3], 'score' and 'area'. Returns kept indices."""
-    if len(kpts_db) == 0:
-        return np.zeros((0,), dtype=np.int64)
-    scores = np.array([k["score"] for k in kpts_db], dtype=np.float64)
-    kpts = np.array([np.asarray(k["keypoints"], dtype=np.float64).flatten() for k in kpts_db])
-    areas = np.array([k["area"] for k in kpts_db], dtype=np.float64)
-    order = scores.argsort()[::-1]
+    """Greedy OKS-NMS (mmpose 0.16): indices to keep, best score first.
+
+    A pose is dropped when its OKS with an already kept, higher-scored pose exceeds ``thr``.
+    """
+    poses = _as_kpts(kpts) if len(kpts) else np.zeros((0, len(sigmas), 3))
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(poses) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(scores) != len(poses) or len(areas) != len(poses):
+        raise ValueError("kpts, scores and areas must have the same length")
+    sim = oks_matrix(poses, poses, areas, areas, sigmas, vis_thr)
+    order = np.argsort(scores, kind="stable")[::-1]
+    suppressed = np.zeros(len(poses), dtype=bool)
     keep: list[int] = []
-    while len(order) > 0:
-        i = int(order[0])
-        keep.append(i)
-        overlap = oks_iou(kpts[i], kpts[order[1:]], areas[i], areas[order[1:]], sigmas, vis_thr)
-        inds = np.where(overlap <= thr)[0]
-        order = order[inds + 1]
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(int(i))
+        suppressed |= sim[i] > thr
     return np.asarray(keep, dtype=np.int64)
+
+
+def coco_oks(
+    gt_kpts: np.ndarray,
+    gt_area: float,
+    gt_bbox_xywh: Sequence[float],
+    det_kpts: np.ndarray,
+    sigmas: Sequence[float] | np.ndarray,
+) -> np.ndarray:
+    """OKS of detections [D, K, 3] against one ground truth [K, 3] exactly as pycocotools computes it."""
+    gt = np.asarray(gt_kpts, dtype=np.float64).reshape(-1, 3)
+    dets = _as_kpts(det_kpts)
+    var = (np.asarray(sigmas, dtype=np.float64) * 2) ** 2
+    visible = gt[:, 2] > 0
+    if visible.any():
+        dx = dets[..., 0] - gt[None, :, 0]
+        dy = dets[..., 1] - gt[None, :, 1]
+    else:
+        x, y, w, h = (float(v) for v in gt_bbox_xywh)
+        x0, x1, y0, y1 = x - w, x + w * 2, y - h, y + h * 2
+        dx = np.maximum(0, x0 - dets[..., 0]) + np.maximum(0, dets[..., 0] - x1)
+        dy = np.maximum(0, y0 - dets[..., 1]) + np.maximum(0, dets[..., 1] - y1)
+    e = (dx**2 + dy**2) / var / (gt_area + _EPS) / 2
+    if visible.any():
+        e = e[:, visible]
+    return np.exp(-e).sum(-1) / e.shape[-1]

@@ -65,7 +65,11 @@ def rescore_and_nms(
             valid = joint_scores > vis_thr
             kpt_score = float(joint_scores[valid].sum() / valid.sum()) if valid.any() else 0.0
             person["score"] = kpt_score * person["box_score"]
-        keep = oks_nms(people, oks_thr, sigmas=sigmas) if use_nms else range(len(people))
+        if use_nms:
+            keep = oks_nms(np.stack([p["keypoints"] for p in people]), [p["score"] for p in people],
+                           [p["area"] for p in people], oks_thr, sigmas)
+        else:
+            keep = np.arange(len(people))
         for k in keep:
             person = people[int(k)]
             results.append({

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.oks import oks_iou, oks_nms
-from training.coco_eval import STAT_NAMES, evaluate_coco, gt_as_predictions
+from model.keypoints import COCO
+from training.coco_eval import STAT_NAMES, evaluate_coco, gt_as_predictions, rescore_and_nms
 from training.mpii_eval import evaluate_mpii, save_mpii_gt
 
 
@@ -48,22 +48,21 @@ def test_unknown_image_id_is_a_clear_error(val_ann: Path) -> None:
         evaluate_coco(preds, val_ann)
 
 
-def test_oks_nms_drops_duplicates_and_rescoring_uses_visible_joints() -> None:
+def test_rescoring_and_nms_follow_mmpose() -> None:
     rng = np.random.default_rng(1)
     k = np.concatenate([rng.uniform(0, 100, (17, 2)), np.full((17, 1), 0.9)], axis=1)
+    k[:4, 2] = 0.1  # below vis_thr: ignored by the rescoring mean
     far = k.copy()
     far[:, :2] += 300
-    people = [
-        {"keypoints": k, "score": 0.9, "area": 5000.0},
-        {"keypoints": k + np.array([0.5, 0.5, 0.0]), "score": 0.8, "area": 5000.0},
-        {"keypoints": far, "score": 0.7, "area": 5000.0},
+    preds = [
+        {"image_id": 1, "keypoints": k, "box_score": 0.5, "area": 5000.0},
+        {"image_id": 1, "keypoints": k + np.array([0.5, 0.5, 0.0]), "box_score": 0.4, "area": 5000.0},
+        {"image_id": 1, "keypoints": far, "box_score": 0.3, "area": 5000.0},
+        {"image_id": 2, "keypoints": far * np.array([1, 1, 0]), "box_score": 0.9, "area": 5000.0},
     ]
-    assert oks_nms(people, 0.9).tolist() == [0, 2]
-    assert oks_iou(k.ravel(), k.ravel()[None], 5000.0, np.array([5000.0]))[0] == pytest.approx(1.0)
-    # vis_thr: with all detection scores below it no joint counts -> OKS 0 (mmpose behaviour)
-    low = k.copy()
-    low[:, 2] = 0.1
-    assert oks_iou(k.ravel(), low.ravel()[None], 5000.0, np.array([5000.0]), vis_thr=0.2)[0] == 0.0
+    out = rescore_and_nms(preds, 17, COCO.sigmas_array())
+    assert [r["score"] for r in out] == pytest.approx([0.45, 0.27, 0.0])  # the duplicate is gone
+    assert len(out[0]["keypoints"]) == 51
 
 
 def _mpii_gt(tmp_path: Path, n: int = 6) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
