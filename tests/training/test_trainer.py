@@ -76,7 +76,6 @@ def _losses(work: Path) -> list[tuple[int, float]]:
 
 
 def test_resume_reproduces_the_uninterrupted_run(synth_data: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     full = Trainer(tiny_config(), synth_data, tmp_path / "full", device="cpu", progress=False)
     full.fit()
     part = Trainer(tiny_config(max_iters=3), synth_data, tmp_path / "part", device="cpu", progress=False)
@@ -100,24 +99,24 @@ def _run(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 300
                           timeout=timeout, check=False)
 
 
-def test_cli_synth_train_evaluate(tmp_path: Path) -> None:
+def test_cli_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
     data, work = tmp_path / "data", tmp_path / "work"
-    r = _run("-m", "service.cli", "synth", "--format", "coco", "--out", str(data), "--num-images", "3",
-             "--val-images", "2", "--seed", "4")
-    assert r.returncode == 0, r.stderr
-    r = _run("-m", "service.cli", "train", "dite_hrnet_18", "--data", str(data), "--work-dir", str(work),
-             "--epochs", "1", "--batch-size", "4", "--input", "64x64", "--workers", "0", "--eval-every", "1",
-             "--max-people", "4", "--quiet", "--model-overrides", json.dumps(TINY))
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert main(["synth", "--format", "coco", "--out", str(data), "--num-images", "3", "--val-images", "2",
+                 "--seed", "4"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["annotations"]) == 2
+    assert main(["train", "dite_hrnet_18", "--data", str(data), "--work-dir", str(work), "--epochs", "1",
+                 "--batch-size", "4", "--input", "64x64", "--workers", "0", "--eval-every", "1",
+                 "--max-people", "4", "--quiet", "--model-overrides", json.dumps(TINY)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["iterations"] == 1 and summary["best"]["metric"] == "AP"
     assert (work / "best.pt").is_file() and (work / "metrics.csv").is_file()
-    r = _run("-m", "service.cli", "evaluate", str(work / "final.pt"), "--data", str(data), "--no-flip")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    assert main(["evaluate", str(work / "final.pt"), "--data", str(data), "--no-flip"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert set(result["metrics"]) >= {"AP", "AP50", "AR"} and result["samples"] > 0
-    r = _run("-m", "service.cli", "train", "nope", "--data", str(data), "--work-dir", str(work))
-    assert r.returncode == 2 and "unknown training config" in r.stderr
+    assert main(["train", "nope", "--data", str(data), "--work-dir", str(work)]) == 2
+    assert "unknown training config" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -132,3 +131,19 @@ def test_torchrun_two_processes_on_cpu(synth_data: Path, tmp_path: Path) -> None
     assert len(_losses(work)) == 2
     model, meta = load_pose_model(work / "final.pt")
     assert meta.num_joints == 17 and not any(k.startswith("module.") for k in model.state_dict())
+
+
+def test_mpii_training_evaluates_pckh(tmp_path: Path) -> None:
+    synthesize("mpii", tmp_path / "data", 3, seed=2)
+    synthesize("mpii", tmp_path / "data", 2, seed=3, split="val")
+    cfg = get_config("dite_hrnet_18_mpii_256x256").replace(
+        input_size=(64, 64), batch_size=4, epochs=1, workers=0, eval_every=1, max_people=4, model_overrides=TINY,
+        ema_decay=0.9, grad_clip=1.0)
+    trainer = Trainer(cfg, tmp_path / "data", tmp_path / "work", device="cpu", progress=False)
+    summary = trainer.fit()
+    assert summary["best"]["metric"] == "PCKh"
+    rows = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert len(evals) == 1 and 0.0 <= evals[0]["PCKh"] <= 100.0 and "Ankle" in evals[0]
+    _, meta = load_pose_model(tmp_path / "work" / "best.pt")
+    assert meta.dataset == "mpii" and meta.num_joints == 16 and "PCKh" in meta.extra["metrics"]
