@@ -19,6 +19,14 @@ DECODERS = ("default", "dark", "argmax")
 _DECODER_ALIASES = {"default": "default", "dark": "dark", "unbiased": "dark", "argmax": "argmax", "none": "argmax"}
 
 
+def normalize_decoder(name: str) -> str:
+    """Canonical decoder name ('unbiased' -> 'dark', 'none' -> 'argmax'); ValueError for unknown names."""
+    try:
+        return _DECODER_ALIASES[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown decoder {name!r}; choose one of {DECODERS}") from None
+
+
 def encode_heatmaps(
     joints_xy: np.ndarray,
     visible: np.ndarray,
@@ -158,10 +166,7 @@ def decode_heatmaps(
     ``method``: 'argmax' (post_process None), 'default' (quarter offset) or 'dark'
     (a.k.a. 'unbiased': Gaussian modulation with ``kernel``, log, Taylor step).
     """
-    try:
-        method = _DECODER_ALIASES[method]
-    except KeyError:
-        raise ValueError(f"unknown decoder {method!r}; choose one of {DECODERS}") from None
+    method = normalize_decoder(method)
     heatmaps = np.asarray(heatmaps, dtype=np.float32)
     if heatmaps.ndim != 4:
         raise ValueError(f"heatmaps must be [N, K, H, W], got shape {heatmaps.shape}")
