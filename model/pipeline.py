@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -41,7 +42,7 @@ class PreparedBatch:
         return len(self.centers)
 
 
-@dataclass
+@dataclass(eq=False)  # holds arrays: compare by identity
 class PersonPose:
     """One person: box, rescored confidence and keypoints [K, 3] = (x, y, score) in image pixels."""
 
@@ -231,6 +232,28 @@ class PoseEstimator:
         self.detector = detector
         self.batch_size = batch_size
         self.nms_thr = nms_thr
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        flip_test: bool = True,
+        decoder: str = "default",
+        detector: object | None = None,
+        batch_size: int = 32,
+    ) -> PoseEstimator:
+        """Load one of our (or the authors') checkpoints; input size and joints come from its metadata."""
+        from model.checkpoint import load_pose_model
+        from model.keypoints import get_keypoint_spec, spec_for_num_joints
+
+        module, meta = load_pose_model(path, map_location=device)
+        try:
+            spec = get_keypoint_spec(meta.dataset)
+        except KeyError:
+            spec = spec_for_num_joints(meta.num_joints)
+        pipeline = TopDownPipeline(meta.input_size, spec, flip_test=flip_test, decoder=decoder)
+        return cls(module, pipeline, detector=detector, batch_size=batch_size)
 
     @property
     def spec(self) -> KeypointSpec:
