@@ -1,0 +1,51 @@
+"""Shared fixtures: where ../shared lives, and the reference data in it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_shared_dir() -> Path:
+    """``../shared`` beside the repo (CI and the main checkout); worktrees fall back to /work/shared."""
+    for candidate in (REPO_ROOT.parent / "shared", Path("/work/shared")):
+        if (candidate / "fixtures" / "reference").is_dir():
+            return candidate
+    pytest.skip("../shared/fixtures/reference is not present")
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return find_shared_dir()
+
+
+@pytest.fixture(scope="session")
+def reference_dir(shared_dir: Path) -> Path:
+    return shared_dir / "fixtures" / "reference"
+
+
+@pytest.fixture(scope="session")
+def coco_mini(shared_dir: Path) -> Path:
+    path = shared_dir / "data" / "coco-mini"
+    if not path.is_dir():
+        pytest.skip("../shared/data/coco-mini is not present")
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes of ours: this checkout first on the import path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def python_cmd(*args: str) -> list[str]:
+    """``python -m service.cli ARGS`` with this interpreter: the ``ditepose`` command, from this checkout."""
+    return [sys.executable, "-m", "service.cli", *args]
