@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
 
+from model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
 from service.batcher import BatcherError
 from service.errors import ServiceError, from_batcher_error
 from service.images import decode_image, encode_png
@@ -37,7 +37,7 @@ class PoseRequest:
     model: str | None = None
     flip_test: bool = True
     decoder: str = "default"
-    score_threshold: float = 0.0
+    score_threshold: float | None = None
     detector: str = "whole"
 
 
@@ -144,7 +144,9 @@ class PoseService:
         prepared: PreparedBatch,
         heatmaps,
     ) -> tuple[list[PersonPose], list[dict]]:
-        poses = [p for p in pipe.finish(prepared, heatmaps) if p.score >= request.score_threshold]
+        poses = pipe.finish(prepared, heatmaps)
+        if request.score_threshold is not None:
+            poses = [p for p in poses if p.score >= request.score_threshold]
         return poses, [p.to_dict(model.spec) for p in poses]
 
     # ------------------------------------------------------------ whole requests

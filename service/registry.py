@@ -60,27 +60,27 @@ def _jsonable(value: object) -> object:
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load one model; the project's default checkpoint falls back to random (demo) weights."""
+    """Load one model; a missing project default checkpoint falls back to random (demo) weights."""
     import model as models
 
     started = time.perf_counter()
     path: Path | None = spec.checkpoint
-    explicit = path is not None
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint of model {spec.name!r} not found: {path}")
     if path is None:
-        path = Path(models.default_checkpoint_path())
-    if path.is_file():
-        module, meta = _load_checkpoint(path, spec)
+        path = models.default_checkpoint_path()
+    if path is not None:
+        # Our format carries its metadata; the authors' mmpose files are recognised by layout.
+        module, meta = models.load_pose_model(path, map_location="cpu")
         arch, dataset, num_joints = meta.arch, meta.dataset, int(meta.num_joints)
         input_size = (int(meta.input_size[0]), int(meta.input_size[1]))
         extra, demo, checkpoint = dict(meta.extra or {}), False, str(path)
-    elif explicit:
-        raise FileNotFoundError(f"checkpoint of model {spec.name!r} not found: {path}")
     else:
         log.warning(
-            "!!! model %r: default checkpoint %s is missing; serving RANDOM weights (demo_weights=true). "
-            "Poses will be meaningless. Train or download a checkpoint and set DITEPOSE_MODELS.",
+            "!!! model %r: no checkpoint given and the project's default checkpoint is missing; "
+            "serving RANDOM weights (demo_weights=true), poses will be meaningless. "
+            "Set DITEPOSE_MODELS or use `ditepose serve --model NAME=CHECKPOINT`.",
             spec.name,
-            path,
         )
         dataset = spec.dataset
         num_joints = get_keypoint_spec(dataset).num_joints
@@ -99,27 +99,6 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         load_s=time.perf_counter() - started,
         extra=extra,
     )
-
-
-def _load_checkpoint(path: Path, spec: ModelSpec) -> tuple[nn.Module, object]:
-    """Our format carries its metadata; the authors' mmpose files are read with the spec's."""
-    import model as models
-
-    try:
-        return models.load_pose_model(path, map_location="cpu")
-    except (KeyError, ValueError, TypeError) as exc:
-        log.info("%s is not in our checkpoint format (%s); reading it as an mmpose checkpoint", path, exc)
-    num_joints = get_keypoint_spec(spec.dataset).num_joints
-    module = models.build_model(spec.arch, num_joints=num_joints)
-    models.load_checkpoint(module, path)
-    meta = models.CheckpointMeta(
-        arch=spec.arch,
-        dataset=spec.dataset,
-        num_joints=num_joints,
-        input_size=tuple(spec.input_size),
-        extra={"source": "mmpose checkpoint"},
-    )
-    return module, meta
 
 
 def load_models(specs: list[ModelSpec]) -> list[LoadedModel]:

@@ -27,8 +27,11 @@ class PoseOptions(BaseModel):
         description="Heatmap decoding: 'default' (argmax + quarter-pixel shift, as in the paper), "
         "'dark' (alias 'unbiased': DARK Taylor refinement), 'argmax' (alias 'none': plain argmax).",
     )
-    score_threshold: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="Persons whose score is below this are left out."
+    score_threshold: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="Persons whose score is below this are left out (scores are heatmap peaks, "
+        "about 0..1 for trained weights). None keeps every person.",
     )
     detector: DetectorName = Field(
         default="whole",

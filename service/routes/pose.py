@@ -31,7 +31,7 @@ _MULTIPART_SCHEMA = {
         "model": {"type": "string"},
         "flip_test": {"type": "boolean", "default": True},
         "decoder": {"type": "string", "enum": ["default", "dark", "unbiased", "argmax", "none"]},
-        "score_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": 0},
+        "score_threshold": {"type": "number", "description": "Drop persons scoring below this."},
         "detector": {"type": "string", "enum": ["whole", "hog"], "default": "whole"},
     },
 }
