@@ -77,12 +77,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_pose_model(args.checkpoint, map_location=device)
     model.to(device)
-    layout = None
-    if args.ann is None:
-        layout = find_split(args.data, meta.dataset, args.split)
+    if args.ann is None and args.data is None:
+        raise ValueError("evaluate needs --data DIR or --ann FILE (with --img-dir)")
+    layout = find_split(args.data, meta.dataset, args.split) if args.data else None
     ann = Path(args.ann) if args.ann else layout.ann_file
-    img_dir = Path(args.img_dir) if args.img_dir else (layout.img_dir if layout else find_split(
-        args.data, meta.dataset, args.split).img_dir)
+    if args.img_dir is None and layout is None:
+        raise ValueError("--ann needs --img-dir (or --data)")
+    img_dir = Path(args.img_dir) if args.img_dir else layout.img_dir
     if meta.dataset == "coco":
         ds = CocoKeypointDataset(ann, img_dir, meta.input_size, train=False, use_gt_bbox=args.det_file is None,
                                  det_file=args.det_file, det_score_thr=args.det_score_thr)
