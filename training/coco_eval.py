@@ -88,11 +88,14 @@ def evaluate_coco(
     oks_thr: float = 0.9,
     use_nms: bool = True,
     sigmas: np.ndarray | None = None,
+    img_ids: list[int] | None = None,
 ) -> dict[str, float]:
     """COCO keypoint AP/AR of ``predictions`` against ``ann_file`` (path or pycocotools COCO).
 
     Each prediction: ``{image_id, keypoints: K x [x, y, score], box_score, area}``
-    (optional ``bbox_id`` de-duplicates as mmpose does). pycocotools' prints are captured.
+    (optional ``bbox_id`` de-duplicates as mmpose does). ``img_ids`` restricts scoring to those
+    images (for subsets); by default every annotated image counts, as in mmpose. pycocotools' prints
+    are captured.
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -109,6 +112,8 @@ def evaluate_coco(
         coco_eval = COCOeval(gt, dt, "keypoints")
         coco_eval.params.kpt_oks_sigmas = sig
         coco_eval.params.useSegm = None
+        if img_ids is not None:
+            coco_eval.params.imgIds = sorted(img_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

@@ -108,8 +108,15 @@ class CocoKeypointDataset(TopDownDataset):
             if det_file is None:
                 raise ValueError("use_gt_bbox=False needs det_file (json list of {image_id, bbox, score, category_id})")
             self.records = self._det_records(Path(det_file), det_score_thr)
-        if max_people is not None:
-            self.records = self.records[:max_people]
+        self.eval_image_ids: list[int] | None = None  # None: score on every image of the annotations
+        if max_people is not None and len(self.records) > max_people:
+            # Cut at an image boundary and score only those images, so unseen people are not misses.
+            last = self.records[max_people - 1]["image_id"]
+            keep = max_people
+            while keep < len(self.records) and self.records[keep]["image_id"] == last:
+                keep += 1
+            self.records = self.records[:keep]
+            self.eval_image_ids = sorted({r["image_id"] for r in self.records})
 
     def _center_scale(self, box: list[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         _x, _y, w, h = box

@@ -54,7 +54,7 @@ def predict(
 def score(dataset: TopDownDataset, predictions: list[dict[str, Any]], mpii_gt: str | Path | None = None) -> dict[str, float]:
     """COCO AP table or MPII PCKh table for predictions made on ``dataset``."""
     if isinstance(dataset, CocoKeypointDataset):
-        return evaluate_coco(predictions, dataset.coco)
+        return evaluate_coco(predictions, dataset.coco, img_ids=dataset.eval_image_ids)
     if isinstance(dataset, MpiiKeypointDataset):
         if mpii_gt is None:
             raise ValueError("MPII evaluation needs the ground-truth file (mpii_gt_*.json/.npz/.mat)")
