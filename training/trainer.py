@@ -194,6 +194,9 @@ class Trainer:
         else:
             g = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
             order = torch.randperm(len(self.train_set), generator=g).tolist()
+        if len(order) % self.cfg.batch_size == 1 and len(order) > 1:
+            order = order[:-1]  # a batch of one breaks BatchNorm on 1x1 attention maps
+        self._batches_this_epoch = -(-len(order) // self.cfg.batch_size)
         order = order[self.iter_in_epoch * self.cfg.batch_size:]  # mid-epoch resume skips what was done
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=order,
                           num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", drop_last=False)
@@ -289,9 +292,7 @@ class Trainer:
         return summary
 
     def _epoch_done(self) -> bool:
-        per_epoch = len(self.train_set) // self.world_size if self.distributed else len(self.train_set)
-        batches = -(-per_epoch // self.cfg.batch_size)
-        return self.iter_in_epoch >= batches
+        return self.iter_in_epoch >= self._batches_this_epoch
 
 
 def cleanup_distributed() -> None:
