@@ -151,6 +151,13 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"no resumable state at {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = json.loads(state["config"])
+        current = json.loads(json.dumps(self.cfg.to_dict()))
+        clash = [k for k in ("arch", "dataset", "input_size", "model_overrides", "batch_size", "seed")
+                 if saved.get(k) != current.get(k)]
+        if clash:
+            raise ValueError(f"cannot resume from {path}: recipe differs in {clash} "
+                             f"(saved {[saved.get(k) for k in clash]}, now {[current.get(k) for k in clash]})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
