@@ -120,6 +120,7 @@ class Trainer:
             self.val_set, self.val_gt = None, None
         self.epoch, self.iter_in_epoch, self.global_iter = 0, 0, 0
         self.best: dict[str, Any] = {"metric": None, "value": None, "epoch": None}
+        self.last_metrics: dict[str, float] = {}
         if resume:
             self.load_state(self.work_dir / STATE_FILE if resume is True else Path(resume))
         self.ddp: nn.Module = self.model
@@ -245,6 +246,7 @@ class Trainer:
             if self.is_main:
                 key = primary_metric(self.val_set)
                 self.logger.log({"kind": "eval", "epoch": self.epoch + 1, "iter": self.global_iter, **metrics})
+                self.last_metrics = metrics
                 if self.best["value"] is None or metrics[key] > self.best["value"]:
                     self.best = {"metric": key, "value": metrics[key], "epoch": self.epoch + 1}
                     save_checkpoint(self.work_dir / "best.pt", self.eval_module(), self.meta(metrics))
@@ -261,6 +263,8 @@ class Trainer:
         except ImportError:  # pragma: no cover - tqdm is a dependency
             tqdm = None
         while self.epoch < cfg.epochs and not stopped_early:
+            if cfg.max_iters is not None and self.global_iter >= cfg.max_iters:
+                break
             self.ddp.train()
             loader = self._loader()
             bar = tqdm(total=len(loader), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
@@ -289,9 +293,10 @@ class Trainer:
             if self.is_main:
                 save_checkpoint(self.work_dir / "latest.pt", self.eval_module(), self.meta())
         summary = {"epochs_done": self.epoch, "iterations": self.global_iter, "best": self.best,
+                   "last_metrics": self.last_metrics,
                    "seconds": round(time.time() - start, 2), "work_dir": str(self.work_dir)}
         if self.is_main:
-            save_checkpoint(self.work_dir / "final.pt", self.eval_module(), self.meta({}))
+            save_checkpoint(self.work_dir / "final.pt", self.eval_module(), self.meta(self.last_metrics))
             (self.work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.close()
         if self.distributed:
