@@ -53,9 +53,11 @@ def test_split_and_gather_across_submissions():
         results[key] = batcher.submit_sync(_crops(values), timeout_s=5)
 
     threads = [threading.Thread(target=submit, args=(0, [1, 2, 3, 4, 5, 6])), threading.Thread(target=submit, args=(1, [7]))]
-    for t in threads:
-        t.start()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    for thread, depth in zip(threads, (6, 7), strict=True):  # first the 6 crops, then the 1
+        thread.start()
+        while batcher.depth < depth and time.monotonic() < deadline:
+            time.sleep(0.005)
     sizes = []
     while any(t.is_alive() for t in threads):
         batch = batcher.next_batch(0.2)
@@ -191,3 +193,18 @@ def test_stop_fails_waiting_requests_quickly():
     pool.stop()
     thread.join(2)
     assert not thread.is_alive() and isinstance(result[0], BatcherClosed)
+
+
+def test_torch_threads_is_set_on_the_worker_thread():
+    seen: list[int] = []
+
+    def factory(loaded: LoadedModel, device: str):
+        def infer(batch: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return loaded.module(batch)
+
+        return infer
+
+    with WorkerPool([_loaded()], ["cpu"], infer_factory=factory, torch_threads=1, max_delay_ms=0) as pool:
+        pool.batcher("tiny").submit_sync(_crops([1]), timeout_s=5)
+    assert seen == [1]
