@@ -41,6 +41,11 @@ class PreparedBatch:
     def num_persons(self) -> int:
         return len(self.centers)
 
+    @property
+    def num_crops(self) -> int:
+        """Network inputs: persons, twice with the flip test; ``finish`` wants this many heatmaps."""
+        return len(self.crops)
+
 
 @dataclass(eq=False)  # holds arrays: compare by identity
 class PersonPose:
