@@ -13,6 +13,7 @@ from model.pipeline import (
     PersonPose,
     PoseEstimator,
     TopDownPipeline,
+    normalize_crops,
     oks_nms,
 )
 from model.transforms import affine_transform_points, get_affine_transform
@@ -196,3 +197,24 @@ def test_estimator_with_random_dite_hrnet() -> None:
     assert len(whole) == 1
     # whole image 640x480 -> crop 800 px wide centred at x=320 (plus the -1 pixel of empty maps)
     assert ((whole[0].keypoints[:, 0] >= -80 - 800 / W_HM) & (whole[0].keypoints[:, 0] <= 720)).all()
+
+
+def test_device_side_normalisation_matches_cpu() -> None:
+    img, boxes = _image(), [[100, 50, 120, 300], [300, 200, 200, 150]]
+    cpu = TopDownPipeline(flip_test=True).prepare(img, boxes)
+    raw = TopDownPipeline(flip_test=True, normalize_on_cpu=False).prepare(img, boxes)
+    assert raw.crops.dtype == torch.uint8 and raw.crops.shape == (4, H_IN, W_IN, 3)
+    assert raw.num_crops == cpu.num_crops == 4
+    torch.testing.assert_close(normalize_crops(raw.crops), cpu.crops, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_crops(cpu.crops)
+
+
+def test_estimator_gives_same_poses_with_device_side_normalisation() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 17, 4, stride=4), torch.nn.Sigmoid())
+    img, boxes = _image(), [[100, 50, 120, 300], [300, 200, 200, 150]]
+    a = PoseEstimator(net, TopDownPipeline()).predict(img, boxes)
+    b = PoseEstimator(net, TopDownPipeline(normalize_on_cpu=False)).predict(img, boxes)
+    for pa, pb in zip(a, b, strict=True):
+        np.testing.assert_allclose(pa.keypoints, pb.keypoints, atol=1e-4)
