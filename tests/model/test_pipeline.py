@@ -27,6 +27,24 @@ def _image(h: int = 480, w: int = 640) -> np.ndarray:
     return rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
 
 
+def _stick_figures() -> np.ndarray:
+    """A 640x480 picture with three drawn stick figures in the boxes the tests use."""
+    from model.draw import draw_poses
+
+    img = np.full((480, 640, 3), 90, np.uint8)
+    img[:, :, 1] = np.linspace(40, 200, 640, dtype=np.uint8)[None]
+    template = np.array([
+        [0.5, 0.08], [0.45, 0.05], [0.55, 0.05], [0.4, 0.07], [0.6, 0.07], [0.3, 0.22], [0.7, 0.22],
+        [0.2, 0.38], [0.8, 0.38], [0.15, 0.52], [0.85, 0.52], [0.38, 0.55], [0.62, 0.55],
+        [0.36, 0.75], [0.64, 0.75], [0.35, 0.95], [0.65, 0.95],
+    ])
+    persons = []
+    for x, y, w, h in [[50, 40, 100, 200], [300, 100, 150, 300], [500, 300, 130, 170]]:
+        kpts = np.column_stack([x + template[:, 0] * w, y + template[:, 1] * h, np.ones(17)])
+        persons.append(PersonPose(np.array([x, y, w, h], np.float32), 1.0, kpts.astype(np.float32)))
+    return draw_poses(img, persons, COCO, draw_boxes=False)
+
+
 def _unnormalise(crop: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -176,8 +194,7 @@ def test_estimator_with_random_dite_hrnet() -> None:
 
     torch.manual_seed(0)
     net = build_model("dite_hrnet_18", num_joints=17)
-    img = np.zeros((480, 640, 3), np.uint8)
-    img[:, :, 1] = np.linspace(0, 255, 640, dtype=np.uint8)[None]
+    img = _stick_figures()
     estimator = PoseEstimator(net, TopDownPipeline(flip_test=True), batch_size=3)
     boxes = [[50, 40, 100, 200], [300, 100, 150, 300], [500, 300, 130, 170]]
     persons = estimator.predict(img, boxes, [0.9, 0.8, 0.7])
