@@ -81,6 +81,12 @@ class StreamOptions:
         )
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a future's outcome as seen (a cancelled shutdown must not log 'never retrieved')."""
+    if not future.cancelled():
+        future.exception()
+
+
 @dataclass(eq=False)
 class _Job:
     frame: pose_pb2.Frame
@@ -198,8 +204,10 @@ class StreamSession:
                 pending.append(item)
         for task in pending:
             task.cancel()
+        gathered = asyncio.gather(*pending, return_exceptions=True)
+        gathered.add_done_callback(_retrieve)
         with contextlib.suppress(BaseException):
-            await asyncio.gather(*pending, return_exceptions=True)
+            await gathered
         self._waiting.clear()
         self._tasks.clear()
 
