@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -146,3 +147,44 @@ def test_stream_level_errors(services: tuple, messages: str, status: grpc.Status
         list(stub(services[3]).StreamPose(iter(sequences[messages]), timeout=60))
     assert info.value.code() == status
     assert dict(info.value.trailing_metadata() or ()).get(ERROR_CODE_METADATA) == code
+
+
+def test_rest_and_grpc_requests_share_one_batch(tmp_path: Path) -> None:
+    """One REST and one gRPC request (1 crop each) inside a 500 ms batching window: one batch of 2."""
+    import json
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from tests.service.grpc_support import jpeg
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pth")
+    settings = make_settings(ckpt, max_batch_size=8, max_delay_ms=500)
+    img, box = figure_frame(3)
+    data = jpeg(img)
+    sizes: list[int] = []
+
+    class Watch:
+        def observe_batch(self, model, device, size, infer_s, queued_s, ok) -> None:
+            sizes.append(size)
+
+    with running_services(settings) as (pool, app, server), channel(server) as ch, TestClient(app) as client:
+        pool.add_observer(Watch())
+        rest_status: list[int] = []
+
+        def rest() -> None:
+            response = client.post(
+                "/v1/pose",
+                files={"image": ("a.jpg", data, "image/jpeg")},
+                data={"boxes": json.dumps([box]), "flip_test": "false"},
+            )
+            rest_status.append(response.status_code)
+
+        thread = threading.Thread(target=rest)
+        thread.start()
+        request = pose_pb2.EstimateRequest(image=data, options=pose_pb2.PoseOptions(flip_test=False))
+        request.boxes.add(x=box[0], y=box[1], width=box[2], height=box[3])
+        reply = stub(ch).Estimate(request, timeout=60)
+        thread.join(60)
+    assert rest_status == [200] and len(reply.persons) == 1
+    assert sizes == [2]
