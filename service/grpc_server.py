@@ -13,12 +13,14 @@ import concurrent.futures
 import hmac
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from prometheus_client import CollectorRegistry
 
 from proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
 from service.errors import ServiceError
@@ -29,6 +31,7 @@ from service.grpc_convert import (
     request_from_proto,
     status_of,
 )
+from service.grpc_metrics import GrpcMetrics
 from service.grpc_stream import StreamOptions, StreamSession
 from service.pool import WorkerPool
 from service.pose_service import PoseRequest, PoseResult, PoseService
@@ -49,9 +52,10 @@ async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> 
 class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
     """The ``ditepose.v1.PoseService`` implementation over a :class:`PoseService`."""
 
-    def __init__(self, service: PoseService, settings: Settings) -> None:
+    def __init__(self, service: PoseService, settings: Settings, metrics: GrpcMetrics | None = None) -> None:
         self.service = service
         self.settings = settings
+        self.metrics = metrics or GrpcMetrics()
         self.api_key = settings.resolved_api_key()
         self.active_streams = 0
 
@@ -79,12 +83,15 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
     async def Estimate(
         self, request: pose_pb2.EstimateRequest, context: grpc.aio.ServicerContext
     ) -> pose_pb2.EstimateResponse:
+        started = time.perf_counter()
         try:
             if (denied := self._check_key(context)) is not None:
                 raise denied
             result = await self._run(request_from_proto(request.image, request.boxes, request.options), self._timeout(context))
         except ServiceError as exc:
+            self.metrics.observe_call("Estimate", status_of(exc).name, time.perf_counter() - started)
             await abort_with(context, exc)
+        self.metrics.observe_call("Estimate", "OK", time.perf_counter() - started)
         return estimate_response(result)
 
     async def ListModels(
@@ -104,15 +111,23 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
                 raise denied
             session = await self._open_stream(request_iterator)
         except ServiceError as exc:
+            self.metrics.observe_call("StreamPose", status_of(exc).name)
             await abort_with(context, exc)
         self.active_streams += 1
+        self.metrics.streams.inc()
+        code = "CANCELLED"
         try:
             async for result in session.results(request_iterator):
                 yield result
+            code = "OK"
         except ServiceError as exc:
+            code = status_of(exc).name
             await abort_with(context, exc)
         finally:
             self.active_streams -= 1
+            self.metrics.streams.dec()
+            self.metrics.observe_call("StreamPose", code)
+            self.metrics.observe_frames(session.frames_out, session.frames_failed, session.frames_dropped)
 
     async def _open_stream(self, requests: AsyncIterator[pose_pb2.StreamRequest]) -> StreamSession:
         try:
@@ -137,11 +152,18 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
 class GrpcServer:
     """A grpc.aio server on its own event loop thread; ``stop`` blocks until it is down."""
 
-    def __init__(self, settings: Settings, pool: WorkerPool, service: PoseService | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: WorkerPool,
+        service: PoseService | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.service = service or PoseService(pool, settings)
-        self.servicer = PoseServicer(self.service, settings)
+        self.metrics = GrpcMetrics(registry)
+        self.servicer = PoseServicer(self.service, settings, self.metrics)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -233,6 +255,15 @@ class GrpcServer:
         self.stop()
 
 
-def start_grpc_server(settings: Settings, pool: WorkerPool, service: PoseService | None = None) -> GrpcServer:
-    """Start gRPC beside REST on the shared pool (and the REST app's PoseService when given)."""
-    return GrpcServer(settings, pool, service).start()
+def start_grpc_server(
+    settings: Settings,
+    pool: WorkerPool,
+    service: PoseService | None = None,
+    registry: CollectorRegistry | None = None,
+) -> GrpcServer:
+    """Start gRPC beside REST on the shared pool.
+
+    Pass the REST app's ``app.state.service`` (shared pipelines) and
+    ``app.state.metrics.registry`` (gRPC metrics on the same /metrics page).
+    """
+    return GrpcServer(settings, pool, service, registry).start()

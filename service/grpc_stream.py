@@ -120,6 +120,7 @@ class StreamSession:
         self.frames_in = 0
         self.frames_out = 0
         self.frames_dropped = 0
+        self.frames_failed = 0
 
     # ------------------------------------------------------------------ reader
     async def _read(self, frames: AsyncIterator[pose_pb2.StreamRequest]) -> None:
@@ -222,6 +223,7 @@ class StreamSession:
         if outcome.error is not None or outcome.result is None:
             err = outcome.error or ServiceError("internal", "no result")
             message.error.code, message.error.message = err.code, err.message
+            self.frames_failed += 1
             return message
         result = outcome.result
         message.model, message.width, message.height = result.model, result.width, result.height

@@ -121,3 +121,8 @@ def test_stream_image_folder_and_bad_target(served: tuple[int, int], tmp_path: P
         cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+    # gRPC metrics appear on the REST app's /metrics page.
+    metrics = httpx.get(f"http://127.0.0.1:{served[0]}/metrics", timeout=10).text
+    assert 'ditepose_grpc_calls_total{code="NOT_FOUND",method="StreamPose"} 1.0' in metrics
+    assert 'ditepose_grpc_stream_frames_total{outcome="answered"}' in metrics
+    assert "ditepose_grpc_active_streams 0.0" in metrics
