@@ -83,6 +83,7 @@ def test_ten_thousand_frames_leak_no_memory_or_tasks(tmp_path: Path) -> None:
     print(f"\n{FRAMES} frames in {elapsed:.1f} s ({FRAMES / elapsed:.0f} fps); RSS {samples['warm']:.0f} -> "
           f"{samples['end']:.0f} MB; tasks baseline {baseline}, mid {mid_tasks}, after {after}")
     assert after <= baseline
-    assert mid_tasks and mid_tasks[0] <= baseline + 2 + 16 + 2  # reader, dispatcher, <= 16 frames, call
+    # Reader + dispatcher + the call, and <= 16 frames in flight with 2 tasks each (frame + deadline).
+    assert mid_tasks and mid_tasks[0] <= baseline + 2 + 2 * 16 + 2
     assert growth < 25.0, f"resident memory grew {growth:.1f} MB over {FRAMES * 4 // 5} frames"
     assert np.isfinite(growth)
