@@ -169,6 +169,7 @@ class GrpcServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._thread: threading.Thread | None = None
+        self._health_task: asyncio.Task | None = None
         self._stopped = False
 
     @property
@@ -187,9 +188,21 @@ class GrpcServer:
         if port == 0:
             raise OSError(f"cannot bind gRPC to {self.settings.host}:{self.settings.grpc_port}")
         await server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, port
+        await self._publish_health()
+        self._health_task = asyncio.get_running_loop().create_task(self._watch_pool())
+
+    async def _publish_health(self) -> None:
+        serving = self.pool.ready and not self._stopped
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _watch_pool(self, period_s: float = 1.0) -> None:
+        """Health follows the workers: NOT_SERVING while the pool is not ready (e.g. a dead worker)."""
+        while not self._stopped:
+            await asyncio.sleep(period_s)
+            await self._publish_health()
 
     def start(self) -> GrpcServer:
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -228,6 +241,8 @@ class GrpcServer:
         self._stopped = True
 
         async def shutdown() -> None:
+            if self._health_task is not None:
+                self._health_task.cancel()
             await self.health.enter_graceful_shutdown()
             assert self._server is not None
             await self._server.stop(grace)

@@ -188,3 +188,21 @@ def test_rest_and_grpc_requests_share_one_batch(tmp_path: Path) -> None:
         thread.join(60)
     assert rest_status == [200] and len(reply.persons) == 1
     assert sizes == [2]
+
+
+def test_health_follows_the_worker_pool(tmp_path: Path) -> None:
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pth")
+    with running_services(make_settings(ckpt)) as (pool, _app, server), channel(server) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        request = health_pb2.HealthCheckRequest(service="ditepose.v1.PoseService")
+        assert health.Check(request).status == health_pb2.HealthCheckResponse.SERVING
+        pool.stop()  # workers gone: the server must stop advertising itself
+        deadline = time.monotonic() + 10
+        while health.Check(request).status == health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health still SERVING without workers"
+            time.sleep(0.1)
+        assert health.Check(request).status == health_pb2.HealthCheckResponse.NOT_SERVING
