@@ -100,3 +100,13 @@ def test_wrong_key_is_unauthenticated(services: tuple) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub(services[3]).ListModels(pose_pb2.ListModelsRequest(), metadata=(("x-api-key", "wrong"),))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_stream_needs_the_key_too(services: tuple) -> None:
+    config = pose_pb2.StreamRequest(config=pose_pb2.StreamConfig())
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub(services[3]).StreamPose(iter([config]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(info.value) == "unauthorized"
+    replies = list(stub(services[3]).StreamPose(iter([config]), metadata=_meta(), timeout=30))
+    assert replies == []  # a config and no frames: an empty, successful stream
