@@ -83,7 +83,7 @@ def test_ten_thousand_frames_leak_no_memory_or_tasks(tmp_path: Path) -> None:
     print(f"\n{FRAMES} frames in {elapsed:.1f} s ({FRAMES / elapsed:.0f} fps); RSS {samples['warm']:.0f} -> "
           f"{samples['end']:.0f} MB; tasks baseline {baseline}, mid {mid_tasks}, after {after}")
     assert after <= baseline
-    # Reader + dispatcher + the call, and <= 64 frames in flight with 2 tasks each (frame + deadline).
-    assert mid_tasks and mid_tasks[0] <= baseline + 2 + 2 * 64 + 2
+    # Reader + dispatcher + the call, and one task per frame in flight (<= 64).
+    assert mid_tasks and mid_tasks[0] <= baseline + 2 + 64 + 2
     assert growth < 25.0, f"resident memory grew {growth:.1f} MB over {FRAMES * 4 // 5} frames"
     assert np.isfinite(growth)
