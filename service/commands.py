@@ -7,3 +7,6 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the service's sub-commands to the ``ditepose`` parser."""
+    from service.jobs.cli import add_worker_command
+
+    add_worker_command(subparsers)
