@@ -28,6 +28,10 @@ def celery_config(settings: JobSettings) -> dict[str, Any]:
         "visibility_timeout": settings.visibility_timeout_s,
         "socket_timeout": max(timeout, 5.0),  # a worker's blocking read must not time out on an idle queue
         "socket_connect_timeout": timeout,
+        # How often a worker sweeps for unacknowledged tasks older than visibility_timeout (kombu's
+        # default, 10 s x 10, would hide a low visibility_timeout).
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+        "unacked_restore_throttle": 1,
     }
     return {
         "task_acks_late": True,
@@ -87,7 +91,9 @@ def make_celery(settings: JobSettings) -> Celery:
             soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics,
         )
         if outcome == "busy":  # a live worker holds it; look again once its lease could have run out
-            raise self.retry(countdown=settings.lock_ttl_s, max_retries=None)
+            # (sooner than visibility_timeout, so this waiting copy is not itself redelivered)
+            countdown = min(settings.lock_ttl_s, settings.visibility_timeout_s / 2)
+            raise self.retry(countdown=countdown, max_retries=None)
         return outcome
 
     app.evaluate_task = evaluate  # type: ignore[attr-defined]

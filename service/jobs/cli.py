@@ -38,6 +38,10 @@ def _worker(args: argparse.Namespace) -> int:
     from service.jobs.config import JobSettings
 
     settings = JobSettings()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     app = make_celery(settings)
     queues = args.queues or settings.job_queue
     argv = [

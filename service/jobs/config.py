@@ -61,8 +61,10 @@ class JobSettings(BaseSettings):
         default=3900.0, gt=0, description="Celery kills a task running longer (prefork pool only)."
     )
     visibility_timeout_s: int = Field(
-        default=3600, ge=1,
-        description="Redis broker: an unacknowledged task (its worker died) is redelivered after this long.",
+        default=4000, ge=1,
+        description="Redis broker: an unacknowledged task (its worker died) is redelivered after this long. "
+        "Keep it above hard_time_limit_s: a task still running past it is delivered again (the job's lease "
+        "keeps that copy waiting, but it costs a retry loop).",
     )
     lock_ttl_s: float = Field(
         default=30.0, gt=0,

@@ -74,7 +74,10 @@ class JobService:
 
     def resolve_model(self, req: EvaluateRequest, dataset_format: str) -> dict[str, Any]:
         if req.checkpoint is not None:
-            path = self.catalogue.checkpoint(req.checkpoint)
+            try:
+                path = self.catalogue.checkpoint(req.checkpoint)
+            except UnknownName as exc:
+                raise UnknownModel(str(exc)) from exc
             return {"name": req.checkpoint, "source": "checkpoint", "checkpoint": str(path),
                     "arch": "dite_hrnet_18", "dataset": dataset_format,
                     "input_size": list(_DEFAULT_INPUT[dataset_format])}
