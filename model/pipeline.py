@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -41,7 +42,7 @@ class PreparedBatch:
         return len(self.centers)
 
 
-@dataclass
+@dataclass(eq=False)  # holds arrays: compare by identity
 class PersonPose:
     """One person: box, rescored confidence and keypoints [K, 3] = (x, y, score) in image pixels."""
 
@@ -144,15 +145,18 @@ class TopDownPipeline:
         in_w, in_h = self.input_size_wh
         centers = np.zeros((n, 2), np.float32)
         scales = np.zeros((n, 2), np.float32)
-        raw = np.empty((n, in_h, in_w, 3), np.uint8)
+        copies = 2 if self.flip_test else 1
+        raw = np.empty((copies * n, in_h, in_w, 3), np.uint8)
         for i, box in enumerate(boxes):
             centers[i], scales[i] = box_to_center_scale(box, self._aspect, self.padding)
             mat = get_affine_transform(centers[i], scales[i], 0.0, self.input_size_wh)
             cv2.warpAffine(img, mat, (in_w, in_h), dst=raw[i], flags=cv2.INTER_LINEAR)
-        crops = torch.from_numpy(raw).permute(0, 3, 1, 2).float()
-        crops = crops.mul_(self._norm_scale).add_(self._norm_shift).contiguous()
-        if self.flip_test and n:
-            crops = torch.cat([crops, crops.flip(3)], dim=0)
+        if copies == 2:
+            raw[n:] = raw[:n, :, ::-1]  # mirrored crops for the flip test (uint8: cheap)
+        # one pass HWC uint8 -> CHW float32, then the ImageNet normalisation in place
+        crops = torch.empty((copies * n, 3, in_h, in_w), dtype=torch.float32)
+        crops.copy_(torch.from_numpy(raw).permute(0, 3, 1, 2))
+        crops.mul_(self._norm_scale).add_(self._norm_shift)
         return PreparedBatch(crops, centers, scales, boxes, scores, self.flip_test)
 
     def finish(self, prepared: PreparedBatch, heatmaps: torch.Tensor | np.ndarray) -> list[PersonPose]:
@@ -231,6 +235,28 @@ class PoseEstimator:
         self.detector = detector
         self.batch_size = batch_size
         self.nms_thr = nms_thr
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        flip_test: bool = True,
+        decoder: str = "default",
+        detector: object | None = None,
+        batch_size: int = 32,
+    ) -> PoseEstimator:
+        """Load one of our (or the authors') checkpoints; input size and joints come from its metadata."""
+        from model.checkpoint import load_pose_model
+        from model.keypoints import get_keypoint_spec, spec_for_num_joints
+
+        module, meta = load_pose_model(path, map_location=device)
+        try:
+            spec = get_keypoint_spec(meta.dataset)
+        except KeyError:
+            spec = spec_for_num_joints(meta.num_joints)
+        pipeline = TopDownPipeline(meta.input_size, spec, flip_test=flip_test, decoder=decoder)
+        return cls(module, pipeline, detector=detector, batch_size=batch_size)
 
     @property
     def spec(self) -> KeypointSpec:
