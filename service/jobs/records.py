@@ -149,12 +149,15 @@ class LocalJobStore:
             return "run"
 
     def heartbeat(self, job_id: str, token: str, ttl_s: float, progress: float) -> tuple[bool, bool]:
-        """Renew the lease and store progress; returns (still ours, cancel requested)."""
+        """Renew the lease (or retake it if it lapsed and nobody claimed the job) and store progress.
+
+        Returns (still ours, cancel requested).
+        """
         with self._lock:
             rec = self._records.get(job_id)
-            if rec is None or self._leased_by(job_id) != token or rec.state != "running":
+            if rec is None or rec.state != "running" or self._leased_by(job_id) not in (token, None):
                 return False, bool(rec and rec.cancel_requested)
-            self._leases[job_id] = (token, time.monotonic() + ttl_s)
+            self._leases[job_id] = (token, time.monotonic() + ttl_s)  # renew, or retake a lapsed lease
             rec.progress = progress
             self._save(rec)
             return True, rec.cancel_requested
@@ -162,12 +165,13 @@ class LocalJobStore:
     def transition(
         self, job_id: str, from_states: Iterable[str], to_state: str, token: str | None = None, **updates: Any
     ) -> bool:
-        """Compare-and-set: move to ``to_state`` only from ``from_states`` (and holding the lease if ``token``)."""
+        """Compare-and-set: move to ``to_state`` only from ``from_states``; with ``token``, only if no one
+        else holds the lease."""
         with self._lock:
             rec = self._records.get(job_id)
             if rec is None or rec.state not in set(from_states):
                 return False
-            if token is not None and self._leased_by(job_id) != token:
+            if token is not None and self._leased_by(job_id) not in (token, None):
                 return False
             for key, value in updates.items():
                 setattr(rec, key, value)
@@ -214,9 +218,16 @@ return 'run'
 
 _HEARTBEAT = """
 local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' and 1 or 0
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0, cancel} end
 if redis.call('HGET', KEYS[1], 'state') ~= '"running"' then return {0, cancel} end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local holder = redis.call('GET', KEYS[2])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+elseif not holder then
+  -- our lease ran out (a stalled process) but nobody took the job over: take it back
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+else
+  return {0, cancel}
+end
 redis.call('HSET', KEYS[1], 'progress', ARGV[3])
 return {1, cancel}
 """
@@ -230,7 +241,10 @@ local st = cjson.decode(raw)
 local allowed = false
 for _, s in ipairs(cjson.decode(ARGV[4])) do if s == st then allowed = true end end
 if not allowed then return 0 end
-if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[1] ~= '' then
+  local holder = redis.call('GET', KEYS[2])
+  if holder and holder ~= ARGV[1] then return 0 end  -- a lapsed lease nobody took is still ours
+end
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local to = cjson.decode(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', ARGV[3])

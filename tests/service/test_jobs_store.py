@@ -95,6 +95,16 @@ def test_claim_lease_and_finish_exactly_once(store: LocalJobStore | RedisJobStor
     assert store.claim("nope", "t", 30, "w") == "missing"
 
 
+def test_lapsed_lease_nobody_claimed_is_retaken(store: LocalJobStore | RedisJobStore) -> None:
+    rec = JobRecord(id=JobRecord.new_id())
+    store.create(rec)
+    assert store.claim(rec.id, "slow", 0.2, "w1") == "run"
+    time.sleep(0.35)  # a stalled process missed its renewals, but no other worker came
+    assert store.heartbeat(rec.id, "slow", 30, 60.0) == (True, False)
+    assert store.claim(rec.id, "other", 30, "w2") == "busy"
+    assert store.transition(rec.id, ["running"], "succeeded", "slow")
+
+
 def test_expired_lease_is_taken_over(store: LocalJobStore | RedisJobStore) -> None:
     rec = JobRecord(id=JobRecord.new_id())
     store.create(rec)
