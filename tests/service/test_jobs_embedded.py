@@ -128,3 +128,98 @@ def test_queued_job_cancelled_never_runs(tiny_eval: TinyEval, tmp_path: Path) ->
         assert again.state == "cancelled" and again.attempts == 0 and again.started_at is None
     finally:
         service.close()
+
+
+def _tiny_mpii(tiny: TinyEval, root: Path) -> dict[str, str]:
+    """An mmpose-format MPII set on coco-mini photos: person centres/scales from COCO boxes, joints spread
+    over each box, head boxes as large as the person (so PCKh is far from 0 even for random weights)."""
+    import torch
+
+    import model as models
+    from training.mpii_eval import save_mpii_gt
+
+    ann = json.loads(tiny.ann_file.read_text())
+    files = {i["id"]: i["file_name"] for i in ann["images"]}
+    rng = np.random.default_rng(0)
+    entries, joints0, heads = [], [], []
+    for a in ann["annotations"]:
+        if a.get("num_keypoints", 0) == 0 or a["bbox"][3] < 40:
+            continue
+        x, y, w, h = a["bbox"]
+        joints = np.stack([x + rng.random(16) * w, y + rng.random(16) * h], axis=1)
+        entries.append({"image": files[a["image_id"]], "center": [x + w / 2 + 1, y + h / 2 + 1],
+                        "scale": h / 200, "joints": (joints + 1).tolist(), "joints_vis": [1] * 16})
+        joints0.append(joints)
+        heads.append([[x, y], [x + w, y + h]])
+    (root / "mpii.json").write_text(json.dumps(entries))
+    save_mpii_gt(root / "mpii_gt.json", np.array(joints0), np.ones((len(entries), 16)), np.array(heads))
+    torch.manual_seed(1)
+    net = models.build_model("dite_hrnet_18", num_joints=16)
+    models.save_checkpoint(root / "mpii.pth", net, models.CheckpointMeta("dite_hrnet_18", "mpii", 16, input_size=(64, 64)))
+    return {"format": "mpii", "ann_file": str(root / "mpii.json"), "img_dir": str(tiny.img_dir),
+            "gt_file": str(root / "mpii_gt.json")}
+
+
+def test_mpii_job_matches_direct_pckh(tiny_eval: TinyEval, tmp_path: Path) -> None:
+    import model as models
+    from training.datasets import MpiiKeypointDataset
+    from training.evaluate import predict, score
+
+    dataset = _tiny_mpii(tiny_eval, tmp_path)
+    store = LocalJobStore()
+    rec = JobRecord(id=JobRecord.new_id(), plan={
+        "model": {"name": "mpii", "checkpoint": str(tmp_path / "mpii.pth")},
+        "dataset": {"name": "tiny-mpii", **dataset},
+        "options": {"flip_test": True, "decoder": "default", "use_gt_boxes": True, "batch_size": 4},
+    })
+    store.create(rec)
+    assert run_job(rec.id, store, tmp_path / "jobs") == "succeeded", store.get(rec.id).error
+    got = store.get(rec.id).result["metrics"]
+    module, _ = models.load_pose_model(tmp_path / "mpii.pth")
+    ds = MpiiKeypointDataset(dataset["ann_file"], dataset["img_dir"], (64, 64), train=False)
+    expected = score(ds, predict(module, ds, batch_size=4), mpii_gt=dataset["gt_file"])
+    assert set(got) == {"Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "PCKh", "PCKh@0.1"}
+    assert expected["PCKh"] > 0
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_soft_time_limit_and_attempt_limit_fail_the_job(tiny_eval: TinyEval, tmp_path: Path) -> None:
+    plan = {"model": {"name": "tiny", "checkpoint": str(tiny_eval.checkpoint_dir / tiny_eval.checkpoint)},
+            "dataset": {"name": "tiny", **tiny_eval.datasets()["tiny"]},
+            "options": {"flip_test": False, "decoder": "default", "use_gt_boxes": True, "batch_size": 1}}
+    store = LocalJobStore()
+    slow = JobRecord(id=JobRecord.new_id(), plan=plan)
+    store.create(slow)
+    assert run_job(slow.id, store, tmp_path, soft_time_limit_s=1e-6) == "failed"
+    assert "soft time limit" in store.get(slow.id).error
+    doomed = JobRecord(id=JobRecord.new_id(), plan=plan, attempts=3)  # three workers died on it already
+    store.create(doomed)
+    assert run_job(doomed.id, store, tmp_path, max_attempts=3) == "failed"
+    assert "gave up after 3 attempts" in store.get(doomed.id).error
+
+
+def test_embedded_mode_through_the_api(tiny_eval: TinyEval, tmp_path: Path, reference_dir: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import ModelSpec
+    from tests.service.conftest import start_server
+
+    monkeypatch.delenv("DITEPOSE_REDIS_URL", raising=False)
+    for key, value in tiny_eval.env(tmp_path / "jobs").items():
+        monkeypatch.setenv(key, value)
+    models = [ModelSpec(name="hrnet18", checkpoint=reference_dir / "dite_hrnet_18_coco_random.pth")]
+    with start_server(models=models) as live, live.client() as client:
+        assert client.get("/readyz").json()["jobs"] == {"mode": "embedded", "ready": True}
+        response = client.post("/v1/evaluate", json={"dataset": "tiny", "checkpoint": "tiny"})
+        assert response.status_code == 202, response.text
+        location = response.headers["Location"]
+        body = wait_for(lambda: (b := client.get(location).json())["state"] in ("succeeded", "failed") and b,
+                        timeout=120, what="the embedded job")
+        assert body["state"] == "succeeded", body
+        expected, _ = direct_evaluation(tiny_eval, tiny_eval.ann_file)
+        assert body["metrics"] == pytest.approx(expected, abs=1e-9)
+        assert client.get(body["predictions_url"]).json()["job_id"] == body["id"]
+        scrape = client.get("/metrics").text
+        assert 'ditepose_jobs_finished_total{state="succeeded"} 1.0' in scrape
+        assert 'ditepose_job_duration_seconds_count{state="succeeded"} 1.0' in scrape
+        assert "ditepose_jobs_running 0.0" in scrape
