@@ -88,7 +88,7 @@ def make_celery(settings: JobSettings) -> Celery:
         ctx = context()
         outcome = run_job(
             job_id, ctx.store, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
-            soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics,
+            soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics, device=settings.device,
         )
         if outcome == "busy":  # a live worker holds it; look again once its lease could have run out
             # (sooner than visibility_timeout, so this waiting copy is not itself redelivered)

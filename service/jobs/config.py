@@ -73,6 +73,8 @@ class JobSettings(BaseSettings):
     redis_timeout_s: float = Field(default=2.0, gt=0, description="Socket timeout towards Redis.")
     recent_jobs: int = Field(default=50, ge=1, le=1000, description="Jobs GET /v1/jobs lists (newest first).")
     torch_threads: int | None = Field(default=None, ge=1, description="torch threads in a worker (None = default).")
+    device: str = Field(default="auto", description="Where jobs run the network: 'auto' (cuda:0 if present), 'cpu', "
+                        "'cuda:N'. Evaluation always runs in fp32.")
 
     @model_validator(mode="after")
     def _check_limits(self) -> JobSettings:

@@ -84,13 +84,9 @@ def load_job_model(ref: dict[str, Any]) -> JobModel:
 
 
 def make_infer(module: torch.nn.Module, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The service's engine factory (optimised engine when present) in fp32; else eager inference mode."""
-    try:
-        from service.infer import make_infer as service_make_infer
-    except ImportError:
-        from model.pipeline import module_infer
+    """The service's engine factory (``model.engine.InferenceEngine`` when present), always fp32."""
+    from service.infer import make_infer as service_make_infer
 
-        return module_infer(module.to(device))
     return service_make_infer(module, device, "fp32")
 
 
@@ -173,21 +169,21 @@ def score_predictions(eval_set: EvalSet, images: list[dict[str, Any]]) -> dict[s
     return evaluate_mpii(np.stack([np.asarray(p["keypoints"])[:, :2] for p in ordered]), eval_set.mpii_gt)
 
 
-def evaluate_plan(plan: dict[str, Any], out_file: Path, between_batches: Progress, device: str = "cpu") -> dict:
+def evaluate_plan(plan: dict[str, Any], out_file: Path, between_batches: Progress, device: str = "auto") -> dict:
     """Run one resolved request end to end; returns the job result (metrics, counts, timings)."""
     from model.keypoints import get_keypoint_spec
     from model.pipeline import TopDownPipeline
 
     t0 = time.perf_counter()
     opts, dataset = plan["options"], plan["dataset"]
+    eval_set = load_eval_set(dataset, bool(opts["use_gt_boxes"]))  # bad data fails before the model loads
     job_model = load_job_model(plan["model"])
     if job_model.dataset != dataset["format"]:
         raise ValueError(f"model {plan['model']['name']!r} predicts {job_model.dataset.upper()} keypoints but "
                          f"dataset {dataset['name']!r} is {dataset['format'].upper()}")
-    infer = make_infer(job_model.module, resolve_device(plan.get("device", "cpu") or device))
+    infer = make_infer(job_model.module, resolve_device(device))
     pipeline = TopDownPipeline(job_model.input_size, get_keypoint_spec(job_model.dataset),
                                flip_test=bool(opts["flip_test"]), decoder=opts["decoder"])
-    eval_set = load_eval_set(dataset, bool(opts["use_gt_boxes"]))
     t1 = time.perf_counter()
     images = run_set(infer, pipeline, eval_set, int(opts["batch_size"]), between_batches)
     t2 = time.perf_counter()
@@ -215,6 +211,7 @@ def run_job(
     metrics: Any = None,
     worker: str | None = None,
     max_attempts: int = 3,
+    device: str = "auto",
 ) -> str:
     """Claim and run one job; returns what happened: succeeded|failed|cancelled or done|busy|missing|lost."""
     worker = worker or worker_name()
@@ -251,7 +248,7 @@ def run_job(
     try:
         with lease:
             result = evaluate_plan({**rec.plan, "job_id": job_id}, predictions_path(jobs_dir, job_id),
-                                   between_batches)
+                                   between_batches, device)
             lease.check()
         state = "succeeded"
         fields = {"result": result, "progress": 100.0, "predictions": str(predictions_path(jobs_dir, job_id))}

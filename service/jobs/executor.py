@@ -46,6 +46,7 @@ class ThreadExecutor:
             return run_job(
                 job_id, self.store, self.settings.jobs_dir, lease_ttl_s=self.settings.lock_ttl_s,
                 soft_time_limit_s=self.settings.soft_time_limit_s, metrics=self.metrics,
+                device=self.settings.device,
             )
         except Exception:
             log.exception("embedded job %s crashed", job_id)
