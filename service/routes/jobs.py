@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import ValidationError
 
 from service.errors import ERROR_CODES, ServiceError
 from service.jobs.catalogue import BadName, UnknownName
@@ -93,19 +92,11 @@ async def _call(fn: Any, *args: Any) -> Any:
 
 @router.post("/evaluate", status_code=202, response_model=JobAccepted, summary="Start an offline evaluation job",
              responses={404: {"description": "unknown_dataset, unknown_model"},
+                        422: {"description": "invalid_request (also: a path instead of a name)"},
                         503: {"description": "unavailable (job broker / Redis down)"}})
-async def evaluate(request: Request) -> JSONResponse:
+async def evaluate(request: Request, req: EvaluateRequest) -> JSONResponse:
     """Evaluate a served model (or a checkpoint of the server's checkpoint folder) on a named dataset.
     Answers 202 at once; poll the job at `Location`."""
-    try:
-        body = await request.json()
-        req = EvaluateRequest.model_validate(body)
-    except ValueError as exc:
-        if isinstance(exc, ValidationError):
-            msg = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
-        else:
-            msg = f"body is not JSON: {exc}"
-        raise ServiceError("invalid_request", msg) from exc
     try:
         service = job_service(request.app)
         rec = await _call(service.submit, req)
@@ -128,8 +119,10 @@ async def _record(request: Request, job_id: str) -> Any:
 
 
 @router.get("/jobs", response_model=JobList, summary="Recent evaluation jobs, newest first")
-async def list_jobs(request: Request) -> JobList:
-    recs = await _call(job_service(request.app).recent)
+async def list_jobs(
+    request: Request, limit: int | None = Query(None, ge=1, le=1000, description="Default: DITEPOSE_RECENT_JOBS.")
+) -> JobList:
+    recs = await _call(job_service(request.app).recent, limit)
     now = time.time()
     return JobList(jobs=[job_response(r, now) for r in recs])
 

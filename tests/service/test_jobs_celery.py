@@ -128,6 +128,12 @@ def test_served_model_and_bad_requests(api: LiveServer, worker: WorkerProcess) -
         assert_error(client.post("/v1/evaluate", json={"dataset": "tiny", "ann_file": "/x"}), 422, "invalid_request")
         assert_error(client.post("/v1/evaluate", json={"dataset": "tiny", "batch_size": 0}), 422, "invalid_request")
         assert_error(client.get("/v1/jobs/0123"), 404, "unknown_job")
+        assert_error(client.post("/v1/evaluate", content=b"{", headers={"content-type": "application/json"}),
+                     422, "invalid_request")
+        assert len(client.get("/v1/jobs", params={"limit": 1}).json()["jobs"]) == 1
+        schema = client.get("/openapi.json").json()
+        assert "EvaluateRequest" in schema["components"]["schemas"]
+        assert {"/v1/evaluate", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/predictions"} <= set(schema["paths"])
         assert_error(client.delete(f"/v1/jobs/{body['id']}"), 409, "job_finished")
 
 
