@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -196,6 +198,32 @@ def test_killed_worker_job_is_finished_by_another_exactly_once(
             second.stop()
     finally:
         first.kill()
+        service.close()
+
+
+@pytest.mark.slow
+def test_killed_pool_child_requeues_the_job_on_the_same_worker(job_env: dict[str, str], tmp_path: Path) -> None:
+    """``task_reject_on_worker_lost``: the prefork child dies, its parent puts the task back at once."""
+    env = dict(job_env, DITEPOSE_JOB_QUEUE=f"child-{uuid.uuid4().hex[:8]}")
+    service = JobService(JobSettings(job_queue=env["DITEPOSE_JOB_QUEUE"]))
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        rec = service.submit(EvaluateRequest(dataset="coco-mini-val", checkpoint="tiny", batch_size=1))
+        wait_for(lambda: (r := service.get(rec.id)).state == "running" and r.progress > 5, timeout=60,
+                 what="the job to be under way")
+        children = Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        os.kill(int(children[0]), signal.SIGKILL)
+        done = wait_for(lambda: (r := service.get(rec.id)).state in ("succeeded", "failed") and r,
+                        timeout=120, interval=0.2, what="the requeued job to finish")
+        assert done.state == "succeeded", (done.error, worker.log()[-3000:])
+        assert done.attempts == 2 and not done.worker.endswith(f":{children[0]}")  # a fresh pool child
+        assert "WorkerLostError" in worker.log()
+        runs = [line for line in worker.log().splitlines()
+                if f"[{rec.id}] succeeded" in line and line.endswith("'succeeded'")]
+        assert len(runs) == 1, runs
+    finally:
+        worker.stop()
         service.close()
 
 
