@@ -59,6 +59,13 @@ class ThreadExecutor:
         """The store's flag does it: a queued job is skipped, a running one stops at its next batch."""
 
     def close(self) -> None:
+        """Shutting down: unfinished jobs are cancelled (a running one stops at its next batch)."""
+        for job_id, future in list(self.futures.items()):
+            if not future.done():
+                try:
+                    self.store.request_cancel(job_id)
+                except Exception as exc:
+                    log.warning("could not cancel job %s at shutdown: %s", job_id, exc)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -223,3 +223,15 @@ def test_embedded_mode_through_the_api(tiny_eval: TinyEval, tmp_path: Path, refe
         assert 'ditepose_jobs_finished_total{state="succeeded"} 1.0' in scrape
         assert 'ditepose_job_duration_seconds_count{state="succeeded"} 1.0' in scrape
         assert "ditepose_jobs_running 0.0" in scrape
+
+
+def test_closing_the_embedded_executor_cancels_unfinished_jobs(tiny_eval: TinyEval, tmp_path: Path) -> None:
+    service = _service(tiny_eval, tmp_path)
+    slow = EvaluateRequest(dataset="coco-mini-val", checkpoint=tiny_eval.checkpoint, batch_size=1)
+    running, queued = service.submit(slow), service.submit(slow)
+    wait_for(lambda: service.get(running.id).state == "running", timeout=60, what="the first job to start")
+    service.executor.close()
+    assert service.get(queued.id).state == "cancelled"
+    done = wait_for(lambda: _finished(service, running.id), timeout=60, what="the running job to stop")
+    assert done.state == "cancelled" and done.progress < 100
+    service.store.close()
