@@ -157,3 +157,24 @@ def test_redis_records_survive_a_new_store(redis_server: RedisServer) -> None:
     second = RedisJobStore(redis_server.url, prefix=prefix)
     assert second.get(rec.id) == rec
     second.close()
+
+
+def test_redis_records_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis-aof", persist=True)
+    server.start()
+    try:
+        store = RedisJobStore(server.url, prefix="aof")
+        rec = JobRecord(id=JobRecord.new_id(), request={"dataset": "tiny"})
+        store.create(rec)
+        assert store.claim(rec.id, "t", 30, "w") == "run"
+        assert store.transition(rec.id, ["running"], "succeeded", "t", result={"AP": 0.5})
+        store.close()
+        server.stop()
+        server.start()  # same port, same append-only file
+        again = RedisJobStore(server.url, prefix="aof")
+        got = again.get(rec.id)
+        assert (got.state, got.result, got.attempts) == ("succeeded", {"AP": 0.5}, 1)
+        assert again.counts()["succeeded"] == 1
+        again.close()
+    finally:
+        server.stop()
