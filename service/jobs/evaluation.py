@@ -162,7 +162,7 @@ def score_predictions(eval_set: EvalSet, images: list[dict[str, Any]]) -> dict[s
 
         preds = [{"image_id": image_id, "keypoints": np.asarray(p["keypoints"]), "box_score": p["box_score"],
                   "area": p["area"], "bbox_id": p["id"]} for image_id, p in persons]
-        return evaluate_coco(preds, eval_set.coco)
+        return evaluate_coco(preds, eval_set.coco, img_ids=eval_set.img_ids)
     from training.mpii_eval import evaluate_mpii
 
     ordered = sorted((p for _, p in persons), key=lambda p: p["id"])
@@ -176,7 +176,8 @@ def evaluate_plan(plan: dict[str, Any], out_file: Path, between_batches: Progres
 
     t0 = time.perf_counter()
     opts, dataset = plan["options"], plan["dataset"]
-    eval_set = load_eval_set(dataset, bool(opts["use_gt_boxes"]))  # bad data fails before the model loads
+    # bad data fails before the model loads
+    eval_set = load_eval_set(dataset, bool(opts["use_gt_boxes"]), opts.get("max_images"))
     job_model = load_job_model(plan["model"])
     if job_model.dataset != dataset["format"]:
         raise ValueError(f"model {plan['model']['name']!r} predicts {job_model.dataset.upper()} keypoints but "

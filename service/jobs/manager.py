@@ -26,6 +26,10 @@ class UnknownModel(UnknownName):
     """No served model / checkpoint by that name."""
 
 
+class InvalidRequest(ValueError):
+    """The request is well formed but does not fit the dataset."""
+
+
 class JobService:
     """One per API app; built lazily on the first job request (see ``service.routes.jobs``)."""
 
@@ -92,8 +96,10 @@ class JobService:
         dataset = self.catalogue.dataset(req.dataset)
         model_ref = self.resolve_model(req, dataset.spec.format)
         self._guard(self.store.ping)
+        if req.max_images is not None and dataset.spec.format != "coco":
+            raise InvalidRequest("max_images applies to COCO datasets only (MPII PCKh needs every person)")
         options = {"flip_test": req.flip_test, "decoder": req.decoder, "use_gt_boxes": req.use_gt_boxes,
-                   "batch_size": req.batch_size}
+                   "batch_size": req.batch_size, "max_images": req.max_images}
         rec = JobRecord(
             id=JobRecord.new_id(),
             request=req.model_dump(),

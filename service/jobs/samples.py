@@ -40,6 +40,7 @@ class EvalSet:
     images: list[ImageSample]
     coco: Any = None
     mpii_gt: Path | None = None
+    img_ids: list[int] | None = None  # COCO subset: score only these images (None: all of them)
 
     @property
     def num_persons(self) -> int:
@@ -143,12 +144,23 @@ def mpii_set(ann_file: Path, img_dir: Path, gt_file: Path) -> EvalSet:
     return EvalSet("mpii", list(by_file.values()), mpii_gt=gt_file)
 
 
-def load_eval_set(dataset: dict, use_gt_boxes: bool = True) -> EvalSet:
+def first_images(eval_set: EvalSet, max_images: int) -> EvalSet:
+    """The first ``max_images`` images (by id) with persons, scored on those images only."""
+    if eval_set.format != "coco":
+        raise ValueError("max_images applies to COCO datasets only (MPII PCKh needs every annotated person)")
+    images = sorted(eval_set.images, key=lambda s: s.image_id)[:max_images]
+    return EvalSet("coco", images, coco=eval_set.coco, img_ids=[s.image_id for s in images])
+
+
+def load_eval_set(dataset: dict, use_gt_boxes: bool = True, max_images: int | None = None) -> EvalSet:
     """From a catalogue payload (``Dataset.to_payload``)."""
     img_dir = Path(dataset["img_dir"])
     if dataset["format"] == "coco":
         det = dataset.get("det_file")
-        return coco_set(Path(dataset["ann_file"]), img_dir, use_gt_boxes, Path(det) if det else None)
+        full = coco_set(Path(dataset["ann_file"]), img_dir, use_gt_boxes, Path(det) if det else None)
+        return first_images(full, max_images) if max_images is not None else full
+    if max_images is not None:
+        raise ValueError("max_images applies to COCO datasets only (MPII PCKh needs every annotated person)")
     if dataset["format"] == "mpii":
         if not use_gt_boxes:
             raise ValueError("MPII evaluation uses the annotated person centres; use_gt_boxes must be true")

@@ -30,6 +30,10 @@ class EvaluateRequest(BaseModel):
     use_gt_boxes: bool = Field(default=True, description="Ground-truth person boxes; false = the dataset's "
                                "detection boxes (COCO sets with a det_file).")
     batch_size: int = Field(default=32, ge=1, le=512, description="Persons per forward pass.")
+    max_images: int | None = Field(
+        default=None, ge=1, description="COCO only: evaluate the first N images (by id) that hold persons, "
+        "scored on those images alone (a quick check; not comparable with full-set numbers)."
+    )
 
     @model_validator(mode="after")
     def _one_model(self) -> EvaluateRequest:

@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from service.errors import ERROR_CODES, ServiceError
 from service.jobs.catalogue import BadName, UnknownName
 from service.jobs.executor import BrokerUnavailable
-from service.jobs.manager import JobService, UnknownModel
+from service.jobs.manager import InvalidRequest, JobService, UnknownModel
 from service.jobs.schemas import EvaluateRequest, JobAccepted, JobList, JobResponse, job_response
 
 ERROR_CODES.setdefault("unknown_dataset", (404, "No dataset of that name in the server's evaluation catalogue."))
@@ -104,7 +104,7 @@ async def evaluate(request: Request, req: EvaluateRequest) -> JSONResponse:
         raise ServiceError("unknown_model", str(exc)) from exc
     except UnknownName as exc:
         raise ServiceError("unknown_dataset", str(exc)) from exc
-    except BadName as exc:
+    except (BadName, InvalidRequest) as exc:
         raise ServiceError("invalid_request", str(exc)) from exc
     location = f"/v1/jobs/{rec.id}"
     body = JobAccepted(id=rec.id, state="queued", location=location).model_dump()

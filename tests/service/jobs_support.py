@@ -176,14 +176,15 @@ class WorkerProcess:
         return self.log_file.read_text(errors="replace")
 
 
-def direct_evaluation(tiny: TinyEval, ann_file: Path) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def direct_evaluation(tiny: TinyEval, ann_file: Path, max_people: int | None = None
+                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """What ``ditepose evaluate`` computes for the tiny checkpoint (training's predict + score)."""
     import model as models
     from training.datasets import CocoKeypointDataset
     from training.evaluate import predict, score
 
     module, meta = models.load_pose_model(tiny.checkpoint_dir / tiny.checkpoint)
-    dataset = CocoKeypointDataset(ann_file, tiny.img_dir, tuple(meta.input_size), train=False)
+    dataset = CocoKeypointDataset(ann_file, tiny.img_dir, tuple(meta.input_size), train=False, max_people=max_people)
     preds = predict(module, dataset, batch_size=8, flip=True, decoder="default")
     return score(dataset, preds), preds
 

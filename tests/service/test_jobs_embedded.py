@@ -235,3 +235,25 @@ def test_closing_the_embedded_executor_cancels_unfinished_jobs(tiny_eval: TinyEv
     done = wait_for(lambda: _finished(service, running.id), timeout=60, what="the running job to stop")
     assert done.state == "cancelled" and done.progress < 100
     service.store.close()
+
+
+def test_max_images_scores_a_subset_like_training_does(tiny_eval: TinyEval, tmp_path: Path) -> None:
+    from service.jobs.config import DatasetSpec
+    from service.jobs.manager import InvalidRequest
+
+    service = _service(tiny_eval, tmp_path)
+    try:
+        rec = service.submit(EvaluateRequest(dataset="coco-mini-val", checkpoint=tiny_eval.checkpoint,
+                                             max_images=2, flip_test=True))
+        done = wait_for(lambda: _finished(service, rec.id), timeout=120, what="the subset job")
+        assert done.state == "succeeded", done.error
+        assert done.result["num_images"] == 2
+        expected, preds = direct_evaluation(tiny_eval, tiny_eval.full_ann_file, max_people=done.result["num_persons"])
+        assert len(preds) == done.result["num_persons"]
+        assert done.result["metrics"] == pytest.approx(expected, abs=1e-9)
+        service.catalogue._datasets["mpii"] = DatasetSpec(format="mpii", ann_file=tmp_path / "a.json",
+                                                           img_dir=tmp_path, gt_file=tmp_path / "gt.json")
+        with pytest.raises(InvalidRequest, match="COCO"):
+            service.submit(EvaluateRequest(dataset="mpii", checkpoint=tiny_eval.checkpoint, max_images=1))
+    finally:
+        service.close()
