@@ -587,10 +587,21 @@
     renderJob(body);
   }
 
-  // Per-joint entries: an explicit `per_joint` object, or the non-summary keys (MPII's joint groups).
-  function perJoint(metrics) {
-    if (metrics.per_joint && typeof metrics.per_joint === "object") return Object.entries(metrics.per_joint);
-    return Object.entries(metrics).filter(([k, v]) => !SUMMARY_KEYS.has(k) && typeof v === "number");
+  // Per-joint values, wherever the job reports them: a `per_joint` object (in metrics or the
+  // job), flat "per_joint.NAME" / "joint:NAME" keys, keys that are joint names of a served model,
+  // or else the non-summary keys (MPII's Head ... Ankle groups).
+  function perJoint(job, metrics) {
+    const nested = (metrics.per_joint && typeof metrics.per_joint === "object" && metrics.per_joint)
+      || (job.per_joint && typeof job.per_joint === "object" && job.per_joint);
+    if (nested) return Object.entries(nested).filter(([, v]) => typeof v === "number");
+    const numeric = Object.entries(metrics).filter(([, v]) => typeof v === "number");
+    const prefixed = numeric.filter(([k]) => /^(per_joint[./]|joint:)/.test(k))
+      .map(([k, v]) => [k.replace(/^(per_joint[./]|joint:)/, ""), v]);
+    if (prefixed.length) return prefixed;
+    const joints = new Set(Object.values(state.models).flatMap((m) => m.joints || []));
+    const named = numeric.filter(([k]) => joints.has(k));
+    if (named.length) return named;
+    return numeric.filter(([k]) => !SUMMARY_KEYS.has(k));
   }
 
   function renderJob(job) {
@@ -599,13 +610,16 @@
     $("job-title").textContent = `Job ${job.id}: ${job.state}, ${Number(job.progress).toFixed(0)}%`
       + (req.dataset ? ` on ${req.dataset}` : "") + (job.error ? ` (${job.error})` : "");
     const metrics = job.metrics || {};
-    const flat = Object.entries(metrics).filter(([, v]) => typeof v === "number");
-    const extra = [["images", job.num_images], ["persons", job.num_persons], ["run (s)", job.timings && job.timings.run_s]]
+    const joints = perJoint(job, metrics);
+    const flat = Object.entries(metrics)
+      .filter(([k, v]) => typeof v === "number" && !/^(per_joint[./]|joint:)/.test(k));
+    const extra = [["images", job.num_images], ["persons", job.num_persons],
+      ["run (s)", job.timings && job.timings.run_s != null ? Number(job.timings.run_s).toFixed(1) : null]]
       .filter(([, v]) => v != null);
-    $("job-metrics").tBodies[0].innerHTML = [...flat, ...extra]
-      .map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${Number(v).toFixed(4)}</td></tr>`).join("")
+    const rows = [...flat.map(([k, v]) => [k, Number(v).toFixed(4)]), ...extra];
+    $("job-metrics").tBodies[0].innerHTML = rows
+      .map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(v)}</td></tr>`).join("")
       || "<tr><td>No metrics yet.</td></tr>";
-    const joints = perJoint(metrics);
     drawBars($("job-chart"), joints.length ? joints : flat,
       joints.length ? "Per joint" : "Metrics (this job reports no per-joint breakdown)");
   }
@@ -665,6 +679,8 @@
     }
     for (const tab of ["image", "webcam", "jobs"]) $(`panel-${tab}`).hidden = tab !== name;
     $("options").hidden = name === "jobs";
+    document.querySelector("aside").hidden = name === "jobs";
+    document.querySelector("main").classList.toggle("wide", name === "jobs");
     if (name !== "webcam") stopCamera();
     if (name === "jobs") loadJobs();
   }

@@ -6,6 +6,8 @@ to ``test-artifacts/`` for a human to look at.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import re
 import shutil
@@ -36,14 +38,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_url() -> Iterator[str]:
-    """``ditepose serve`` in a subprocess (default model, API key on), until the module ends."""
+@contextlib.contextmanager
+def _serve(**env: str) -> Iterator[str]:
+    """``ditepose serve`` (default model, REST only) in a subprocess; yields its URL once ready."""
     port = _free_port()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             python_cmd("serve", "--port", str(port), "--no-grpc"),
-            cwd=REPO_ROOT, env=subprocess_env(DITEPOSE_API_KEY=API_KEY), stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT, env=subprocess_env(**env), stdout=log, stderr=subprocess.STDOUT,
         )
         try:
             yield _wait_ready(proc, log, f"http://127.0.0.1:{port}")
@@ -54,6 +56,32 @@ def live_url() -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(coco_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two val images of coco-mini as an evaluation set, so a whole job takes seconds."""
+    full = json.loads((coco_mini / "annotations" / "person_keypoints_val2017.json").read_text())
+    ids: list[int] = []
+    for ann in full["annotations"]:
+        if ann["num_keypoints"] > 0 and ann["image_id"] not in ids:
+            ids.append(ann["image_id"])
+    ids = ids[:2]
+    subset = {k: v for k, v in full.items() if k not in ("images", "annotations")}
+    subset["images"] = [img for img in full["images"] if img["id"] in ids]
+    subset["annotations"] = [ann for ann in full["annotations"] if ann["image_id"] in ids]
+    path = tmp_path_factory.mktemp("tiny-coco") / "person_keypoints_val2017.json"
+    path.write_text(json.dumps(subset))
+    return path
+
+
+@pytest.fixture(scope="module")
+def live_url(tiny_coco: Path, coco_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server of this module: API key on; evaluation jobs (where this checkout has them) in embedded mode."""
+    datasets = {"coco-tiny": {"format": "coco", "ann_file": str(tiny_coco), "img_dir": str(coco_mini / "val2017")}}
+    with _serve(DITEPOSE_API_KEY=API_KEY, DITEPOSE_DATASETS=json.dumps(datasets),
+                DITEPOSE_JOBS_DIR=str(tmp_path_factory.mktemp("jobs"))) as url:
+        yield url
 
 
 def _wait_ready(proc: subprocess.Popen, log, url: str) -> str:
@@ -219,23 +247,71 @@ def test_page_shows_what_the_api_returns(live_url: str, browser, coco_mini: Path
     assert (ARTIFACTS / "demo_page.png").stat().st_size > 10_000
 
 
-def test_jobs_tab_degrades_to_a_message(live_url: str, browser) -> None:
-    driver = browser
-    driver.get(f"{live_url}/")
+def _open_jobs_tab(driver, url: str) -> str:
+    driver.get(f"{url}/")
     driver.find_element("id", "api-key").clear()
     driver.find_element("id", "api-key").send_keys(API_KEY)
     driver.find_element("id", "tab-jobs").click()
     _wait(driver, lambda d: _attr(d, "#panel-jobs", "data-state"), 30, "jobs tab did not load")
-    state = _attr(driver, "#panel-jobs", "data-state")
-    status = httpx.get(f"{live_url}/v1/jobs", headers={"X-API-Key": API_KEY}, timeout=10).status_code
-    if status == 200:
-        assert state.startswith("ok-")
-    else:
-        assert state == f"error-{status}"
-        message = driver.find_element("id", "jobs-message")
-        assert message.is_displayed() and ("jobs" in message.text.lower())
-        assert not driver.find_element("id", "jobs-table").is_displayed()
     assert not driver.find_element("id", "options").is_displayed()
+    return _attr(driver, "#panel-jobs", "data-state")
+
+
+def _jobs_status(url: str) -> int:
+    return httpx.get(f"{url}/v1/jobs", headers={"X-API-Key": API_KEY}, timeout=10).status_code
+
+
+def _assert_jobs_message(driver, status: int, words: str) -> None:
+    assert _attr(driver, "#panel-jobs", "data-state") == f"error-{status}"
+    message = driver.find_element("id", "jobs-message")
+    assert message.is_displayed() and words in message.text, message.text
+    assert not driver.find_element("id", "jobs-table").is_displayed()
+
+
+def test_jobs_tab_degrades_to_a_message(live_url: str, browser) -> None:
+    """No jobs API (404) or no Redis (503): a sentence, not a broken table."""
+    if _jobs_status(live_url) == 404:
+        _open_jobs_tab(browser, live_url)
+        _assert_jobs_message(browser, 404, "no evaluation jobs API")
+        return
+    # The jobs API is there: point it at a Redis that is not running.
+    with _serve(DITEPOSE_API_KEY=API_KEY, DITEPOSE_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0") as url:
+        assert _jobs_status(url) == 503
+        _open_jobs_tab(browser, url)
+        _assert_jobs_message(browser, 503, "Redis")
+
+
+def test_jobs_tab_shows_a_finished_job(live_url: str, browser) -> None:
+    if importlib.util.find_spec("service.routes.jobs") is None or _jobs_status(live_url) == 404:
+        pytest.skip("this checkout has no evaluation jobs API (GET /v1/jobs answers 404)")
+    headers = {"X-API-Key": API_KEY}
+    accepted = httpx.post(f"{live_url}/v1/evaluate", json={"dataset": "coco-tiny", "flip_test": False},
+                          headers=headers, timeout=30)
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+    deadline = time.monotonic() + 150
+    while True:
+        job = httpx.get(f"{live_url}/v1/jobs/{job_id}", headers=headers, timeout=10).json()
+        if job["state"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert job["state"] == "succeeded", job
+
+    driver = browser
+    _open_jobs_tab(driver, live_url)
+    row = f'#jobs-table tr[data-id="{job_id}"]'
+    _wait(driver, lambda d: d.find_elements("css selector", row), 30, "the job is not listed")
+    cells = driver.find_element("css selector", row).text
+    assert "succeeded" in cells and "100%" in cells and "coco-tiny" in cells
+    assert f"AP {job['metrics']['AP']:.3f}" in cells
+    driver.find_element("css selector", row).click()
+    _wait(driver, lambda d: _attr(d, "#job-chart", "data-bars"), 30, "no chart for the finished job")
+    table = driver.find_element("id", "job-metrics").text
+    for name in ("AP", "AP50", "AR"):
+        assert f"{name} {job['metrics'][name]:.4f}" in table, table
+    assert int(_attr(driver, "#job-chart", "data-bars")) >= 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "demo_jobs.png"))
 
 
 def test_webcam_mode_sends_frames_and_draws(live_url: str, browser) -> None:
