@@ -160,12 +160,16 @@ def plot_loss(rows: Sequence[Row], path: str | Path, smooth: int = 0) -> Path:
 
 def plot_metric_curves(rows: Sequence[Row], path: str | Path, metrics: Sequence[str] = METRIC_COLUMNS) -> Path:
     """Validation AP / PCKh (whichever the log has) against epochs (or iterations)."""
-    present = [m for m in metrics if any(isinstance(r.get(m), float) for r in rows)]
+    def has(row: Row, name: str) -> bool:
+        # pycocotools writes -1 for "undefined" (no ground truth in that area range): not a point.
+        return isinstance(row.get(name), float) and row[name] >= 0
+
+    present = [m for m in metrics if any(has(r, m) for r in rows)]
     if not present:
         raise ValueError(f"the metrics log has none of {list(metrics)}")
     fig, ax = _figure()
     for name in present:
-        evals = [r for r in rows if isinstance(r.get(name), float)]
+        evals = [r for r in rows if has(r, name)]
         xname, xs = _axis(evals, ("epoch", "iter"))
         ys = [r[name] for r in evals]
         ax.plot(xs, ys, marker="o", label=name)

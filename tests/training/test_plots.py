@@ -100,6 +100,15 @@ def test_mpii_metric_curve(tmp_path: Path) -> None:
     _assert_png(plot_metric_curves(rows, tmp_path / "pckh.png"))
 
 
+def test_undefined_coco_values_are_not_points(tmp_path: Path) -> None:
+    """pycocotools reports -1 where it has no ground truth; a log of only -1 has nothing to plot."""
+    rows = [{"epoch": 1.0, "AP75": -1.0}, {"epoch": 2.0, "AP75": -1.0}]
+    with pytest.raises(ValueError, match="none of"):
+        plot_metric_curves(rows, tmp_path / "m.png")
+    rows.append({"epoch": 3.0, "AP": 0.25})
+    _assert_png(plot_metric_curves(rows, tmp_path / "m.png"), min_bytes=5_000)
+
+
 def test_per_joint_bars(tmp_path: Path) -> None:
     coco = {name: 0.3 + 0.04 * i for i, name in enumerate(COCO.joint_names)}
     pixels = _assert_png(plot_per_joint(coco, tmp_path / "coco.png"))
