@@ -693,6 +693,12 @@
       loadModels();
     });
     $("model").addEventListener("change", modelChanged);
+    // A new option re-runs the loaded image, so the effect of flip test or decoder is visible at once.
+    for (const id of ["model", "flip", "decoder", "detector"]) {
+      $(id).addEventListener("change", () => {
+        if (!$("panel-image").hidden && state.file) run();
+      });
+    }
     for (const button of document.querySelectorAll("#tabs button")) {
       button.addEventListener("click", () => selectTab(button.dataset.tab));
     }
