@@ -1,5 +1,6 @@
 // DitePose demo page. Vanilla JS, no build step. It uses only the public API
 // (GET /v1/models, POST /v1/pose, GET /v1/jobs), so reading it shows how to call the service.
+// URLs are relative to the page, so it also works behind a proxy that mounts the service on a path.
 "use strict";
 
 (() => {
@@ -88,7 +89,7 @@
     const select = $("model");
     let resp, body;
     try {
-      ({ resp, body } = await api("/v1/models"));
+      ({ resp, body } = await api("v1/models"));
     } catch (err) {
       showBanner(`Cannot reach the service: ${err}`, "error");
       return;
@@ -148,7 +149,7 @@
   }
 
   function curlCommand(fileName, boxes, fields, render) {
-    const url = `${location.origin}/v1/pose${render ? "?render=png" : ""}`;
+    const url = new URL(`v1/pose${render ? "?render=png" : ""}`, location.href).href;
     const lines = [`curl -X POST ${shellQuote(url)}`];
     if (apiKey()) lines.push('-H "X-API-Key: $DITEPOSE_API_KEY"');
     lines.push(`-F ${shellQuote(`image=@${fileName}`)}`);
@@ -165,7 +166,7 @@
     const started = performance.now();
     let resp, body;
     try {
-      resp = await fetch(`/v1/pose${render ? "?render=png" : ""}`,
+      resp = await fetch(`v1/pose${render ? "?render=png" : ""}`,
         { method: "POST", body: form, headers: apiKey() ? { "X-API-Key": apiKey() } : {} });
       const type = resp.headers.get("content-type") || "";
       body = type.includes("application/json") ? await resp.json() : render && resp.ok ? await resp.blob() : null;
@@ -539,7 +540,7 @@
   async function loadJobs() {
     let resp, body;
     try {
-      ({ resp, body } = await api("/v1/jobs"));
+      ({ resp, body } = await api("v1/jobs"));
     } catch (err) {
       jobsMessage(`Cannot reach the service: ${err}`);
       $("jobs-table").hidden = true;
@@ -579,7 +580,7 @@
 
   async function showJob(id) {
     state.openJob = id;
-    const { resp, body } = await api(`/v1/jobs/${encodeURIComponent(id)}`);
+    const { resp, body } = await api(`v1/jobs/${encodeURIComponent(id)}`);
     if (!resp.ok) {
       jobsMessage(`GET /v1/jobs/${id} failed: ${errorText(resp, body)}`);
       return;

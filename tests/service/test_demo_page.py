@@ -335,7 +335,7 @@ def test_webcam_mode_sends_frames_and_draws(live_url: str, browser) -> None:
 def test_page_and_assets_are_public_and_not_in_openapi(live_url: str) -> None:
     page = httpx.get(f"{live_url}/", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<script src="/demo/demo.js">' in page.text
+    assert '<script src="demo/demo.js">' in page.text
     for name, kind in (("demo.js", "text/javascript"), ("demo.css", "text/css")):
         asset = httpx.get(f"{live_url}/demo/{name}", timeout=10)
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind) and len(asset.content) > 1000
