@@ -39,7 +39,8 @@ def test_multipart_jpeg_gives_17_keypoints_in_image_coordinates(server, coco_jpe
         # Keypoints come back in image pixels, inside the crop region (aspect-fixed, 1.25-padded box).
         center, scale = box_to_center_scale(np.array(box), 192 / 256, 1.25)
         half = scale * PIXEL_STD / 2
-        assert (kpts[:, :2] >= center - half - 1).all() and (kpts[:, :2] <= center + half + 1).all()
+        margin = half / 12  # two heatmap pixels: an all-negative map decodes to -1 (mmpose)
+        assert (kpts[:, :2] >= center - half - margin).all() and (kpts[:, :2] <= center + half + margin).all()
         assert np.ptp(kpts[:, 0]) > 0 or np.ptp(kpts[:, 1]) > 0
 
 
@@ -57,7 +58,7 @@ def test_results_equal_pose_estimator_predict(server, coco_image_path, hrnet18_c
         persons = response.json()["persons"]
         assert len(persons) == len(expected)
         for got, want in zip(persons, expected, strict=True):
-            np.testing.assert_allclose(_keypoint_array(got)[:, :2], want.keypoints[:, :2], atol=1e-2)
+            np.testing.assert_allclose(_keypoint_array(got)[:, :2], want.keypoints[:, :2], atol=0.1)  # fp32 batch-composition noise
             np.testing.assert_allclose(_keypoint_array(got)[:, 2], want.keypoints[:, 2], rtol=1e-3, atol=1e-6)
             assert got["score"] == pytest.approx(want.score, rel=1e-3, abs=1e-6)
 
