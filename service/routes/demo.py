@@ -17,6 +17,8 @@ from service.errors import ServiceError
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # Only these files are served: no path from the URL ever reaches the file system.
 _ASSETS = {
+    "demo-core.js": "text/javascript; charset=utf-8",
+    "demo-jobs.js": "text/javascript; charset=utf-8",
     "demo.js": "text/javascript; charset=utf-8",
     "demo.css": "text/css; charset=utf-8",
 }
