@@ -8,6 +8,7 @@ groups, attention-weighted sum over the N kernels), so one graph serves every ba
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +28,27 @@ def export_onnx(
     input_hw: tuple[int, int] = (256, 192),
     dynamic_batch: bool = True,
     optimized: bool = True,
+    batch: int = 1,
 ) -> Path:
-    """Write ``module`` (eval-mode function) as ONNX: input ``images`` [N,3,H,W], output ``heatmaps``."""
+    """Write ``module`` (eval-mode function) as ONNX: input ``images`` [N,3,H,W], output ``heatmaps``.
+
+    ``batch`` is the fixed batch size when ``dynamic_batch`` is off. The plain (unoptimised)
+    network exports only with a fixed batch: its batch-as-groups conv needs a static group count.
+    """
+    if optimized is False and dynamic_batch:
+        raise ValueError("the plain network exports with a fixed batch only (use the optimised one)")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     height, width = input_hw
     module.check_input_size(height, width)
     net: nn.Module = optimize_for_inference(module, dynamic="stacked") if optimized else module
     net = net.float().cpu().eval()
-    if not optimized:
-        # the reference's batch-as-groups conv bakes the batch size into the graph
-        dynamic_batch = False
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(2, 3, height, width)
-    with torch.no_grad():
+    example = torch.zeros(2 if dynamic_batch else batch, 3, height, width)
+    # the traced shape checks are on spatial sizes, which an export fixes: constants are right
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             net,
             (example,),
@@ -85,5 +94,12 @@ class OnnxEngine:
         return time.perf_counter() - start
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "onnxruntime", "path": str(self.path), "device": "cpu", "precision": "fp32",
+        return {"backend": "onnxruntime", "dynamic_batch": not isinstance(self.input_shape[0], int), "path": str(self.path), "device": "cpu", "precision": "fp32",
                 "providers": self.session.get_providers()}
+
+
+def max_abs_diff_vs_torch(module: TopDownPoseNet, onnx_path: str | Path, batch: torch.Tensor) -> float:
+    """max |onnxruntime(batch) - module.eval()(batch)|: the export check the CLI prints."""
+    with torch.inference_mode():
+        expected = module.float().eval()(batch)
+    return float((OnnxEngine(onnx_path)(batch) - expected).abs().max())
