@@ -8,6 +8,7 @@ kernels, memory format, autocast, torch.compile, CUDA graphs) is a constructor s
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from model.fast_blocks import FastPoseNet
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,6 +48,7 @@ class InferenceEngine:
         cuda_graphs: bool = False,
         dynamic: str = "fast",
     ) -> None:
+        from model.dite_hrnet import TopDownPoseNet
         from model.optimize import optimize_for_inference
 
         self.device = _parse_device(device)
@@ -57,6 +61,9 @@ class InferenceEngine:
         if channels_last not in (True, False, "auto"):
             raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
         self.precision = precision
+        if fuse_bn and not isinstance(module, TopDownPoseNet):
+            log.warning("%s is not a TopDownPoseNet: running it unoptimised", type(module).__name__)
+            fuse_bn = False
         self.fuse_bn = fuse_bn
         self.dynamic = dynamic if fuse_bn else "grouped"
         # measured on the 2-core CPU: channels-last is not faster end to end there (see bench results)

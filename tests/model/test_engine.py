@@ -150,3 +150,30 @@ def test_engine_on_cuda(reference, precision, graphs, tol):
         out = engine(golden["input"])
         assert out.device.type == "cpu" and out.dtype == torch.float32
         assert (out.double() - golden["heatmaps_eval_fp64"]).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("overrides", [{"use_dsc": False}, {"use_dcm": False}, {"use_gcm": False},
+                                       {"dsc_groups": (2, 2, 2, 2), "dsc_kernels": (2, 2, 2, 2)}])
+def test_optimised_ablation_variants_match_their_reference(overrides):
+    torch.manual_seed(0)
+    model = build_model("dite_hrnet_18", **overrides).double().eval()
+    for module in model.modules():  # non-trivial BatchNorm statistics, so folding is really tested
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = model(x)
+        for dynamic in ("fast", "stacked"):
+            out = optimize_for_inference(model, dynamic=dynamic)(x)
+            assert (out - expected).abs().max().item() < 1e-10 * max(1.0, expected.abs().max().item())
+
+
+def test_engine_runs_other_modules_unoptimised():
+    module = torch.nn.Conv2d(3, 17, 1)
+    engine = InferenceEngine(module)
+    assert engine.describe()["fuse_bn"] is False
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(engine(x), module(x))
