@@ -1,6 +1,7 @@
 """Dite-HRNet networks, checkpoint I/O and the top-down pose pipeline."""
 
 from model.checkpoint import CheckpointMeta, load_checkpoint, load_pose_model, save_checkpoint
+from model.defaults import default_checkpoint_path
 from model.dite_hrnet import DiteHRNetConfig, TopDownPoseNet
 from model.keypoints import COCO, MPII, KeypointSpec, get_keypoint_spec
 from model.registry import build_model, get_config, list_models
@@ -14,6 +15,7 @@ __all__ = [
     "KeypointSpec",
     "TopDownPoseNet",
     "build_model",
+    "default_checkpoint_path",
     "get_affine_transform",
     "get_config",
     "get_keypoint_spec",

@@ -65,6 +65,130 @@ def _export_onnx(args: argparse.Namespace) -> int:
         for size in sizes:
             diff = max_abs_diff_vs_torch(module, path, torch.randn(size, 3, height, width))
             print(f"check: batch {size}: max |onnxruntime - torch| = {diff:.2e}")
+def _load_boxes(text: str | None) -> list | dict | None:
+    """--boxes: inline JSON or a JSON file; a list of [x, y, w, h(, score)] or {image name: list}."""
+    if text is None:
+        return None
+    from pathlib import Path
+
+    source = text
+    if not text.lstrip().startswith(("[", "{")):
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"--boxes: {text!r} is neither JSON nor an existing file")
+        source = path.read_text()
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--boxes: invalid JSON ({exc})") from None
+    if not isinstance(data, list | dict):
+        raise ValueError("--boxes must be a list of [x, y, w, h(, score)] or {image name: list}")
+    return data
+
+
+def _boxes_for(boxes: list | dict | None, image_path: str) -> list | None:
+    if boxes is None or isinstance(boxes, list):
+        return boxes
+    from pathlib import Path
+
+    for key in (image_path, Path(image_path).name, Path(image_path).stem):
+        if key in boxes:
+            return boxes[key]
+    return None
+
+
+def _build_estimator(args: argparse.Namespace):  # -> PoseEstimator (heavy import kept lazy)
+    import torch
+
+    from model.detectors import build_detector
+    from model.keypoints import COCO
+    from model.pipeline import PoseEstimator, TopDownPipeline
+
+    detector_kw = {}
+    if args.detector == "torchvision":
+        detector_kw = {"weights_path": args.detector_weights, "score_thr": args.detector_thr}
+    elif args.detector == "hog":
+        detector_kw = {"score_thr": args.detector_thr}
+    detector = build_detector(args.detector, **detector_kw)
+    flip = not args.no_flip
+    if args.random_weights:
+        from model.registry import build_model
+
+        torch.manual_seed(0)
+        module = build_model(args.arch, num_joints=COCO.num_joints)
+        pipeline = TopDownPipeline((192, 256), COCO, flip_test=flip, decoder=args.decoder)
+        return PoseEstimator(module, pipeline, detector=detector, nms_thr=args.nms)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        import model
+
+        default = getattr(model, "default_checkpoint_path", lambda: None)()
+        if default is None:
+            raise FileNotFoundError(
+                "no checkpoint: pass --checkpoint PATH (ours or the authors' mmpose .pth), "
+                "or --random-weights to try the pipeline with an untrained network"
+            )
+        checkpoint = default
+    estimator = PoseEstimator.from_checkpoint(
+        checkpoint, device=args.device, flip_test=flip, decoder=args.decoder, detector=detector
+    )
+    estimator.nms_thr = args.nms
+    return estimator
+
+
+def _out_path(out: str, image_path: str, multiple: bool) -> str:
+    from pathlib import Path
+
+    if not multiple:
+        return out
+    target = Path(out)
+    return str(target.with_name(f"{target.stem}_{Path(image_path).stem}{target.suffix or '.jpg'}"))
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    import cv2
+
+    from model.draw import draw_poses
+
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot read image(s): {', '.join(map(repr, missing))}")
+    boxes = _load_boxes(args.boxes)
+    estimator = _build_estimator(args)
+    for image_path in args.images:
+        bgr = cv2.imread(image_path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise FileNotFoundError(f"cannot read image {image_path!r}")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        start = time.perf_counter()
+        persons = estimator.predict(rgb, _boxes_for(boxes, image_path))
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        result = {
+            "image": image_path,
+            "width": rgb.shape[1],
+            "height": rgb.shape[0],
+            "time_ms": round(elapsed_ms, 1),
+            "persons": [p.to_dict(estimator.spec) for p in persons],
+        }
+        if args.out:
+            out = _out_path(args.out, image_path, len(args.images) > 1)
+            drawn = draw_poses(rgb, persons, estimator.spec, score_thr=args.score_thr)
+            if not cv2.imwrite(out, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
+                raise ValueError(f"cannot write {out!r} (unknown extension or folder missing?)")
+            result["out"] = out
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(f"{image_path}: {len(persons)} person(s) in {elapsed_ms:.0f} ms"
+                  + (f" -> {result['out']}" if args.out else ""))
+            for i, person in enumerate(persons):
+                shown = int((person.keypoints[:, 2] >= args.score_thr).sum())
+                box = ", ".join(f"{v:.0f}" for v in person.bbox_xywh)
+                print(f"  #{i}: score {person.score:.3f}, box [{box}], {shown}/{len(person.keypoints)} joints "
+                      f">= {args.score_thr}")
     return 0
 
 
@@ -91,3 +215,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx.add_argument("--plain", action="store_true", help="export the unoptimised reference graph (fixed batch)")
     onnx.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch after export")
     onnx.set_defaults(func=_export_onnx)
+
+    pred = subparsers.add_parser("predict", help="estimate poses on images and draw them")
+    pred.add_argument("images", nargs="+", metavar="IMAGE")
+    pred.add_argument("--boxes", help="person boxes: JSON [[x,y,w,h(,score)],...], {image: boxes}, or a JSON file")
+    pred.add_argument("--checkpoint", help="our checkpoint or the authors' mmpose .pth (default: the shipped one)")
+    pred.add_argument("--random-weights", action="store_true", help="untrained network (pipeline testing only)")
+    pred.add_argument("--arch", default="dite_hrnet_18", choices=list_models(), help="with --random-weights")
+    pred.add_argument("--detector", default="whole", choices=("whole", "hog", "torchvision"),
+                      help="person detector when --boxes is not given (default: whole image)")
+    pred.add_argument("--detector-weights", help="state_dict file for --detector torchvision")
+    pred.add_argument("--detector-thr", type=float, default=0.5, help="detector score threshold")
+    pred.add_argument("--no-flip", action="store_true", help="disable the flip test (about 2x faster)")
+    pred.add_argument("--decoder", default="default", choices=("default", "dark", "argmax"))
+    pred.add_argument("--nms", type=float, default=None, metavar="OKS_THR", help="OKS-NMS threshold (e.g. 0.9)")
+    pred.add_argument("--device", default="cpu", help="torch device for the network")
+    pred.add_argument("--score-thr", type=float, default=0.3, help="joints below are not drawn")
+    pred.add_argument("--out", help="write the drawn picture here (several images: name_IMAGE.jpg)")
+    pred.add_argument("--json", action="store_true", help="print one JSON object per image")
+    pred.set_defaults(func=_predict)

@@ -1,0 +1,312 @@
+"""Dynamic batching of crops across concurrent requests (Triton-style).
+
+A request submits a tensor of P crops. The batcher splits it into chunks of at most
+``max_batch_size`` and queues them. Workers pull batches: a batch is released when it is
+full or when its oldest chunk has waited ``max_delay_ms``. The queue is bounded (in crops):
+a submission that does not fit raises :class:`Overloaded` at once instead of queueing, and
+every submission has a deadline, so a caller never waits forever even if no worker runs.
+
+Several batchers (one per model) may share one ``threading.Condition`` so that one worker
+thread can wait on all of them at once (:func:`wait_for_batch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+class BatcherError(RuntimeError):
+    """Base class of the errors a submission can end with."""
+
+
+class Overloaded(BatcherError):
+    """The queue is full; the caller should retry later (HTTP 429)."""
+
+
+class DeadlineExceeded(BatcherError):
+    """The submission was not answered before its deadline (HTTP 504)."""
+
+
+class BatcherClosed(BatcherError):
+    """The batcher was closed (service shutting down)."""
+
+
+class InferenceFailed(BatcherError):
+    """The worker's forward pass raised; only the requests of that batch get this."""
+
+
+@dataclass(eq=False)
+class _Item:
+    crops: torch.Tensor
+    deadline: float
+    enqueued: float
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    @property
+    def size(self) -> int:
+        return int(self.crops.shape[0])
+
+
+@dataclass(eq=False)
+class Batch:
+    """Crops of one or more submissions that run through the network together."""
+
+    batcher: DynamicBatcher
+    items: list[_Item]
+    queued_s: float  # how long the oldest item waited
+
+    @property
+    def size(self) -> int:
+        return sum(item.size for item in self.items)
+
+    def tensor(self) -> torch.Tensor:
+        if len(self.items) == 1:
+            return self.items[0].crops
+        return torch.cat([item.crops for item in self.items], dim=0)
+
+    def complete(self, heatmaps: torch.Tensor) -> None:
+        """Hand each submission its slice of the output."""
+        if heatmaps.shape[0] != self.size:
+            self.fail(InferenceFailed(f"model returned {heatmaps.shape[0]} outputs for {self.size} crops"))
+            return
+        start = 0
+        for item in self.items:
+            _set_result(item.future, heatmaps[start : start + item.size])
+            start += item.size
+
+    def fail(self, exc: BaseException) -> None:
+        for item in self.items:
+            _set_exception(item.future, exc)
+
+
+def _set_result(future: concurrent.futures.Future, value: object) -> None:
+    if not future.done():
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            future.set_result(value)
+
+
+def _retrieve_exception(future: asyncio.Future) -> None:
+    """Mark an abandoned future's exception as seen, so asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _set_exception(future: concurrent.futures.Future, exc: BaseException) -> None:
+    if not future.done():
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            future.set_exception(exc)
+
+
+class DynamicBatcher:
+    """Bounded queue of crops for one model, drained in batches by worker threads."""
+
+    def __init__(
+        self,
+        name: str,
+        max_batch_size: int = 32,
+        max_delay_ms: float = 5.0,
+        queue_size: int = 512,
+        default_timeout_s: float = 30.0,
+        condition: threading.Condition | None = None,
+    ) -> None:
+        if max_batch_size < 1 or queue_size < 1:
+            raise ValueError("max_batch_size and queue_size must be >= 1")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.queue_size = queue_size
+        self.default_timeout_s = default_timeout_s
+        self.condition = condition or threading.Condition()
+        self._items: deque[_Item] = deque()
+        self._pending = 0  # crops queued, not yet taken by a worker
+        self._closed = False
+        self.rejected = 0
+        self.expired = 0
+
+    # ---------------------------------------------------------------- callers
+    @property
+    def depth(self) -> int:
+        """Crops waiting in the queue."""
+        return self._pending
+
+    def _enqueue(self, crops: torch.Tensor, timeout_s: float | None) -> list[_Item]:
+        if crops.ndim != 4:
+            raise ValueError(f"crops must be [P,C,H,W], got shape {tuple(crops.shape)}")
+        count = int(crops.shape[0])
+        now = time.monotonic()
+        deadline = now + (self.default_timeout_s if timeout_s is None else timeout_s)
+        items = [
+            _Item(crops[i : i + self.max_batch_size], deadline, now)
+            for i in range(0, count, self.max_batch_size)
+        ]
+        with self.condition:
+            if self._closed:
+                raise BatcherClosed(f"batcher {self.name!r} is closed")
+            # An empty queue always admits one submission, so a request larger than the
+            # queue is still served when the service is idle.
+            if self._pending and self._pending + count > self.queue_size:
+                self.rejected += 1
+                raise Overloaded(f"queue of model {self.name!r} is full ({self._pending} crops waiting)")
+            self._items.extend(items)
+            self._pending += count
+            self.condition.notify_all()
+        return items
+
+    @staticmethod
+    def _gather(items: Sequence[_Item], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return outputs[0] if len(outputs) == 1 else torch.cat(list(outputs), dim=0)
+
+    def _cancel(self, items: Sequence[_Item]) -> None:
+        """The caller gave up: free the queue slots of whatever no worker has taken yet."""
+        with self.condition:
+            for item in items:
+                if item.future.cancel():
+                    try:
+                        self._items.remove(item)
+                    except ValueError:
+                        continue
+                    self._pending -= item.size
+
+    def submit_sync(self, crops: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
+        """Queue ``crops`` and block until their outputs arrive (for threads, e.g. gRPC)."""
+        if crops.shape[0] == 0:
+            return crops.new_zeros((0,))
+        items = self._enqueue(crops, timeout_s)
+        outputs = []
+        try:
+            for item in items:
+                remaining = item.deadline - time.monotonic()
+                try:
+                    outputs.append(item.future.result(timeout=max(remaining, 0.0)))
+                except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as exc:
+                    raise DeadlineExceeded(f"no answer from model {self.name!r} within the deadline") from exc
+        except BaseException:
+            self._cancel(items)
+            raise
+        return self._gather(items, outputs)
+
+    async def submit(self, crops: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
+        """Queue ``crops`` and await their outputs without blocking the event loop."""
+        if crops.shape[0] == 0:
+            return crops.new_zeros((0,))
+        items = self._enqueue(crops, timeout_s)
+        waiters = [asyncio.wrap_future(item.future) for item in items]
+        remaining = items[0].deadline - time.monotonic()
+        gathered = asyncio.gather(*waiters)
+        try:
+            outputs = await asyncio.wait_for(gathered, timeout=max(remaining, 0.0))
+        except TimeoutError as exc:
+            self._cancel(items)
+            gathered.add_done_callback(_retrieve_exception)
+            raise DeadlineExceeded(f"no answer from model {self.name!r} within the deadline") from exc
+        except BaseException:
+            self._cancel(items)
+            gathered.add_done_callback(_retrieve_exception)
+            raise
+        return self._gather(items, outputs)
+
+    def close(self) -> None:
+        """Refuse new submissions and fail the queued ones."""
+        with self.condition:
+            self._closed = True
+            items = list(self._items)
+            self._items.clear()
+            self._pending = 0
+            self.condition.notify_all()
+        for item in items:
+            _set_exception(item.future, BatcherClosed(f"batcher {self.name!r} closed"))
+
+    # ---------------------------------------------------------------- workers
+    def _drop_dead_head(self, now: float) -> None:
+        """Drop cancelled or expired items at the head of the queue (lock held)."""
+        while self._items:
+            head = self._items[0]
+            if head.future.cancelled():
+                pass
+            elif head.deadline <= now:
+                self.expired += 1
+                _set_exception(head.future, DeadlineExceeded(f"request expired in the queue of {self.name!r}"))
+            else:
+                return
+            self._items.popleft()
+            self._pending -= head.size
+
+    def _due_in(self, now: float) -> float | None:
+        """Seconds until a batch is due; 0 = now; None = queue empty (lock held)."""
+        self._drop_dead_head(now)
+        if not self._items:
+            return None
+        if self._pending >= self.max_batch_size:
+            return 0.0
+        return max(0.0, self._items[0].enqueued + self.max_delay_s - now)
+
+    def _take(self, now: float) -> Batch | None:
+        """Pop up to ``max_batch_size`` crops (lock held); None if every item was cancelled."""
+        taken: list[_Item] = []
+        total = 0
+        oldest = self._items[0].enqueued if self._items else now
+        while self._items and total + self._items[0].size <= self.max_batch_size:
+            item = self._items.popleft()
+            self._pending -= item.size
+            if item.deadline <= now and not item.future.cancelled():
+                self.expired += 1
+                _set_exception(item.future, DeadlineExceeded(f"request expired in the queue of {self.name!r}"))
+                continue
+            if not item.future.set_running_or_notify_cancel():
+                continue  # the caller gave up
+            taken.append(item)
+            total += item.size
+        return Batch(self, taken, now - oldest) if taken else None
+
+    def next_batch(self, timeout_s: float) -> Batch | None:
+        """Wait up to ``timeout_s`` for a batch of this batcher alone."""
+        return wait_for_batch([self], timeout_s)
+
+
+_rotation = itertools.count()
+
+
+def wait_for_batch(batchers: Sequence[DynamicBatcher], timeout_s: float) -> Batch | None:
+    """Wait until one of ``batchers`` (sharing one condition) has a due batch and take it.
+
+    Returns None after ``timeout_s`` with nothing due, so worker loops can check for stop.
+    Batchers are scanned from a rotating start so one busy model cannot starve another.
+    """
+    if not batchers:
+        time.sleep(timeout_s)
+        return None
+    condition = batchers[0].condition
+    if any(b.condition is not condition for b in batchers):
+        raise ValueError("batchers waited on together must share one condition")
+    give_up = time.monotonic() + timeout_s
+    start = next(_rotation) % len(batchers)
+    order = list(batchers[start:]) + list(batchers[:start])
+    with condition:
+        while True:
+            now = time.monotonic()
+            wait = give_up - now
+            if wait <= 0:
+                return None
+            for batcher in order:
+                due = batcher._due_in(now)
+                if due is None:
+                    continue
+                if due <= 0:
+                    batch = batcher._take(now)
+                    if batch is not None:
+                        return batch
+                    due = batcher._due_in(now)
+                    if due is None:
+                        continue
+                wait = min(wait, max(due, 1e-4))
+            condition.wait(wait)

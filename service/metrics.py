@@ -1,0 +1,118 @@
+"""Prometheus metrics of one app, in a registry of its own (tests build several apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from service.pool import WorkerPool
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class PoolCollector(Collector):
+    """Reads queue depth, worker state and model info from the pool at scrape time."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("ditepose_queue_depth", "Crops waiting in a model's queue", labels=["model"])
+        rejected = CounterMetricFamily(
+            "ditepose_queue_rejected", "Submissions refused because the queue was full", labels=["model"]
+        )
+        expired = CounterMetricFamily(
+            "ditepose_queue_expired", "Submissions that expired before a worker took them", labels=["model"]
+        )
+        for name, batcher in self.pool.batchers.items():
+            depth.add_metric([name], batcher.depth)
+            rejected.add_metric([name], batcher.rejected)
+            expired.add_metric([name], batcher.expired)
+        yield depth
+        yield rejected
+        yield expired
+
+        state = GaugeMetricFamily(
+            "ditepose_worker_state", "1 for the current state of each worker", labels=["worker", "device", "state"]
+        )
+        errors = CounterMetricFamily(
+            "ditepose_worker_errors", "Batches whose inference raised", labels=["worker", "device"]
+        )
+        from service.pool import WORKER_STATES
+
+        for status in self.pool.worker_status():
+            current = status.state if status.alive or status.state == "stopped" else "dead"
+            for name in WORKER_STATES:
+                state.add_metric([status.name, status.device, name], 1.0 if name == current else 0.0)
+            errors.add_metric([status.name, status.device], status.errors)
+        yield state
+        yield errors
+
+        info = GaugeMetricFamily(
+            "ditepose_model_info",
+            "Served models (value 1) with their arch, dataset and whether they run on random demo weights",
+            labels=["model", "arch", "dataset", "demo_weights"],
+        )
+        load = GaugeMetricFamily("ditepose_model_load_seconds", "Time spent loading a model", labels=["model"])
+        for m in self.pool.models.values():
+            info.add_metric([m.name, m.arch, m.dataset, str(m.demo_weights).lower()], 1.0)
+            load.add_metric([m.name], m.load_s)
+        yield info
+        yield load
+
+
+class ServiceMetrics:
+    """Metric objects of one app; also the pool's :class:`~service.pool.BatchObserver`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "ditepose_http_requests", "HTTP requests by route and status", ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ditepose_http_request_duration_seconds", "HTTP request latency by route and status",
+            ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "ditepose_batch_size", "Crops per forward pass", ["model", "device"], buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "ditepose_inference_duration_seconds", "Forward pass time of one batch", ["model", "device"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "ditepose_queue_wait_seconds", "Time the oldest crop of a batch waited for a worker", ["model"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_errors = Counter(
+            "ditepose_batch_errors", "Batches whose inference raised", ["model", "device"], registry=self.registry
+        )
+        self._pool_collector: PoolCollector | None = None
+
+    def watch_pool(self, pool: WorkerPool) -> None:
+        """Export the pool's live state (queue depth, workers, models) from this registry."""
+        if self._pool_collector is not None:
+            self.registry.unregister(self._pool_collector)
+        self._pool_collector = PoolCollector(pool)
+        self.registry.register(self._pool_collector)
+
+    def observe_batch(
+        self, model: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool
+    ) -> None:
+        self.batch_size.labels(model, device).observe(size)
+        self.inference.labels(model, device).observe(infer_s)
+        self.queue_wait.labels(model).observe(queued_s)
+        if not ok:
+            self.batch_errors.labels(model, device).inc()
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route, str(status)).observe(seconds)

@@ -1,0 +1,221 @@
+"""The service layer: decode -> prepare -> batcher -> finish, shared by REST and gRPC.
+
+Every front-end builds a :class:`PoseRequest` and calls :meth:`PoseService.estimate`
+(asyncio) or :meth:`PoseService.estimate_sync` (threads); failures are
+:class:`~service.errors.ServiceError` with a stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
+from service.batcher import BatcherError
+from service.errors import ServiceError, from_batcher_error
+from service.images import decode_image, encode_png
+from service.pool import WorkerPool
+from service.registry import LoadedModel
+from service.settings import Settings
+
+DETECTORS = ("whole", "hog")
+
+
+@dataclass
+class PoseRequest:
+    """One image and its options, independent of the transport."""
+
+    image_bytes: bytes
+    boxes: Sequence[Sequence[float]] | None = None
+    model: str | None = None
+    flip_test: bool = True
+    decoder: str = "default"
+    score_threshold: float | None = None
+    detector: str = "whole"
+
+
+@dataclass
+class PoseResult:
+    model: str
+    width: int
+    height: int
+    persons: list[dict]
+    timings: dict[str, float]
+    image_rgb: np.ndarray = field(repr=False)
+    poses: list[PersonPose] = field(repr=False)
+    spec_name: str = "coco"
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class PoseService:
+    """Stateless per request; holds the pool, the settings and cached pipelines/detectors."""
+
+    def __init__(self, pool: WorkerPool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self._pipelines: dict[tuple[str, bool, str], TopDownPipeline] = {}
+        self._detectors: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ pieces
+    def resolve_model(self, name: str | None) -> LoadedModel:
+        name = name or self.settings.default_model_name
+        if name not in self.pool.models:
+            known = ", ".join(sorted(self.pool.models))
+            raise ServiceError("unknown_model", f"no model named {name!r}; served models: {known}")
+        return self.pool.models[name]
+
+    def pipeline(self, model: LoadedModel, flip_test: bool, decoder: str) -> TopDownPipeline:
+        key = (model.name, bool(flip_test), decoder)
+        with self._lock:
+            pipe = self._pipelines.get(key)
+            if pipe is None:
+                try:
+                    pipe = TopDownPipeline(model.input_size, model.spec, bool(flip_test), decoder)
+                except ValueError as exc:
+                    raise ServiceError("invalid_request", str(exc)) from exc
+                self._pipelines[key] = pipe
+        return pipe
+
+    def detector(self, name: str) -> object:
+        if name not in DETECTORS:
+            raise ServiceError("invalid_request", f"unknown detector {name!r}; choose one of {DETECTORS}")
+        with self._lock:
+            det = self._detectors.get(name)
+            if det is None:
+                from model.detectors import build_detector
+
+                det = self._detectors[name] = build_detector(name)
+        return det
+
+    def check_boxes(self, boxes: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
+        """Boxes as float32 [N, 4]; ``bad_boxes`` for anything the pipeline must not see."""
+        if len(boxes) > self.settings.max_boxes:
+            raise ServiceError("bad_boxes", f"{len(boxes)} boxes; at most {self.settings.max_boxes} per request")
+        out = np.zeros((len(boxes), 4), np.float32)
+        for i, box in enumerate(boxes):
+            if not isinstance(box, (list, tuple)) or len(box) != 4:
+                raise ServiceError("bad_boxes", f"box {i} must be [x, y, w, h], got {box!r}")
+            try:
+                x, y, w, h = (float(v) for v in box)
+            except (TypeError, ValueError) as exc:
+                raise ServiceError("bad_boxes", f"box {i} must hold 4 numbers, got {box!r}") from exc
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                raise ServiceError("bad_boxes", f"box {i} is not finite: {box!r}")
+            if w <= 0 or h <= 0:
+                raise ServiceError("bad_boxes", f"box {i} has no area (w={w}, h={h})")
+            if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+                raise ServiceError("bad_boxes", f"box {i} {box!r} lies outside the {width}x{height} image")
+            out[i] = (x, y, w, h)
+        return out
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return decode_image(data, self.settings.max_upload_bytes, self.settings.max_image_pixels)
+
+    def prepare(
+        self, request: PoseRequest, image: np.ndarray
+    ) -> tuple[LoadedModel, TopDownPipeline, PreparedBatch]:
+        model = self.resolve_model(request.model)
+        pipe = self.pipeline(model, request.flip_test, request.decoder)
+        height, width = image.shape[:2]
+        if request.boxes is not None:
+            boxes, scores = self.check_boxes(request.boxes, width, height), None
+        else:
+            boxes, scores = self.detector(request.detector).detect(image)  # type: ignore[attr-defined]
+            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[: self.settings.max_boxes]
+            scores = np.asarray(scores, np.float32).reshape(-1)[: len(boxes)]
+        return model, pipe, pipe.prepare(image, boxes, scores)
+
+    def finish(
+        self,
+        request: PoseRequest,
+        model: LoadedModel,
+        pipe: TopDownPipeline,
+        prepared: PreparedBatch,
+        heatmaps,
+    ) -> tuple[list[PersonPose], list[dict]]:
+        poses = pipe.finish(prepared, heatmaps)
+        if request.score_threshold is not None:
+            poses = [p for p in poses if p.score >= request.score_threshold]
+        return poses, [p.to_dict(model.spec) for p in poses]
+
+    # ------------------------------------------------------------ whole requests
+    async def estimate(self, request: PoseRequest) -> PoseResult:
+        """Run one request without blocking the event loop (CPU steps run in threads)."""
+        t0 = time.perf_counter()
+        image = await asyncio.to_thread(self.decode, request.image_bytes)
+        t1 = time.perf_counter()
+        model, pipe, prepared = await asyncio.to_thread(self.prepare, request, image)
+        t2 = time.perf_counter()
+        if len(prepared.crops) == 0:
+            heatmaps = self._no_heatmaps(model)
+        else:
+            try:
+                batcher = self.pool.batcher(model.name)
+                heatmaps = await batcher.submit(prepared.crops, self.settings.request_timeout_s)
+            except BatcherError as exc:
+                raise from_batcher_error(exc, self.settings.retry_after_s) from exc
+        t3 = time.perf_counter()
+        poses, persons = await asyncio.to_thread(self.finish, request, model, pipe, prepared, heatmaps)
+        return self._result(model, image, poses, persons, (t0, t1, t2, t3, time.perf_counter()))
+
+    def estimate_sync(self, request: PoseRequest) -> PoseResult:
+        """The same as :meth:`estimate` for callers on threads (e.g. a gRPC thread pool)."""
+        t0 = time.perf_counter()
+        image = self.decode(request.image_bytes)
+        t1 = time.perf_counter()
+        model, pipe, prepared = self.prepare(request, image)
+        t2 = time.perf_counter()
+        if len(prepared.crops) == 0:
+            heatmaps = self._no_heatmaps(model)
+        else:
+            try:
+                batcher = self.pool.batcher(model.name)
+                heatmaps = batcher.submit_sync(prepared.crops, self.settings.request_timeout_s)
+            except BatcherError as exc:
+                raise from_batcher_error(exc, self.settings.retry_after_s) from exc
+        t3 = time.perf_counter()
+        poses, persons = self.finish(request, model, pipe, prepared, heatmaps)
+        return self._result(model, image, poses, persons, (t0, t1, t2, t3, time.perf_counter()))
+
+    @staticmethod
+    def _no_heatmaps(model: LoadedModel) -> torch.Tensor:
+        width, height = model.input_size
+        return torch.zeros(0, model.num_joints, height // 4, width // 4)
+
+    @staticmethod
+    def _result(
+        model: LoadedModel,
+        image: np.ndarray,
+        poses: list[PersonPose],
+        persons: list[dict],
+        marks: tuple[float, float, float, float, float],
+    ) -> PoseResult:
+        t0, t1, t2, t3, t4 = marks
+        timings = {
+            "decode_ms": _ms(t1 - t0),
+            "preprocess_ms": _ms(t2 - t1),
+            "inference_ms": _ms(t3 - t2),
+            "postprocess_ms": _ms(t4 - t3),
+            "total_ms": _ms(t4 - t0),
+        }
+        height, width = image.shape[:2]
+        return PoseResult(model.name, width, height, persons, timings, image, poses, model.dataset)
+
+    def render_png(self, result: PoseResult) -> bytes:
+        """The image with the skeletons drawn on it, as PNG bytes."""
+        from model.draw import draw_poses
+
+        model = self.pool.models[result.model]
+        canvas = draw_poses(result.image_rgb, result.poses, model.spec)
+        return encode_png(canvas)

@@ -1,0 +1,136 @@
+"""Request and response bodies of the REST API (pydantic v2, shown in OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Decoder = Literal["default", "dark", "unbiased", "argmax", "none"]
+DetectorName = Literal["whole", "hog"]
+
+
+class PoseOptions(BaseModel):
+    """Options shared by the multipart and the JSON form of ``POST /v1/pose``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    boxes: list[list[float]] | None = Field(
+        default=None,
+        description="Person boxes [x, y, w, h] in image pixels. Omitted: the `detector` finds them.",
+        examples=[[[120.0, 40.0, 200.0, 400.0]]],
+    )
+    model: str | None = Field(default=None, description="Served model name (see GET /v1/models); default first.")
+    flip_test: bool = Field(default=True, description="Average with the horizontally mirrored crop (paper's test).")
+    decoder: Decoder = Field(
+        default="default",
+        description="Heatmap decoding: 'default' (argmax + quarter-pixel shift, as in the paper), "
+        "'dark' (alias 'unbiased': DARK Taylor refinement), 'argmax' (alias 'none': plain argmax).",
+    )
+    score_threshold: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="Persons whose score is below this are left out (scores are heatmap peaks, "
+        "about 0..1 for trained weights). None keeps every person.",
+    )
+    detector: DetectorName = Field(
+        default="whole",
+        description="Used only without `boxes`: 'whole' = the whole image is one person box, "
+        "'hog' = OpenCV's HOG people detector.",
+    )
+
+
+class PoseJsonRequest(PoseOptions):
+    """JSON form of ``POST /v1/pose``: the image travels base64-encoded."""
+
+    image: str = Field(description="Base64 of the JPEG, PNG or WebP file bytes (no data: URL, no http URL).")
+
+
+class Keypoint(BaseModel):
+    name: str = Field(description="Joint name, e.g. 'left_wrist'.")
+    x: float = Field(description="Column in image pixels.")
+    y: float = Field(description="Row in image pixels.")
+    score: float = Field(description="Heatmap peak value (confidence, not a probability).")
+
+
+class Person(BaseModel):
+    bbox: list[float] = Field(description="The person box [x, y, w, h] the keypoints were estimated in.")
+    score: float = Field(description="Person score (box score times mean keypoint confidence).")
+    keypoints: list[Keypoint] = Field(description="One entry per joint of the model's dataset, in its order.")
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    """Milliseconds spent in each stage of this request."""
+
+    decode_ms: float = Field(description="Reading the upload and decoding the image.")
+    preprocess_ms: float = Field(description="Person detection (if any) and affine crops.")
+    inference_ms: float = Field(description="Waiting in the batch queue plus the forward pass.")
+    postprocess_ms: float = Field(description="Heatmap decoding back to image coordinates.")
+    total_ms: float = Field(description="Whole request inside the service.")
+
+
+class PoseResponse(BaseModel):
+    model: str = Field(description="Model that answered.")
+    image: ImageSize
+    timings: Timings
+    persons: list[Person]
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    arch: str
+    dataset: str
+    num_joints: int
+    joints: list[str]
+    input_size: list[int] = Field(description="Network input [W, H].")
+    checkpoint: str | None
+    demo_weights: bool = Field(description="True: random weights (no checkpoint found); poses are meaningless.")
+    metadata: dict = Field(description="Checkpoint metadata (training recipe, metrics, notes).")
+    default: bool = Field(description="Used when a request names no model.")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable error code, e.g. 'bad_boxes', 'overloaded'.")
+    message: str = Field(description="Human-readable explanation.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class WorkerState(BaseModel):
+    name: str
+    device: str
+    state: str
+    alive: bool
+    batches: int
+    crops: int
+    errors: int
+    last_error: str | None
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    models: dict[str, str] = Field(description="Model name -> 'loaded'.")
+    workers: list[WorkerState]
+    queue_depth: dict[str, int] = Field(description="Crops waiting per model.")
+    jobs: dict | None = Field(
+        default=None,
+        description="Evaluation jobs: mode (embedded|celery), ready, error (e.g. Redis down). Does not "
+        "change the status code: pose requests are still served while the job broker is down.",
+    )

@@ -1,0 +1,135 @@
+"""Service configuration: one pydantic-settings object read from ``DITEPOSE_*`` variables.
+
+REST, gRPC and the job workers all take the same :class:`Settings`, so a deployment is
+described once (environment, ``.env`` file or constructor arguments in tests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelSpec(BaseModel):
+    """One model the service serves, chosen per request by ``name``."""
+
+    name: str = Field(description="Name clients use in the `model` field of a request.")
+    checkpoint: Path | None = Field(
+        default=None,
+        description="Checkpoint file (our format or the authors' mmpose layout). None: the project's "
+        "default checkpoint; when that file is missing the model runs with random (demo) weights.",
+    )
+    arch: str = Field(default="dite_hrnet_18", description="Architecture: dite_hrnet_18 or dite_hrnet_30.")
+    dataset: Literal["coco", "mpii"] = Field(
+        default="coco", description="Keypoint layout, used only when the checkpoint carries no metadata."
+    )
+    input_size: tuple[int, int] = Field(
+        default=(192, 256),
+        description="Network input (W, H), used only when the checkpoint carries no metadata.",
+    )
+
+
+def _default_models() -> list[ModelSpec]:
+    return [ModelSpec(name="dite_hrnet_18")]
+
+
+class Settings(BaseSettings):
+    """Everything the pose service needs to start; see each field's description."""
+
+    model_config = SettingsConfigDict(env_prefix="DITEPOSE_", env_file=".env", extra="ignore")
+
+    host: str = Field(default="127.0.0.1", description="Interface the REST server binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="REST port (0 = pick a free port).")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
+    grpc_enabled: bool = Field(default=True, description="Start the gRPC server next to REST when available.")
+    models: list[ModelSpec] = Field(
+        default_factory=_default_models,
+        description='Models served side by side, as JSON, e.g. [{"name": "hrnet18", "checkpoint": "a.pt"}].',
+    )
+    default_model: str | None = Field(
+        default=None, description="Model used when a request names none (default: the first one)."
+    )
+    devices: str = Field(
+        default="auto",
+        description="'auto' (every CUDA GPU, else the CPU) or a comma list such as 'cuda:0,cuda:1' or 'cpu'.",
+    )
+    workers_per_device: int = Field(default=1, ge=1, le=8, description="Inference threads per device.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto", description="Inference precision; 'auto' = fp16 on CUDA, fp32 on CPU."
+    )
+    max_batch_size: int = Field(default=32, ge=1, description="Most crops one forward pass takes.")
+    max_delay_ms: float = Field(
+        default=5.0, ge=0, description="How long a worker waits for more crops before running a partial batch."
+    )
+    queue_size: int = Field(
+        default=512, ge=1, description="Most crops waiting per model; beyond it requests get 429 at once."
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="Deadline for queue + inference of one request (504 after it)."
+    )
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Largest encoded image accepted.")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="Largest width*height accepted, checked from the header before decoding."
+    )
+    max_boxes: int = Field(default=64, ge=1, description="Most person boxes per request.")
+    api_key: SecretStr | None = Field(
+        default=None, description="If set, /v1 routes need this value in the X-API-Key header."
+    )
+    api_key_file: Path | None = Field(default=None, description="File holding the API key (first line).")
+    redis_url: str | None = Field(
+        default=None, description="Redis for the job queue; None = embedded mode (no jobs broker)."
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads of each worker thread (None = torch default)."
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429.")
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str) -> str:
+        value = value.strip()
+        if value != "auto":
+            for part in value.split(","):
+                part = part.strip()
+                if part != "cpu" and not (part == "cuda" or part.startswith("cuda:")):
+                    raise ValueError(f"unknown device {part!r}: use 'auto', 'cpu' or 'cuda:N'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        if not self.models:
+            raise ValueError("at least one model is needed")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not one of {names}")
+        return self
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or self.models[0].name
+
+    def resolved_api_key(self) -> str | None:
+        """The API key from ``api_key`` or ``api_key_file``; None when auth is off."""
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text().strip().splitlines()
+            if not lines or not lines[0].strip():
+                raise ValueError(f"api_key_file {self.api_key_file} is empty")
+            return lines[0].strip()
+        return None
+
+    def resolved_devices(self) -> list[str]:
+        """Device names to start a worker on."""
+        import torch
+
+        if self.devices == "auto":
+            if torch.cuda.is_available():
+                return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+            return ["cpu"]
+        return [part.strip() for part in self.devices.split(",") if part.strip()]
