@@ -158,24 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'arch':<14} {'path':<24} {'batch':>5} {'ms/batch':>10} {'img/s':>9} {'speedup':>8} {'cpu ms':>9}"
           f" {'cpu spd':>8} {'peakMB':>8}")
     started = time.time()
+    out = args.json or (DEFAULT_JSON if not cuda else DEFAULT_JSON.with_name("engine_cuda.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
             rows += bench_arch(arch, args.device, batch_sizes, rounds, input_hw,
                                with_onnx=not args.no_onnx and not args.quick, with_compile=args.compile,
                                tmp=Path(tmp))
-    result = {
-        "device": args.device if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "input_hw": list(input_hw),
-        "precision": "fp32", "quick": args.quick, "timing": "median of round-robin rounds: wall clock (ms_per_batch) and process CPU time (cpu_ms_per_batch)",
-        "load_average_at_end": list(os.getloadavg()), "seconds": round(time.time() - started, 1),
-        "memory": "peak RSS delta over one call (MiB)" if not cuda else "max_memory_allocated delta (MiB)",
-        "rows": rows,
-    }
-    out = args.json or (DEFAULT_JSON if not cuda else DEFAULT_JSON.with_name("engine_cuda.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out} ({result['seconds']} s, load average {result['load_average_at_end'][0]:.1f})")
+            result = {  # written after every arch, so a long run that is stopped keeps its rows
+                "device": args.device if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "input_hw": list(input_hw),
+                "precision": "fp32", "quick": args.quick,
+                "timing": "median of round-robin rounds: wall clock (ms_per_batch) and process CPU time (cpu_ms_per_batch)",
+                "load_average_at_end": list(os.getloadavg()), "seconds": round(time.time() - started, 1),
+                "memory": "peak RSS delta over one call (MiB)" if not cuda else "max_memory_allocated delta (MiB)",
+                "rows": rows,
+            }
+            out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out} ({round(time.time() - started, 1)} s, load average {os.getloadavg()[0]:.1f})")
     return 0
 
 
