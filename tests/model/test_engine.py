@@ -130,6 +130,8 @@ def test_engine_rejects_bad_arguments_and_inputs():
     engine = InferenceEngine(model)
     with pytest.raises(ValueError, match="NCHW"):
         engine(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="3 channels"):
+        engine(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="multiples of 32"):
         engine(torch.randn(1, 3, 70, 64))
     with pytest.raises(ValueError, match="empty"):
