@@ -13,13 +13,16 @@ from service.registry import LoadedModel
 
 GPU_FAMILIES = {f"ditepose_gpu_memory_{n}_bytes" for n in ("allocated", "reserved", "peak_allocated", "total")}
 
+
 def _pool(devices: list[str]) -> WorkerPool:
     loaded = LoadedModel("m", "dite_hrnet_18", "coco", 17, (192, 256), torch.nn.Identity(), None, True, 0.0)
     return WorkerPool([loaded], devices)
 
+
 def _scrape(metrics: ServiceMetrics) -> dict[str, list]:
     text = generate_latest(metrics.registry).decode()
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
 
 def test_cpu_pool_exports_the_families_without_samples():
     metrics = ServiceMetrics(CollectorRegistry())
@@ -28,6 +31,7 @@ def test_cpu_pool_exports_the_families_without_samples():
     assert set(families) >= GPU_FAMILIES
     assert all(families[name] == [] for name in GPU_FAMILIES)
     assert cuda_memory("cpu") is None
+
 
 def test_cuda_devices_get_one_sample_per_device_and_gauge():
     seen: list[str] = []
@@ -54,9 +58,11 @@ def test_cuda_devices_get_one_sample_per_device_and_gauge():
     }
     assert seen == ["cuda:0", "cuda:1", "cpu"]
 
+
 def test_duplicate_devices_are_reported_once():
     families = gpu_memory_families(["cuda:0", "cuda:0"], lambda d: GpuMemory(1, 2, 3, 4))
     assert [len(f.samples) for f in families] == [1, 1, 1, 1]
+
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
