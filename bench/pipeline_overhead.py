@@ -21,14 +21,14 @@ import torch
 from model.pipeline import TopDownPipeline
 
 
-def measure(persons: int, repeat: int, flip: bool, decoder: str) -> dict:
+def measure(persons: int, repeat: int, flip: bool, decoder: str, normalize_on_cpu: bool = True) -> dict:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, size=(480, 640, 3), dtype=np.uint8)
     xy = rng.uniform([0, 0], [540, 280], size=(persons, 2))
     wh = rng.uniform([40, 80], [100, 200], size=(persons, 2))
     boxes = np.concatenate([xy, wh], axis=1).astype(np.float32)
     scores = rng.uniform(0.5, 1.0, size=persons).astype(np.float32)
-    pipe = TopDownPipeline((192, 256), flip_test=flip, decoder=decoder)
+    pipe = TopDownPipeline((192, 256), flip_test=flip, decoder=decoder, normalize_on_cpu=normalize_on_cpu)
     heatmaps = torch.rand(persons * (2 if flip else 1), 17, 64, 48)
     prep_t, fin_t = [], []
     for _ in range(repeat + 3):
@@ -46,6 +46,7 @@ def measure(persons: int, repeat: int, flip: bool, decoder: str) -> dict:
         "persons": persons,
         "flip_test": flip,
         "decoder": decoder,
+        "normalize_on_cpu": normalize_on_cpu,
         "prepare_ms": round(prep_ms, 3),
         "finish_ms": round(fin_ms, 3),
         "prepare_min_ms": round(min(prep_t) * 1e3, 3),
@@ -68,6 +69,7 @@ def main() -> None:
         for flip in (True, False)
         for decoder in ("default", "dark")
     ]
+    rows.append(measure(args.persons, args.repeat, True, "default", normalize_on_cpu=False))
     result = {
         "what": "TopDownPipeline prepare+finish per person, network excluded (median of repeats)",
         "image": "640x480",

@@ -30,7 +30,9 @@ VIS_THR = 0.2  # mmpose's COCO evaluation: joints above it count toward the pers
 class PreparedBatch:
     """Network input for the persons of one image plus what :meth:`finish` needs to map back."""
 
-    crops: torch.Tensor  # [P * (2 if flip else 1), 3, H, W] float32, normalised RGB; mirrored crops last
+    # [P * (2 if flip else 1), 3, H, W] float32 normalised RGB, mirrored crops last; or, with
+    # ``normalize_on_cpu=False``, the uint8 [.., H, W, 3] crops (see :func:`normalize_crops`)
+    crops: torch.Tensor
     centers: np.ndarray  # [P, 2] float32 box centres (px)
     scales: np.ndarray  # [P, 2] float32 padded box sizes in units of 200 px
     boxes_xywh: np.ndarray  # [P, 4] float32 input boxes
@@ -40,6 +42,11 @@ class PreparedBatch:
     @property
     def num_persons(self) -> int:
         return len(self.centers)
+
+    @property
+    def num_crops(self) -> int:
+        """Network inputs: persons, twice with the flip test; ``finish`` wants this many heatmaps."""
+        return len(self.crops)
 
 
 @dataclass(eq=False)  # holds arrays: compare by identity
@@ -62,6 +69,21 @@ class PersonPose:
                 for name, (x, y, s) in zip(spec.joint_names, self.keypoints.tolist(), strict=True)
             ],
         }
+
+
+def normalize_crops(crops: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB crops [N, H, W, 3] -> ImageNet-normalised float32 [N, 3, H, W], on the crops' device.
+
+    Lets an engine ship 4x smaller uint8 crops to an accelerator and normalise there.
+    """
+    if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
+        raise ValueError(f"expected uint8 crops [N, H, W, 3], got {crops.dtype} {tuple(crops.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, device=crops.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=crops.device).view(1, 3, 1, 1)
+    scale = 1.0 / (255.0 * std)
+    out = torch.empty((crops.shape[0], 3, *crops.shape[1:3]), dtype=torch.float32, device=crops.device)
+    out.copy_(crops.permute(0, 3, 1, 2))
+    return out.mul_(scale).sub_(mean / std)
 
 
 def _check_image(image_rgb: np.ndarray) -> np.ndarray:
@@ -115,6 +137,7 @@ class TopDownPipeline:
         padding: float = 1.25,
         shift_heatmap: bool = True,
         dark_kernel: int = 11,
+        normalize_on_cpu: bool = True,
     ) -> None:
         normalize_decoder(decoder)  # fail early on a typo
         self.input_size_wh = (int(input_size_wh[0]), int(input_size_wh[1]))
@@ -124,6 +147,7 @@ class TopDownPipeline:
         self.padding = padding
         self.shift_heatmap = shift_heatmap
         self.dark_kernel = dark_kernel
+        self.normalize_on_cpu = normalize_on_cpu
         self._aspect = self.input_size_wh[0] / self.input_size_wh[1]
         scale = np.array([1 / (255.0 * s) for s in IMAGENET_STD], dtype=np.float32)
         self._norm_scale = torch.from_numpy(scale).view(1, 3, 1, 1)
@@ -151,8 +175,10 @@ class TopDownPipeline:
             centers[i], scales[i] = box_to_center_scale(box, self._aspect, self.padding)
             mat = get_affine_transform(centers[i], scales[i], 0.0, self.input_size_wh)
             cv2.warpAffine(img, mat, (in_w, in_h), dst=raw[i], flags=cv2.INTER_LINEAR)
-        if copies == 2:
-            raw[n:] = raw[:n, :, ::-1]  # mirrored crops for the flip test (uint8: cheap)
+            if copies == 2:  # mirrored crop for the flip test (cv2.flip: ~70x faster than numpy's ::-1)
+                cv2.flip(raw[i], 1, dst=raw[n + i])
+        if not self.normalize_on_cpu:
+            return PreparedBatch(torch.from_numpy(raw), centers, scales, boxes, scores, self.flip_test)
         # one pass HWC uint8 -> CHW float32, then the ImageNet normalisation in place
         crops = torch.empty((copies * n, 3, in_h, in_w), dtype=torch.float32)
         crops.copy_(torch.from_numpy(raw).permute(0, 3, 1, 2))
@@ -212,6 +238,8 @@ def module_infer(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
 
     def infer(crops: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
+            if crops.dtype == torch.uint8:  # normalisation left to the device
+                crops = normalize_crops(crops.to(device))
             return module(crops.to(device=device, dtype=dtype))
 
     return infer

@@ -13,6 +13,7 @@ from model.pipeline import (
     PersonPose,
     PoseEstimator,
     TopDownPipeline,
+    normalize_crops,
     oks_nms,
 )
 from model.transforms import affine_transform_points, get_affine_transform
@@ -24,6 +25,24 @@ W_HM, H_HM = 48, 64
 def _image(h: int = 480, w: int = 640) -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+
+
+def _stick_figures() -> np.ndarray:
+    """A 640x480 picture with three drawn stick figures in the boxes the tests use."""
+    from model.draw import draw_poses
+
+    img = np.full((480, 640, 3), 90, np.uint8)
+    img[:, :, 1] = np.linspace(40, 200, 640, dtype=np.uint8)[None]
+    template = np.array([
+        [0.5, 0.08], [0.45, 0.05], [0.55, 0.05], [0.4, 0.07], [0.6, 0.07], [0.3, 0.22], [0.7, 0.22],
+        [0.2, 0.38], [0.8, 0.38], [0.15, 0.52], [0.85, 0.52], [0.38, 0.55], [0.62, 0.55],
+        [0.36, 0.75], [0.64, 0.75], [0.35, 0.95], [0.65, 0.95],
+    ])
+    persons = []
+    for x, y, w, h in [[50, 40, 100, 200], [300, 100, 150, 300], [500, 300, 130, 170]]:
+        kpts = np.column_stack([x + template[:, 0] * w, y + template[:, 1] * h, np.ones(17)])
+        persons.append(PersonPose(np.array([x, y, w, h], np.float32), 1.0, kpts.astype(np.float32)))
+    return draw_poses(img, persons, COCO, draw_boxes=False)
 
 
 def _unnormalise(crop: torch.Tensor) -> np.ndarray:
@@ -175,8 +194,7 @@ def test_estimator_with_random_dite_hrnet() -> None:
 
     torch.manual_seed(0)
     net = build_model("dite_hrnet_18", num_joints=17)
-    img = np.zeros((480, 640, 3), np.uint8)
-    img[:, :, 1] = np.linspace(0, 255, 640, dtype=np.uint8)[None]
+    img = _stick_figures()
     estimator = PoseEstimator(net, TopDownPipeline(flip_test=True), batch_size=3)
     boxes = [[50, 40, 100, 200], [300, 100, 150, 300], [500, 300, 130, 170]]
     persons = estimator.predict(img, boxes, [0.9, 0.8, 0.7])
@@ -196,3 +214,24 @@ def test_estimator_with_random_dite_hrnet() -> None:
     assert len(whole) == 1
     # whole image 640x480 -> crop 800 px wide centred at x=320 (plus the -1 pixel of empty maps)
     assert ((whole[0].keypoints[:, 0] >= -80 - 800 / W_HM) & (whole[0].keypoints[:, 0] <= 720)).all()
+
+
+def test_device_side_normalisation_matches_cpu() -> None:
+    img, boxes = _image(), [[100, 50, 120, 300], [300, 200, 200, 150]]
+    cpu = TopDownPipeline(flip_test=True).prepare(img, boxes)
+    raw = TopDownPipeline(flip_test=True, normalize_on_cpu=False).prepare(img, boxes)
+    assert raw.crops.dtype == torch.uint8 and raw.crops.shape == (4, H_IN, W_IN, 3)
+    assert raw.num_crops == cpu.num_crops == 4
+    torch.testing.assert_close(normalize_crops(raw.crops), cpu.crops, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_crops(cpu.crops)
+
+
+def test_estimator_gives_same_poses_with_device_side_normalisation() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 17, 4, stride=4), torch.nn.Sigmoid())
+    img, boxes = _image(), [[100, 50, 120, 300], [300, 200, 200, 150]]
+    a = PoseEstimator(net, TopDownPipeline()).predict(img, boxes)
+    b = PoseEstimator(net, TopDownPipeline(normalize_on_cpu=False)).predict(img, boxes)
+    for pa, pb in zip(a, b, strict=True):
+        np.testing.assert_allclose(pa.keypoints, pb.keypoints, atol=1e-4)
