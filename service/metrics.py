@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -11,6 +13,8 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from service.pool import WorkerPool
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -169,3 +173,62 @@ class ServiceMetrics:
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route, str(status)).observe(seconds)
+
+
+class GpuMemoryGauges:
+    """The GPU memory gauges for processes scraped through a shared registry (Celery pool children).
+
+    In ``prometheus_client`` multiprocess mode each child writes its own values (``liveall``:
+    one series per live pid); :meth:`update` reads the devices this process has initialised.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None,
+        memory_fn: Callable[[str], GpuMemory | None] = cuda_memory,
+    ) -> None:
+        from prometheus_client import Gauge
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.memory_fn = memory_fn
+        self.gauges = {
+            family.name: Gauge(
+                family.name, family.documentation, ["device"], registry=self.registry, multiprocess_mode="liveall"
+            )
+            for family in gpu_memory_families([])
+        }
+
+    def update(self, devices: list[str] | None = None) -> None:
+        for family in gpu_memory_families(devices if devices is not None else _initialised_cuda_devices(),
+                                          self.memory_fn):
+            gauge = self.gauges[family.name]
+            for sample in family.samples:
+                gauge.labels(sample.labels["device"]).set(sample.value)
+
+
+def _initialised_cuda_devices() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def start_gpu_memory_sampler(
+    interval_s: float = 5.0, gauges: GpuMemoryGauges | None = None, stop: threading.Event | None = None
+) -> threading.Thread:
+    """Update :class:`GpuMemoryGauges` every ``interval_s`` in a daemon thread (until ``stop`` is set)."""
+    gauges = gauges or GpuMemoryGauges()
+    stop = stop or threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                gauges.update()
+            except Exception:  # metrics must never take a worker down
+                log.exception("GPU memory sampling failed")
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=loop, name="ditepose-gpu-memory", daemon=True)
+    thread.start()
+    return thread

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import GpuMemory, PoolCollector, ServiceMetrics, cuda_memory, gpu_memory_families
+from service.metrics import (
+    GpuMemory,
+    GpuMemoryGauges,
+    PoolCollector,
+    ServiceMetrics,
+    cuda_memory,
+    gpu_memory_families,
+    start_gpu_memory_sampler,
+)
 from service.pool import WorkerPool
 from service.registry import LoadedModel
 
@@ -75,3 +86,39 @@ def test_real_cuda_memory_follows_allocations():
     assert after is not None and after.allocated >= before.allocated + block.numel()
     assert after.reserved >= after.allocated and after.total > after.reserved
     del block
+
+
+def test_worker_gauges_take_the_same_names_and_update_from_the_memory_reader():
+    registry = CollectorRegistry()
+    gauges = GpuMemoryGauges(registry, memory_fn=lambda d: GpuMemory(5, 6, 7, 8) if d.startswith("cuda") else None)
+    gauges.update([])  # a CPU-only worker: nothing to report
+    families = {f.name: f.samples for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert set(families) == GPU_FAMILIES and all(not s for s in families.values())
+    gauges.update(["cuda:0", "cpu"])
+    families = {f.name: f.samples for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert {name: [(s.labels, s.value) for s in samples] for name, samples in families.items()} == {
+        "ditepose_gpu_memory_allocated_bytes": [({"device": "cuda:0"}, 5.0)],
+        "ditepose_gpu_memory_reserved_bytes": [({"device": "cuda:0"}, 6.0)],
+        "ditepose_gpu_memory_peak_allocated_bytes": [({"device": "cuda:0"}, 7.0)],
+        "ditepose_gpu_memory_total_bytes": [({"device": "cuda:0"}, 8.0)],
+    }
+
+
+def test_sampler_thread_keeps_updating():
+    calls: list[list[str] | None] = []
+
+    class Recording(GpuMemoryGauges):
+        def update(self, devices: list[str] | None = None) -> None:
+            calls.append(devices)
+            if len(calls) == 1:
+                raise RuntimeError("a failing read must not stop the sampler")
+
+    stop = threading.Event()
+    thread = start_gpu_memory_sampler(0.01, Recording(CollectorRegistry()), stop)
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert thread.is_alive() and len(calls) >= 3
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
