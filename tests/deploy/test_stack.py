@@ -7,7 +7,9 @@ The dataset is the shipped catalogue's ``coco-val`` entry, with /data holding th
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import shutil
 import time
@@ -139,7 +141,9 @@ def test_evaluation_jobs_run_on_the_worker(stack: Stack, client: httpx.Client) -
     assert job["state"] == "succeeded", (job, stack.logs())
     assert job["num_images"] == 3 and job["num_persons"] > 0
     assert set(job["metrics"]) >= {"AP", "AP50", "AR"}
-    assert job["worker"] and "ditepose" in job["worker"]  # a Celery worker, not the API's threads
+    # Run by a process of the worker service (its prefork child), not by the API's embedded threads.
+    pid = int(job["worker"].rsplit(":", 1)[1])
+    assert os.getpgid(pid) == stack.processes["worker"].proc.pid
     predictions = client.get(job["predictions_url"])  # written by the worker, served by the api
     assert predictions.status_code == 200 and predictions.json()
     print(f"evaluation job on the worker: {time.monotonic() - started:.1f} s")
@@ -188,3 +192,13 @@ def test_prometheus_targets_serve_the_dashboard_metrics(stack: Stack, client: ht
     may_be_empty = {m for m in used if m.startswith("ditepose_gpu_memory")} | {
         "ditepose_batch_errors_total", "ditepose_jobs_submitted_total"}
     assert used - may_be_empty <= series, sorted(used - may_be_empty - series)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("service.grpc_server") is None, reason="gRPC is not on this branch yet")
+def test_grpc_serves_beside_rest(stack: Stack, api_key: str) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{stack.port('api', '--grpc-port')}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
