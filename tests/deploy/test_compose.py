@@ -291,3 +291,23 @@ def test_dashboard_job_panels_use_exported_job_metrics(exported_metric_names: se
     job_metrics = {m for m in dashboard_metric_names() if m.startswith(("ditepose_job_", "ditepose_jobs_"))}
     assert len(job_metrics) >= 5
     assert job_metrics <= exported_metric_names, sorted(job_metrics - exported_metric_names)
+
+
+def test_operators_guide_names_real_metrics_files_and_commands(exported_metric_names: set[str]):
+    guide = (REPO_ROOT / "docs" / "operations.md").read_text()
+    names = set(re.findall(r"\b(ditepose_[a-z0-9_]+[a-z0-9])\b", guide))
+    assert len(names) >= 15
+    if not HAS_JOBS:
+        names = {n for n in names if not n.startswith(("ditepose_job_", "ditepose_jobs_"))}
+    unknown = sorted(n for n in names if n not in exported_metric_names and f"{n}_bucket" not in exported_metric_names)
+    assert not unknown, f"docs/operations.md names metrics nobody exports: {unknown}"
+    for link in re.findall(r"\]\(([^)#]+)\)", guide):
+        if not link.startswith("http"):
+            assert (REPO_ROOT / "docs" / link).resolve().exists(), link
+    known = set(gen_config().env_vars())
+    for variable in set(re.findall(r"\b(DITEPOSE_[A-Z0-9_]+)\b", guide)):
+        assert variable in known or not HAS_JOBS, variable
+    commands = subcommands()
+    for command in set(re.findall(r"`ditepose ([a-z-]+)", guide)):
+        # worker and train come with the jobs and training branches
+        assert command in commands or (command in ("worker", "train") and not HAS_JOBS), command
