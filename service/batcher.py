@@ -161,8 +161,15 @@ class DynamicBatcher:
         return outputs[0] if len(outputs) == 1 else torch.cat(list(outputs), dim=0)
 
     def _cancel(self, items: Sequence[_Item]) -> None:
-        for item in items:
-            item.future.cancel()
+        """The caller gave up: free the queue slots of whatever no worker has taken yet."""
+        with self.condition:
+            for item in items:
+                if item.future.cancel():
+                    try:
+                        self._items.remove(item)
+                    except ValueError:
+                        continue
+                    self._pending -= item.size
 
     def submit_sync(self, crops: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
         """Queue ``crops`` and block until their outputs arrive (for threads, e.g. gRPC)."""

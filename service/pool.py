@@ -59,6 +59,7 @@ class Worker:
         batchers: Sequence[DynamicBatcher],
         observers: list[BatchObserver] | None = None,
         poll_s: float = 0.1,
+        torch_threads: int | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -66,6 +67,7 @@ class Worker:
         self.batchers = list(batchers)
         self.observers = observers if observers is not None else []
         self.poll_s = poll_s
+        self.torch_threads = torch_threads
         self.state = "starting"
         self.batches = 0
         self.crops = 0
@@ -94,6 +96,11 @@ class Worker:
 
     def _run(self) -> None:
         try:
+            if self.torch_threads:
+                import torch
+
+                # OpenMP thread counts are per calling thread: set it where inference runs.
+                torch.set_num_threads(self.torch_threads)
             self.state = "idle"
             while not self._stop.is_set():
                 batch = wait_for_batch(self.batchers, self.poll_s)
@@ -149,6 +156,7 @@ class WorkerPool:
         infer_factory: InferFactory | None = None,
         precision: str = "auto",
         observer: BatchObserver | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         if not models:
             raise ValueError("a worker pool needs at least one model")
@@ -158,6 +166,7 @@ class WorkerPool:
         self.devices = list(devices)
         self.workers_per_device = workers_per_device
         self.precision = precision
+        self.torch_threads = torch_threads
         self.observers: list[BatchObserver] = [observer] if observer is not None else []
         self._infer_factory = infer_factory or (lambda m, device: make_infer(m.module, device, precision))
         self.condition = threading.Condition()
@@ -179,12 +188,8 @@ class WorkerPool:
     @classmethod
     def from_settings(cls, settings, observer: BatchObserver | None = None) -> WorkerPool:
         """Load the configured models and lay out workers on the configured devices."""
-        import torch
-
         from service.registry import load_models
 
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
         return cls(
             load_models(settings.models),
             settings.resolved_devices(),
@@ -195,6 +200,7 @@ class WorkerPool:
             workers_per_device=settings.workers_per_device,
             precision=settings.precision,
             observer=observer,
+            torch_threads=settings.torch_threads,
         )
 
     def start(self) -> WorkerPool:
@@ -208,7 +214,7 @@ class WorkerPool:
             infers = {name: self._infer_factory(m, device) for name, m in self.models.items()}
             for index in range(self.workers_per_device):
                 name = f"{device}/{index}"
-                self.workers.append(Worker(name, device, infers, batchers, self.observers))
+                self.workers.append(Worker(name, device, infers, batchers, self.observers, torch_threads=self.torch_threads))
         for worker in self.workers:
             worker.start()
         self.started = True

@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Redis for the job queue; None = embedded mode (no jobs broker)."
     )
-    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (None = torch default).")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads of each worker thread (None = torch default)."
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429.")
 
     @field_validator("devices")

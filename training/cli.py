@@ -1,9 +1,166 @@
-"""Training sub-commands (train, evaluate, synth)."""
+"""Training sub-commands: ``train``, ``evaluate`` and ``synth`` (heavy imports inside the commands)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+
+
+def _parse_hw(text: str) -> tuple[int, int]:
+    """'256x192' (HxW) -> (W, H)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 256x192 (HxW), got {text!r}") from None
+    return w, h
+
+
+def _resolve_config(name: str, dataset: str | None) -> TrainConfig:
+    from training.config import get_config
+
+    if name in ("dite_hrnet_18", "dite_hrnet_30"):  # a bare variant: its paper recipe for the dataset
+        ds = dataset or "coco"
+        name = f"{name}_{ds}_256x192" if ds == "coco" else f"{name}_{ds}_256x256"
+    cfg = get_config(name)
+    if dataset and dataset != cfg.dataset:
+        raise ValueError(f"config {name} is for {cfg.dataset}, not {dataset}")
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.augment import AugmentConfig
+    from training.trainer import Trainer, cleanup_distributed
+
+    cfg = _resolve_config(args.config, args.dataset)
+    overrides = {
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "workers": args.workers,
+        "max_iters": args.max_iters, "seed": args.seed, "input_size": args.input, "max_people": args.max_people,
+        "eval_every": args.eval_every, "log_every": args.log_every, "grad_clip": args.grad_clip,
+        "ema_decay": args.ema, "warmup_iters": args.warmup_iters,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_aug:
+        overrides["augment"] = AugmentConfig.none(cfg.augment.sigma)
+    if args.sync_bn:
+        overrides["sync_bn"] = True
+    if args.no_amp:
+        overrides["amp"] = False
+    if args.no_flip:
+        overrides["flip_test"] = False
+    if args.model_overrides:
+        overrides["model_overrides"] = json.loads(args.model_overrides)
+    cfg = cfg.replace(**overrides)
+    try:
+        trainer = Trainer(cfg, args.data, args.work_dir, device=args.device, resume=args.resume or None,
+                          progress=not args.quiet)
+        summary = trainer.fit()
+    finally:
+        cleanup_distributed()
+    if trainer.is_main:
+        print(json.dumps(summary))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from model import load_pose_model
+    from training.data_layout import find_split
+    from training.datasets import CocoKeypointDataset, MpiiKeypointDataset
+    from training.evaluate import predict, score
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_pose_model(args.checkpoint, map_location=device)
+    model.to(device)
+    if args.ann is None and args.data is None:
+        raise ValueError("evaluate needs --data DIR or --ann FILE (with --img-dir)")
+    layout = find_split(args.data, meta.dataset, args.split) if args.data else None
+    ann = Path(args.ann) if args.ann else layout.ann_file
+    if args.img_dir is None and layout is None:
+        raise ValueError("--ann needs --img-dir (or --data)")
+    img_dir = Path(args.img_dir) if args.img_dir else layout.img_dir
+    if meta.dataset == "coco":
+        ds = CocoKeypointDataset(ann, img_dir, meta.input_size, train=False, use_gt_bbox=args.det_file is None,
+                                 det_file=args.det_file, det_score_thr=args.det_score_thr)
+        gt = None
+    else:
+        ds = MpiiKeypointDataset(ann, img_dir, meta.input_size, train=False)
+        gt = args.gt or (layout.gt_file if layout else None)
+    preds = predict(model, ds, batch_size=args.batch_size, device=device, flip=not args.no_flip,
+                    decoder=args.decoder)
+    table = score(ds, preds, gt)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": meta.dataset, "samples": len(ds),
+                      "flip": not args.no_flip, "decoder": args.decoder, "metrics": table}))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from training.synth import synthesize
+
+    ann = synthesize(args.format, args.out, args.num_images, seed=args.seed, split=args.split)
+    written = [str(ann)]
+    if args.val_images:
+        written.append(str(synthesize(args.format, args.out, args.val_images, seed=args.seed + 100_003, split="val")))
+    print(json.dumps({"format": args.format, "annotations": written}))
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training package's sub-commands to the ``ditepose`` parser."""
+    train = subparsers.add_parser("train", help="train a Dite-HRNet recipe (single process or torchrun DDP)")
+    train.add_argument("config", help="recipe name (e.g. dite_hrnet_18_coco_256x192), variant, or .json file")
+    train.add_argument("--data", required=True, help="dataset folder (COCO or MPII layout, or `ditepose synth` output)")
+    train.add_argument("--work-dir", required=True)
+    train.add_argument("--dataset", choices=["coco", "mpii"], default=None)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="per process")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--workers", type=int)
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    train.add_argument("--resume", nargs="?", const=True, default=None,
+                       help="resume from WORK_DIR/latest_state.pt (or the given file)")
+    train.add_argument("--max-iters", type=int)
+    train.add_argument("--max-people", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--input", type=_parse_hw, help="input size HxW, e.g. 256x192")
+    train.add_argument("--eval-every", type=int, help="epochs; 0 = never")
+    train.add_argument("--log-every", type=int, help="iterations")
+    train.add_argument("--warmup-iters", type=int)
+    train.add_argument("--grad-clip", type=float)
+    train.add_argument("--ema", type=float, help="EMA decay, e.g. 0.999")
+    train.add_argument("--sync-bn", action="store_true")
+    train.add_argument("--no-amp", action="store_true")
+    train.add_argument("--no-aug", action="store_true", help="no random augmentation")
+    train.add_argument("--no-flip", action="store_true", help="no flip test at evaluation")
+    train.add_argument("--model-overrides", help="JSON dict of DiteHRNetConfig fields (e.g. a tiny net)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    ev = subparsers.add_parser("evaluate", help="COCO AP / MPII PCKh of a checkpoint, printed as JSON")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", help="dataset folder (its val split is used unless --ann)")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--ann", help="annotation file (overrides --data)")
+    ev.add_argument("--img-dir", help="image folder (with --ann)")
+    ev.add_argument("--det-file", help="COCO detections json [{image_id,bbox,score,category_id}]")
+    ev.add_argument("--det-score-thr", type=float, default=0.0)
+    ev.add_argument("--gt", help="MPII ground truth (.json/.npz/.mat)")
+    ev.add_argument("--no-flip", action="store_true")
+    ev.add_argument("--decoder", default="default", choices=["default", "dark", "argmax"])
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--device", default=None)
+    ev.set_defaults(func=_evaluate)
+
+    syn = subparsers.add_parser("synth", help="write a synthetic people dataset (COCO or MPII format)")
+    syn.add_argument("--format", choices=["coco", "mpii"], default="coco")
+    syn.add_argument("--out", required=True)
+    syn.add_argument("--num-images", type=int, default=100)
+    syn.add_argument("--val-images", type=int, default=0, help="also write a val split of this many images")
+    syn.add_argument("--split", default="train")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.set_defaults(func=_synth)

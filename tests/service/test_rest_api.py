@@ -39,7 +39,8 @@ def test_multipart_jpeg_gives_17_keypoints_in_image_coordinates(server, coco_jpe
         # Keypoints come back in image pixels, inside the crop region (aspect-fixed, 1.25-padded box).
         center, scale = box_to_center_scale(np.array(box), 192 / 256, 1.25)
         half = scale * PIXEL_STD / 2
-        assert (kpts[:, :2] >= center - half - 1).all() and (kpts[:, :2] <= center + half + 1).all()
+        margin = half / 12  # two heatmap pixels: an all-negative map decodes to -1 (mmpose)
+        assert (kpts[:, :2] >= center - half - margin).all() and (kpts[:, :2] <= center + half + margin).all()
         assert np.ptp(kpts[:, 0]) > 0 or np.ptp(kpts[:, 1]) > 0
 
 

@@ -1,0 +1,39 @@
+"""Where a dataset split's files live under ``--data DIR`` (real COCO/MPII or ``ditepose synth``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    ann_file: Path
+    img_dir: Path
+    gt_file: Path | None = None  # MPII PCKh ground truth
+
+
+def _first(candidates: list[Path]) -> Path | None:
+    return next((c for c in candidates if c.exists()), None)
+
+
+def find_split(data_dir: str | Path, dataset: str, split: str) -> SplitFiles:
+    """COCO: annotations/person_keypoints_{split}[2017].json + {split}[2017]/ (or images/).
+    MPII: annotations/mpii_{split}.json + images/ + annotations/mpii_gt_{split}.{json,npz,mat}."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    ann_dir = root / "annotations"
+    if dataset == "coco":
+        ann = _first([ann_dir / f"person_keypoints_{split}2017.json", ann_dir / f"person_keypoints_{split}.json"])
+        img = _first([root / f"{split}2017", root / split, root / "images"])
+        gt = None
+    elif dataset == "mpii":
+        ann = _first([ann_dir / f"mpii_{split}.json"])
+        img = _first([root / "images"])
+        gt = _first([ann_dir / f"mpii_gt_{split}.{ext}" for ext in ("json", "npz", "mat")])
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}")
+    if ann is None or img is None:
+        raise FileNotFoundError(f"no {dataset} '{split}' split under {root} (annotations/ + images)")
+    return SplitFiles(ann, img, gt)

@@ -1,0 +1,211 @@
+"""Top-down keypoint datasets with mmpose 0.16 semantics (one sample per person box).
+
+``CocoKeypointDataset`` follows ``TopDownCocoDataset`` (box cleaning, people without
+keypoints skipped, xywh -> centre/scale with padding 1.25 and the 0.3-probability
+centre jitter drawn once at load time in train mode, detection boxes for eval);
+``MpiiKeypointDataset`` follows ``TopDownMpiiDataset`` (1-based json, centre y +15*scale,
+scale x1.25). Samples are dicts of numpy arrays, so the default collate works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from torch.utils.data import Dataset
+
+from model.keypoints import COCO, MPII, KeypointSpec
+from model.transforms import PIXEL_STD, box_to_center_scale
+from training.augment import AugmentConfig, apply_pipeline
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise FileNotFoundError(f"cannot read image {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+class TopDownDataset(Dataset):
+    """Shared sample logic: records -> augmented crops and Gaussian targets."""
+
+    spec: KeypointSpec
+
+    def __init__(self, input_size_wh: tuple[int, int], train: bool, recipe: AugmentConfig | None, seed: int) -> None:
+        w, h = int(input_size_wh[0]), int(input_size_wh[1])
+        if w % 32 or h % 32:
+            raise ValueError(f"input size {w}x{h} must be divisible by 32")
+        self.input_size_wh = (w, h)
+        self.aspect_ratio = w / h
+        self.train = train
+        self.recipe = recipe or AugmentConfig()
+        self.seed = seed
+        self.epoch = 0
+        self.records: list[dict[str, Any]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation randomness is a function of (seed, epoch, index)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        rec = self.records[idx]
+        s = {
+            "img": read_rgb(rec["image_file"]),
+            "joints": rec["joints"].copy(), "visible": rec["visible"].copy(),
+            "center": rec["center"].copy(), "scale": rec["scale"].copy(),
+        }
+        rng = np.random.default_rng([self.seed, self.epoch, idx]) if self.train else None
+        apply_pipeline(s, rng, self.input_size_wh, self.spec.flip_pairs, self.spec.upper_body_ids, self.recipe)
+        return {
+            "input": s["input"], "target": s["target"], "target_weight": s["target_weight"],
+            "center": s["center"].astype(np.float32), "scale": np.asarray(s["scale"], np.float32),
+            "rotation": np.float32(s["rotation"]), "bbox_score": np.float32(rec["bbox_score"]),
+            "image_id": int(rec["image_id"]), "index": idx,
+            "area": np.float32(np.prod(np.asarray(s["scale"]) * PIXEL_STD)),
+        }
+
+
+class CocoKeypointDataset(TopDownDataset):
+    """COCO person keypoints, one sample per (cleaned) GT box or detection box."""
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        img_dir: str | Path,
+        input_size_wh: tuple[int, int] = (192, 256),
+        train: bool = True,
+        recipe: AugmentConfig | None = None,
+        use_gt_bbox: bool = True,
+        det_file: str | Path | None = None,
+        det_score_thr: float = 0.0,
+        seed: int = 0,
+        max_people: int | None = None,
+    ) -> None:
+        super().__init__(input_size_wh, train, recipe, seed)
+        from pycocotools.coco import COCO as CocoApi
+
+        self.spec = COCO
+        self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"COCO annotation file not found: {self.ann_file}")
+        if not self.img_dir.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.img_dir}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = CocoApi(str(self.ann_file))
+        jitter_rng = np.random.default_rng([seed, 12345])
+        if use_gt_bbox:
+            for img_id in sorted(self.coco.getImgIds()):
+                self.records += self._gt_records(img_id, jitter_rng)
+        else:
+            if det_file is None:
+                raise ValueError("use_gt_bbox=False needs det_file (json list of {image_id, bbox, score, category_id})")
+            self.records = self._det_records(Path(det_file), det_score_thr)
+        self.eval_image_ids: list[int] | None = None  # None: score on every image of the annotations
+        if max_people is not None and len(self.records) > max_people:
+            # Cut at an image boundary and score only those images, so unseen people are not misses.
+            last = self.records[max_people - 1]["image_id"]
+            keep = max_people
+            while keep < len(self.records) and self.records[keep]["image_id"] == last:
+                keep += 1
+            self.records = self.records[:keep]
+            self.eval_image_ids = sorted({r["image_id"] for r in self.records})
+
+    def _center_scale(self, box: list[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        _x, _y, w, h = box
+        center, scale = box_to_center_scale(box, self.aspect_ratio, padding=1.25)
+        if self.train and rng.random() < 0.3:  # mmpose's load-time centre jitter
+            center = center + (0.4 * (rng.random(2) - 0.5) * [w, h]).astype(np.float32)
+        return center.astype(np.float32), scale
+
+    def _gt_records(self, img_id: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+        info = self.coco.loadImgs(img_id)[0]
+        width, height = info["width"], info["height"]
+        out = []
+        for obj in self.coco.loadAnns(self.coco.getAnnIds(imgIds=img_id, iscrowd=False)):
+            if "bbox" not in obj:
+                continue
+            x, y, w, h = obj["bbox"]
+            x1, y1 = max(0, x), max(0, y)
+            x2, y2 = min(width - 1, x1 + max(0, w - 1)), min(height - 1, y1 + max(0, h - 1))
+            if not (("area" not in obj or obj["area"] > 0) and x2 > x1 and y2 > y1):
+                continue
+            if "keypoints" not in obj or max(obj["keypoints"]) == 0 or obj.get("num_keypoints", 1) == 0:
+                continue
+            kpts = np.asarray(obj["keypoints"], dtype=np.float32).reshape(-1, 3)
+            center, scale = self._center_scale([x1, y1, x2 - x1, y2 - y1], rng)
+            out.append({
+                "image_file": self.img_dir / info["file_name"], "image_id": img_id,
+                "joints": kpts[:, :2].copy(), "visible": np.minimum(1, kpts[:, 2]),
+                "center": center, "scale": scale, "bbox_score": 1.0, "ann_id": obj["id"],
+            })
+        return out
+
+    def _det_records(self, det_file: Path, thr: float) -> list[dict[str, Any]]:
+        if not det_file.is_file():
+            raise FileNotFoundError(f"detection file not found: {det_file}")
+        dets = json.loads(det_file.read_text())
+        if not isinstance(dets, list):
+            raise ValueError(f"{det_file}: expected a json list of detections")
+        known = set(self.coco.getImgIds())
+        rng = np.random.default_rng(0)
+        out = []
+        for det in dets:
+            if det.get("category_id", 1) != 1 or float(det["score"]) < thr:
+                continue
+            if det["image_id"] not in known:
+                raise ValueError(f"{det_file}: image_id {det['image_id']} is not in {self.ann_file.name}")
+            info = self.coco.loadImgs(det["image_id"])[0]
+            center, scale = self._center_scale([float(v) for v in det["bbox"][:4]], rng)
+            k = self.spec.num_joints
+            out.append({
+                "image_file": self.img_dir / info["file_name"], "image_id": det["image_id"],
+                "joints": np.zeros((k, 2), np.float32), "visible": np.ones(k, np.float32),
+                "center": center, "scale": scale, "bbox_score": float(det["score"]),
+            })
+        return out
+
+
+class MpiiKeypointDataset(TopDownDataset):
+    """mmpose-format MPII json: [{image, center, scale, joints (1-based), joints_vis}]."""
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        img_dir: str | Path,
+        input_size_wh: tuple[int, int] = (256, 256),
+        train: bool = True,
+        recipe: AugmentConfig | None = None,
+        seed: int = 0,
+        max_people: int | None = None,
+    ) -> None:
+        super().__init__(input_size_wh, train, recipe, seed)
+        self.spec = MPII
+        self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"MPII annotation file not found: {self.ann_file}")
+        entries = json.loads(self.ann_file.read_text())
+        for i, a in enumerate(entries):
+            center = np.array(a["center"], dtype=np.float32)
+            scale = np.array([a["scale"], a["scale"]], dtype=np.float32)
+            if center[0] != -1:  # mmpose: avoid cropping limbs
+                center[1] = center[1] + 15 * scale[1]
+                scale = scale * 1.25
+            center = center - 1  # 1-based (matlab) -> 0-based
+            joints = np.array(a.get("joints", np.zeros((16, 2))), dtype=np.float32)
+            vis = np.array(a.get("joints_vis", np.zeros(16)), dtype=np.float32)
+            if joints.shape != (16, 2):
+                raise ValueError(f"{self.ann_file}: entry {i} has joints of shape {joints.shape}, want (16, 2)")
+            self.records.append({
+                "image_file": self.img_dir / a["image"], "image_id": i,
+                "joints": joints - 1, "visible": vis, "center": center, "scale": scale, "bbox_score": 1.0,
+            })
+        if max_people is not None:
+            self.records = self.records[:max_people]
