@@ -46,3 +46,21 @@ def test_check_mode_runs_as_a_script_and_catches_a_stale_file(tmp_path):
         assert module.main(["--check"]) == 0
     finally:
         module.OUTPUT = original
+
+
+def test_every_settings_class_and_variable_in_the_code_is_documented():
+    """A new DITEPOSE_* settings class or a variable read directly must show up in the reference."""
+    sources = {(s.module, s.cls) for s in gen_config().SOURCES}
+    known = set(gen_config().env_vars())
+    found = set()
+    for package in ("model", "training", "service", "proto"):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            text = path.read_text()
+            module = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+            for match in re.finditer(r"class (\w+)\(BaseSettings\):(?:(?!\nclass ).)*?env_prefix=\"DITEPOSE_\"",
+                                     text, re.S):
+                assert (module, match.group(1)) in sources, f"{module}.{match.group(1)} is not in gen_config.SOURCES"
+                found.add((module, match.group(1)))
+            for variable in re.findall(r"\b(DITEPOSE_[A-Z][A-Z0-9_]*)\b", text):
+                assert variable in known, f"{path}: {variable} is no settings field"
+    assert ("service.settings", "Settings") in found
