@@ -93,9 +93,10 @@ def test_weights_volume_and_bake_in_folder(dockerfile):
 
 def test_dockerignore_keeps_tests_and_secrets_out():
     for path in ("tests/deploy/test_compose.py", ".git/HEAD", "docker/secrets/api_key.txt", ".venv/bin/python",
-                 "service/__pycache__/app.cpython-311.pyc"):
+                 "service/__pycache__/app.cpython-311.pyc", "models/ditehrnet_18_coco_256x192.pth", "data/coco/x.jpg"):
         assert dockerignored(path), path
-    for path in ("service/app.py", "model/weights/x.pth", "pyproject.toml", "docker/weights/README.md"):
+    for path in ("service/app.py", "model/weights/x.pth", "pyproject.toml", "docker/weights/README.md",
+                 "model/__init__.py"):
         assert not dockerignored(path), path
 
 
