@@ -95,6 +95,12 @@ def _set_result(future: concurrent.futures.Future, value: object) -> None:
             future.set_result(value)
 
 
+def _retrieve_exception(future: asyncio.Future) -> None:
+    """Mark an abandoned future's exception as seen, so asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _set_exception(future: concurrent.futures.Future, exc: BaseException) -> None:
     if not future.done():
         with contextlib.suppress(concurrent.futures.InvalidStateError):
@@ -196,13 +202,16 @@ class DynamicBatcher:
         items = self._enqueue(crops, timeout_s)
         waiters = [asyncio.wrap_future(item.future) for item in items]
         remaining = items[0].deadline - time.monotonic()
+        gathered = asyncio.gather(*waiters)
         try:
-            outputs = await asyncio.wait_for(asyncio.gather(*waiters), timeout=max(remaining, 0.0))
+            outputs = await asyncio.wait_for(gathered, timeout=max(remaining, 0.0))
         except TimeoutError as exc:
             self._cancel(items)
+            gathered.add_done_callback(_retrieve_exception)
             raise DeadlineExceeded(f"no answer from model {self.name!r} within the deadline") from exc
         except BaseException:
             self._cancel(items)
+            gathered.add_done_callback(_retrieve_exception)
             raise
         return self._gather(items, outputs)
 

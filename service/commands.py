@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve this checkpoint under NAME (repeatable; replaces the default model)",
     )
     serve.set_defaults(func=_serve)
+    register_stream(subparsers)
 
 
 def parse_model_arg(text: str) -> dict:
@@ -63,4 +64,67 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model:
         overrides["models"] = [parse_model_arg(m) for m in args.model]
     run_servers(Settings(**overrides))
+    return 0
+
+
+def register_stream(subparsers: argparse._SubParsersAction) -> None:
+    """``ditepose stream``: the gRPC streaming client (service/stream_client.py)."""
+    stream = subparsers.add_parser(
+        "stream",
+        help="stream a video or image folder to a gRPC server; write annotated video / JSON lines",
+        description="Send every frame of VIDEO (or every image of a folder, in name order) to StreamPose "
+        "and write the results in order.",
+    )
+    stream.add_argument("source", metavar="VIDEO_OR_DIR", help="video file (anything OpenCV reads) or image folder")
+    stream.add_argument("--target", default="127.0.0.1:50051", help="gRPC server host:port (default %(default)s)")
+    stream.add_argument("--out", metavar="VIDEO", help="write the annotated frames to this video (.mp4)")
+    stream.add_argument("--jsonl", metavar="FILE", help="write one JSON line per answered frame")
+    stream.add_argument("--policy", choices=("queue", "drop-oldest"), default="queue",
+                        help="when frames come faster than served: wait (queue) or drop the oldest waiting")
+    stream.add_argument("--max-in-flight", type=int, default=4, help="frames the server works on at once")
+    stream.add_argument("--max-queued", type=int, default=1, help="frames waiting beyond those (drop-oldest)")
+    stream.add_argument("--model", default="", help="served model name (default: the server's default)")
+    stream.add_argument("--no-flip", action="store_true", help="skip the flip test (about 2x faster)")
+    stream.add_argument("--no-track", action="store_true", help="no track ids")
+    stream.add_argument("--smooth", action="store_true", help="One Euro smoothing of keypoints per track")
+    stream.add_argument("--fps", type=float, help="frame rate for timestamps (default: the video's, 30 for folders)")
+    stream.add_argument("--realtime", action="store_true", help="send frames at --fps like a live camera")
+    stream.add_argument("--limit", type=int, help="send at most this many frames")
+    stream.add_argument("--api-key", help="x-api-key metadata (default: $DITEPOSE_API_KEY)")
+    stream.set_defaults(func=_stream)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    import os
+    import sys
+    from pathlib import Path
+
+    import grpc
+
+    from service.stream_client import run_stream
+
+    if not args.out and not args.jsonl:
+        print("ditepose stream: note: neither --out nor --jsonl given; only a summary is printed", file=sys.stderr)
+    try:
+        summary = run_stream(
+            Path(args.source),
+            args.target,
+            out_video=Path(args.out) if args.out else None,
+            jsonl=Path(args.jsonl) if args.jsonl else None,
+            policy=args.policy,
+            max_in_flight=args.max_in_flight,
+            max_queued=args.max_queued,
+            model=args.model,
+            flip_test=not args.no_flip,
+            tracking=not args.no_track,
+            smoothing=args.smooth,
+            fps=args.fps,
+            pace=args.realtime,
+            limit=args.limit,
+            api_key=args.api_key or os.environ.get("DITEPOSE_API_KEY"),
+        )
+    except grpc.RpcError as exc:
+        print(f"ditepose stream: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(summary.describe())
     return 0

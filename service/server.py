@@ -11,13 +11,13 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def _start_grpc(settings: Settings, pool: Any, service: Any) -> Any | None:
+def _start_grpc(settings: Settings, pool: Any, service: Any, registry: Any = None) -> Any | None:
     """Start gRPC on the same pool if ``service.grpc_server`` exists (a later addition)."""
     if not settings.grpc_enabled or importlib.util.find_spec("service.grpc_server") is None:
         return None
     from service import grpc_server
 
-    return grpc_server.start_grpc_server(settings, pool, service)
+    return grpc_server.start_grpc_server(settings, pool, service, registry)
 
 
 def run_servers(settings: Settings) -> None:
@@ -31,10 +31,10 @@ def run_servers(settings: Settings) -> None:
     grpc_server = None
     try:
         app = create_app(settings, pool=pool)
-        grpc_server = _start_grpc(settings, pool, app.state.service)
+        grpc_server = _start_grpc(settings, pool, app.state.service, app.state.metrics.registry)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
         server = uvicorn.Server(config)
-        _announce(settings, pool, grpc_server is not None)
+        _announce(settings, pool, grpc_server.port if grpc_server is not None else None)
         server.run()
     finally:
         if grpc_server is not None:
@@ -42,7 +42,7 @@ def run_servers(settings: Settings) -> None:
         pool.stop()
 
 
-def _announce(settings: Settings, pool: Any, grpc_running: bool) -> None:
+def _announce(settings: Settings, pool: Any, grpc_port: int | None) -> None:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
     lines = [
@@ -50,8 +50,8 @@ def _announce(settings: Settings, pool: Any, grpc_running: bool) -> None:
         f"  models: {', '.join(pool.models)}  devices: {', '.join(pool.devices)}",
         f"  try: curl -F image=@person.jpg -F 'boxes=[[0,0,200,400]]' {base}/v1/pose",
     ]
-    if grpc_running:
-        lines.append(f"DitePose gRPC on {host}:{settings.grpc_port}")
+    if grpc_port is not None:
+        lines.append(f"DitePose gRPC on {host}:{grpc_port}  (ditepose.v1.PoseService + grpc.health.v1)")
     if any(m.demo_weights for m in pool.models.values()):
         lines.append("  WARNING: serving RANDOM demo weights (no checkpoint found); poses are meaningless")
     print("\n".join(lines), flush=True)

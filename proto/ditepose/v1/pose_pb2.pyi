@@ -1,0 +1,223 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class OverflowPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OVERFLOW_POLICY_QUEUE: _ClassVar[OverflowPolicy]
+    OVERFLOW_POLICY_DROP_OLDEST: _ClassVar[OverflowPolicy]
+OVERFLOW_POLICY_QUEUE: OverflowPolicy
+OVERFLOW_POLICY_DROP_OLDEST: OverflowPolicy
+
+class Box(_message.Message):
+    __slots__ = ("x", "y", "width", "height")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    width: float
+    height: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., width: _Optional[float] = ..., height: _Optional[float] = ...) -> None: ...
+
+class PoseOptions(_message.Message):
+    __slots__ = ("model", "flip_test", "decoder", "score_threshold", "detector")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FLIP_TEST_FIELD_NUMBER: _ClassVar[int]
+    DECODER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    flip_test: bool
+    decoder: str
+    score_threshold: float
+    detector: str
+    def __init__(self, model: _Optional[str] = ..., flip_test: _Optional[bool] = ..., decoder: _Optional[str] = ..., score_threshold: _Optional[float] = ..., detector: _Optional[str] = ...) -> None: ...
+
+class EstimateRequest(_message.Message):
+    __slots__ = ("image", "boxes", "options")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    boxes: _containers.RepeatedCompositeFieldContainer[Box]
+    options: PoseOptions
+    def __init__(self, image: _Optional[bytes] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., options: _Optional[_Union[PoseOptions, _Mapping]] = ...) -> None: ...
+
+class Keypoint(_message.Message):
+    __slots__ = ("name", "x", "y", "score")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    x: float
+    y: float
+    score: float
+    def __init__(self, name: _Optional[str] = ..., x: _Optional[float] = ..., y: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Person(_message.Message):
+    __slots__ = ("bbox", "score", "keypoints", "track_id")
+    BBOX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    TRACK_ID_FIELD_NUMBER: _ClassVar[int]
+    bbox: Box
+    score: float
+    keypoints: _containers.RepeatedCompositeFieldContainer[Keypoint]
+    track_id: int
+    def __init__(self, bbox: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("decode_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    POSTPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    preprocess_ms: float
+    inference_ms: float
+    postprocess_ms: float
+    total_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class EstimateResponse(_message.Message):
+    __slots__ = ("model", "width", "height", "persons", "timings")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PERSONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    width: int
+    height: int
+    persons: _containers.RepeatedCompositeFieldContainer[Person]
+    timings: Timings
+    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class TrackingConfig(_message.Message):
+    __slots__ = ("enabled", "min_similarity", "max_age")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    min_similarity: float
+    max_age: int
+    def __init__(self, enabled: _Optional[bool] = ..., min_similarity: _Optional[float] = ..., max_age: _Optional[int] = ...) -> None: ...
+
+class SmoothingConfig(_message.Message):
+    __slots__ = ("enabled", "min_cutoff", "beta", "d_cutoff")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MIN_CUTOFF_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    D_CUTOFF_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    min_cutoff: float
+    beta: float
+    d_cutoff: float
+    def __init__(self, enabled: _Optional[bool] = ..., min_cutoff: _Optional[float] = ..., beta: _Optional[float] = ..., d_cutoff: _Optional[float] = ...) -> None: ...
+
+class StreamConfig(_message.Message):
+    __slots__ = ("options", "policy", "max_in_flight", "max_queued", "tracking", "smoothing")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    TRACKING_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    options: PoseOptions
+    policy: OverflowPolicy
+    max_in_flight: int
+    max_queued: int
+    tracking: TrackingConfig
+    smoothing: SmoothingConfig
+    def __init__(self, options: _Optional[_Union[PoseOptions, _Mapping]] = ..., policy: _Optional[_Union[OverflowPolicy, str]] = ..., max_in_flight: _Optional[int] = ..., max_queued: _Optional[int] = ..., tracking: _Optional[_Union[TrackingConfig, _Mapping]] = ..., smoothing: _Optional[_Union[SmoothingConfig, _Mapping]] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("sequence_number", "timestamp", "image", "boxes")
+    SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    sequence_number: int
+    timestamp: float
+    image: bytes
+    boxes: _containers.RepeatedCompositeFieldContainer[Box]
+    def __init__(self, sequence_number: _Optional[int] = ..., timestamp: _Optional[float] = ..., image: _Optional[bytes] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("config", "frame")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    config: StreamConfig
+    frame: Frame
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
+
+class FrameError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StreamResult(_message.Message):
+    __slots__ = ("sequence_number", "timestamp", "width", "height", "persons", "timings", "dropped_sequence_numbers", "error", "model")
+    SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PERSONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_SEQUENCE_NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    sequence_number: int
+    timestamp: float
+    width: int
+    height: int
+    persons: _containers.RepeatedCompositeFieldContainer[Person]
+    timings: Timings
+    dropped_sequence_numbers: _containers.RepeatedScalarFieldContainer[int]
+    error: FrameError
+    model: str
+    def __init__(self, sequence_number: _Optional[int] = ..., timestamp: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., dropped_sequence_numbers: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "arch", "dataset", "num_joints", "joints", "input_width", "input_height", "demo_weights", "default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    NUM_JOINTS_FIELD_NUMBER: _ClassVar[int]
+    JOINTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DEMO_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    arch: str
+    dataset: str
+    num_joints: int
+    joints: _containers.RepeatedScalarFieldContainer[str]
+    input_width: int
+    input_height: int
+    demo_weights: bool
+    default: bool
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., dataset: _Optional[str] = ..., num_joints: _Optional[int] = ..., joints: _Optional[_Iterable[str]] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., demo_weights: _Optional[bool] = ..., default: _Optional[bool] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
