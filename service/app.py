@@ -18,7 +18,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.pool import WorkerPool
 from service.pose_service import PoseService
-from service.routes import health, models, pose
+from service.routes import health, jobs, models, pose
 from service.security import require_api_key
 from service.settings import Settings
 
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, pool: WorkerPool | None = None)
     secured = [Depends(require_api_key)]
     app.include_router(pose.router, dependencies=secured)
     app.include_router(models.router, dependencies=secured)
+    app.include_router(jobs.router, dependencies=secured)
     app.include_router(health.router)
 
     # Base64 JSON is 4/3 of the image, plus the other fields.

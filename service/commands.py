@@ -7,6 +7,9 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the service's sub-commands to the ``ditepose`` parser."""
+    from service.jobs.cli import add_worker_command
+
+    add_worker_command(subparsers)
     serve = subparsers.add_parser(
         "serve",
         help="run the REST (and gRPC) pose service",

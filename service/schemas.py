@@ -129,3 +129,8 @@ class ReadyResponse(BaseModel):
     models: dict[str, str] = Field(description="Model name -> 'loaded'.")
     workers: list[WorkerState]
     queue_depth: dict[str, int] = Field(description="Crops waiting per model.")
+    jobs: dict | None = Field(
+        default=None,
+        description="Evaluation jobs: mode (embedded|celery), ready, error (e.g. Redis down). Does not "
+        "change the status code: pose requests are still served while the job broker is down.",
+    )

@@ -151,7 +151,7 @@ def render_image(rng: np.random.Generator, w: int, h: int, max_people: int = 3) 
     for fid, fig in enumerate(figures):
         vis: dict[str, int] = {}
         for name, pt in fig.points.items():
-            x, y = round(pt[0]), round(pt[1])
+            x, y = int(pt[0]), int(pt[1])  # floor: inside the image whenever 0 <= pt < size
             if not (0 <= pt[0] < w and 0 <= pt[1] < h):
                 vis[name] = 0
             else:

@@ -120,6 +120,7 @@ class Trainer:
             self.val_set, self.val_gt = None, None
         self.epoch, self.iter_in_epoch, self.global_iter = 0, 0, 0
         self.best: dict[str, Any] = {"metric": None, "value": None, "epoch": None}
+        self.last_metrics: dict[str, float] = {}
         if resume:
             self.load_state(self.work_dir / STATE_FILE if resume is True else Path(resume))
         self.ddp: nn.Module = self.model
@@ -151,6 +152,13 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"no resumable state at {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = json.loads(state["config"])
+        current = json.loads(json.dumps(self.cfg.to_dict()))
+        clash = [k for k in ("arch", "dataset", "input_size", "model_overrides", "batch_size", "seed")
+                 if saved.get(k) != current.get(k)]
+        if clash:
+            raise ValueError(f"cannot resume from {path}: recipe differs in {clash} "
+                             f"(saved {[saved.get(k) for k in clash]}, now {[current.get(k) for k in clash]})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -194,6 +202,9 @@ class Trainer:
         else:
             g = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
             order = torch.randperm(len(self.train_set), generator=g).tolist()
+        if len(order) % self.cfg.batch_size == 1 and len(order) > 1:
+            order = order[:-1]  # a batch of one breaks BatchNorm on 1x1 attention maps
+        self._batches_this_epoch = -(-len(order) // self.cfg.batch_size)
         order = order[self.iter_in_epoch * self.cfg.batch_size:]  # mid-epoch resume skips what was done
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=order,
                           num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", drop_last=False)
@@ -235,6 +246,7 @@ class Trainer:
             if self.is_main:
                 key = primary_metric(self.val_set)
                 self.logger.log({"kind": "eval", "epoch": self.epoch + 1, "iter": self.global_iter, **metrics})
+                self.last_metrics = metrics
                 if self.best["value"] is None or metrics[key] > self.best["value"]:
                     self.best = {"metric": key, "value": metrics[key], "epoch": self.epoch + 1}
                     save_checkpoint(self.work_dir / "best.pt", self.eval_module(), self.meta(metrics))
@@ -251,6 +263,8 @@ class Trainer:
         except ImportError:  # pragma: no cover - tqdm is a dependency
             tqdm = None
         while self.epoch < cfg.epochs and not stopped_early:
+            if cfg.max_iters is not None and self.global_iter >= cfg.max_iters:
+                break
             self.ddp.train()
             loader = self._loader()
             bar = tqdm(total=len(loader), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
@@ -279,9 +293,10 @@ class Trainer:
             if self.is_main:
                 save_checkpoint(self.work_dir / "latest.pt", self.eval_module(), self.meta())
         summary = {"epochs_done": self.epoch, "iterations": self.global_iter, "best": self.best,
+                   "last_metrics": self.last_metrics,
                    "seconds": round(time.time() - start, 2), "work_dir": str(self.work_dir)}
         if self.is_main:
-            save_checkpoint(self.work_dir / "final.pt", self.eval_module(), self.meta({}))
+            save_checkpoint(self.work_dir / "final.pt", self.eval_module(), self.meta(self.last_metrics))
             (self.work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.close()
         if self.distributed:
@@ -289,9 +304,7 @@ class Trainer:
         return summary
 
     def _epoch_done(self) -> bool:
-        per_epoch = len(self.train_set) // self.world_size if self.distributed else len(self.train_set)
-        batches = -(-per_epoch // self.cfg.batch_size)
-        return self.iter_in_epoch >= batches
+        return self.iter_in_epoch >= self._batches_this_epoch
 
 
 def cleanup_distributed() -> None:

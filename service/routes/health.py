@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.routes.jobs import jobs_readiness
 from service.schemas import HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])
@@ -35,6 +37,7 @@ async def readyz(request: Request) -> JSONResponse:
             workers=[asdict(s) for s in pool.worker_status()],
             queue_depth=pool.queue_depths(),
         )
+    body.jobs = await asyncio.to_thread(jobs_readiness, request.app)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 

@@ -155,3 +155,20 @@ def test_encoded_targets_decode_back_to_high_ap(coco_mini: Path) -> None:
         kpts = np.concatenate([coords[0], scores[0][:, None]], axis=1)
         preds.append({"image_id": s["image_id"], "keypoints": kpts, "box_score": 1.0, "area": float(s["area"])})
     assert evaluate_coco(preds, ds.coco, img_ids=ds.eval_image_ids)["AP"] > 0.9
+
+
+def test_render_many_images_labels_stay_consistent() -> None:
+    from training.synth import render_image
+
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        w, h = int(rng.integers(240, 400)), int(rng.integers(240, 400))
+        img, people = render_image(rng, w, h)
+        assert img.shape == (h, w, 3) and img.dtype == np.uint8
+        for person in people:
+            for name, v in person["vis"].items():
+                x, y = person["points"][name]
+                inside = 0 <= x < w and 0 <= y < h
+                assert (v > 0) == inside
+            x0, y0, bw, bh = person["bbox"]
+            assert x0 >= 0 and y0 >= 0 and x0 + bw <= w and y0 + bh <= h and person["area"] > 0

@@ -88,6 +88,8 @@ def test_resume_reproduces_the_uninterrupted_run(synth_data: Path, tmp_path: Pat
     assert len(_losses(tmp_path / "full")) == 4
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="recipe differs"):
+        Trainer(tiny_config(batch_size=2), synth_data, tmp_path / "part", device="cpu", resume=True, progress=False)
     model, meta = load_pose_model(tmp_path / "full" / "final.pt")
     assert meta.arch == "dite_hrnet_18" and meta.input_size == (64, 64) and meta.extra["recipe"]["epochs"] == 2
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 17, 16, 16)

@@ -1,0 +1,1 @@
+"""Offline evaluation jobs: catalogue, records, the shared task body, Celery and embedded executors."""

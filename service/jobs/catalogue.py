@@ -1,0 +1,99 @@
+"""Names clients may use in an evaluation request: datasets and checkpoints.
+
+A client never sends a path. Datasets come from the configured catalogue; checkpoints are
+plain file names looked up inside ``checkpoint_dir`` (no separators, no ``..``, resolved path
+must stay inside the folder).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
+
+from service.jobs.config import DatasetSpec, JobSettings
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CHECKPOINT_SUFFIXES = (".pth", ".pt")
+
+
+class UnknownName(LookupError):
+    """The name is well formed but nothing is configured under it."""
+
+
+class BadName(ValueError):
+    """The name is not a plain catalogue name (path separators, ``..``, odd characters)."""
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise BadName(f"{kind} must be a plain name matching {NAME_RE.pattern} (no paths), got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A resolved catalogue entry."""
+
+    name: str
+    spec: DatasetSpec
+
+    def to_payload(self) -> dict:
+        return {"name": self.name, **self.spec.model_dump(mode="json")}
+
+
+class Catalogue:
+    """Datasets by name plus the checkpoint folder, both from :class:`JobSettings`."""
+
+    def __init__(self, datasets: dict[str, DatasetSpec], checkpoint_dir: Path | None = None) -> None:
+        for name in datasets:
+            check_name("dataset name", name)
+        self._datasets = dict(datasets)
+        self.checkpoint_dir = checkpoint_dir.resolve() if checkpoint_dir is not None else None
+
+    @classmethod
+    def from_settings(cls, settings: JobSettings) -> Catalogue:
+        datasets = dict(settings.datasets)
+        if settings.datasets_file is not None:
+            path = settings.datasets_file
+            if not path.is_file():
+                raise FileNotFoundError(f"datasets_file not found: {path}")
+            try:
+                extra = TypeAdapter(dict[str, DatasetSpec]).validate_python(json.loads(path.read_text()))
+            except (json.JSONDecodeError, ValidationError) as exc:
+                raise ValueError(f"{path}: not a valid datasets catalogue: {exc}") from exc
+            datasets.update(extra)
+        return cls(datasets, settings.checkpoint_dir)
+
+    def dataset_names(self) -> list[str]:
+        return sorted(self._datasets)
+
+    def dataset(self, name: str) -> Dataset:
+        check_name("dataset", name)
+        spec = self._datasets.get(name)
+        if spec is None:
+            known = ", ".join(self.dataset_names()) or "none configured"
+            raise UnknownName(f"unknown dataset {name!r} (known: {known})")
+        return Dataset(name, spec)
+
+    def checkpoint_names(self) -> list[str]:
+        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.checkpoint_dir.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+
+    def checkpoint(self, name: str) -> Path:
+        """``name`` (with or without its suffix) inside ``checkpoint_dir``; never outside it."""
+        check_name("checkpoint", name)
+        if self.checkpoint_dir is None:
+            raise UnknownName("no checkpoint_dir is configured; name a served model instead")
+        candidates = [name] if name.endswith(CHECKPOINT_SUFFIXES) else [name + s for s in CHECKPOINT_SUFFIXES]
+        for candidate in candidates:
+            path = (self.checkpoint_dir / candidate).resolve()
+            if path.parent != self.checkpoint_dir:  # a symlink pointing elsewhere
+                continue
+            if path.is_file():
+                return path
+        raise UnknownName(f"no checkpoint {name!r} in the checkpoint folder (known: {self.checkpoint_names()})")

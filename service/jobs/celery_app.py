@@ -1,0 +1,111 @@
+"""Celery app of the evaluation jobs: Redis broker and result backend from :class:`JobSettings`.
+
+Delivery is at-least-once (``acks_late`` + ``task_reject_on_worker_lost``; a task whose worker
+vanished comes back after the broker's ``visibility_timeout``); :func:`run_job`'s lease and
+compare-and-set make the *result* exactly-once. A redelivered copy that finds the job leased
+by a live worker re-queues itself (``retry``) instead of being dropped, so the job still
+finishes if that worker dies later.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from service.jobs.config import JobSettings
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "ditepose.evaluate"
+
+
+def celery_config(settings: JobSettings) -> dict[str, Any]:
+    timeout = settings.redis_timeout_s
+    transport = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_timeout": max(timeout, 5.0),  # a worker's blocking read must not time out on an idle queue
+        "socket_connect_timeout": timeout,
+        # How often a worker sweeps for unacknowledged tasks older than visibility_timeout (kombu's
+        # default, 10 s x 10, would hide a low visibility_timeout).
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+        "unacked_restore_throttle": 1,
+    }
+    return {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.soft_time_limit_s,
+        "task_time_limit": settings.hard_time_limit_s,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "redis_socket_timeout": timeout,
+        "redis_socket_connect_timeout": timeout,
+        "broker_connection_timeout": timeout,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.job_queue,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_track_started": True,
+        "result_expires": 7 * 24 * 3600,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+class _WorkerContext:
+    """Per-process store and metrics of a worker (built lazily: after the prefork fork)."""
+
+    def __init__(self, settings: JobSettings) -> None:
+        from service.jobs.metrics import JobMetrics
+        from service.jobs.records import RedisJobStore
+
+        assert settings.redis_url is not None
+        self.store = RedisJobStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        self.metrics = JobMetrics()
+
+
+def make_celery(settings: JobSettings) -> Celery:
+    """The app the API publishes with and ``ditepose worker`` consumes with."""
+    if not settings.redis_url:
+        raise ValueError("the Celery job queue needs DITEPOSE_REDIS_URL (without it jobs run embedded)")
+    app = Celery("ditepose", broker=settings.redis_url, backend=settings.redis_url, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    contexts: dict[str, _WorkerContext] = {}
+
+    def context() -> _WorkerContext:
+        if "ctx" not in contexts:
+            contexts["ctx"] = _WorkerContext(settings)
+        return contexts["ctx"]
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def evaluate(self: Any, job_id: str) -> str:
+        from service.jobs.evaluation import run_job
+
+        ctx = context()
+        outcome = run_job(
+            job_id, ctx.store, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
+            soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics, device=settings.device,
+        )
+        if outcome == "busy":  # a live worker holds it; look again once its lease could have run out
+            # (sooner than visibility_timeout, so this waiting copy is not itself redelivered)
+            countdown = min(settings.lock_ttl_s, settings.visibility_timeout_s / 2)
+            raise self.retry(countdown=countdown, max_retries=None)
+        return outcome
+
+    app.evaluate_task = evaluate  # type: ignore[attr-defined]
+    if settings.torch_threads:
+        _set_torch_threads_in_children(settings.torch_threads)
+    return app
+
+
+def _set_torch_threads_in_children(threads: int) -> None:
+    def _init(**_: Any) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    worker_process_init.connect(_init, weak=False)

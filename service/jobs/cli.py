@@ -1,0 +1,59 @@
+"""``ditepose worker``: a Celery worker for the evaluation jobs (settings from ``DITEPOSE_*``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "worker",
+        help="run a Celery worker for evaluation jobs (needs DITEPOSE_REDIS_URL)",
+        description="Consume POST /v1/evaluate jobs from Redis. Datasets, checkpoint folder and "
+        "limits come from DITEPOSE_* variables (see service/jobs/config.py); run as many workers "
+        "as you like, on any machine that sees the same files.",
+    )
+    p.add_argument("--concurrency", type=int, default=1, help="jobs run in parallel by this worker (default 1)")
+    p.add_argument("--queues", default=None, help="comma list of queues (default: DITEPOSE_JOB_QUEUE)")
+    p.add_argument(
+        "--pool", choices=("prefork", "threads", "solo"), default="prefork",
+        help="prefork (default) enforces the hard time limit and requeues a job whose child died",
+    )
+    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--hostname", default=None, help="Celery node name (default: ditepose@<host>)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve the job metrics on this port")
+    p.set_defaults(func=_worker)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    if args.metrics_port is not None:
+        from service.jobs.metrics import enable_multiprocess_metrics, serve_worker_metrics
+
+        enable_multiprocess_metrics()  # before any metric object exists
+        serve_worker_metrics(args.metrics_port)
+
+    from service.jobs.celery_app import make_celery
+    from service.jobs.config import JobSettings
+
+    settings = JobSettings()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    app = make_celery(settings)
+    queues = args.queues or settings.job_queue
+    argv = [
+        "worker",
+        f"--concurrency={args.concurrency}",
+        f"--queues={queues}",
+        f"--pool={args.pool}",
+        f"--loglevel={args.loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    app.worker_main(argv)
+    return 0

@@ -1,0 +1,105 @@
+"""Where jobs run: Celery workers (Redis configured) or threads of the API process (embedded).
+
+Both call the same :func:`service.jobs.evaluation.run_job`, so a job behaves the same in
+either mode; only delivery differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+from service.jobs.config import JobSettings
+from service.jobs.evaluation import run_job
+from service.jobs.records import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(RuntimeError):
+    """The queue cannot take the job now (Redis down)."""
+
+
+class Executor(Protocol):
+    mode: str
+
+    def submit(self, job_id: str) -> None: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadExecutor:
+    """Embedded mode: the task body on a small thread pool inside the API process."""
+
+    mode = "embedded"
+
+    def __init__(self, store: JobStore, settings: JobSettings, metrics: Any = None) -> None:
+        self.store, self.settings, self.metrics = store, settings, metrics
+        self._pool = ThreadPoolExecutor(max_workers=settings.embedded_workers, thread_name_prefix="ditepose-job")
+        self.futures: dict[str, Future[str]] = {}
+
+    def _run(self, job_id: str) -> str:
+        try:
+            return run_job(
+                job_id, self.store, self.settings.jobs_dir, lease_ttl_s=self.settings.lock_ttl_s,
+                soft_time_limit_s=self.settings.soft_time_limit_s, metrics=self.metrics,
+                device=self.settings.device,
+            )
+        except Exception:
+            log.exception("embedded job %s crashed", job_id)
+            raise
+
+    def submit(self, job_id: str) -> None:
+        self.futures[job_id] = self._pool.submit(self._run, job_id)
+
+    def cancel(self, job_id: str) -> None:
+        """The store's flag does it: a queued job is skipped, a running one stops at its next batch."""
+
+    def close(self) -> None:
+        """Shutting down: unfinished jobs are cancelled (a running one stops at its next batch)."""
+        for job_id, future in list(self.futures.items()):
+            if not future.done():
+                try:
+                    self.store.request_cancel(job_id)
+                except Exception as exc:
+                    log.warning("could not cancel job %s at shutdown: %s", job_id, exc)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class CeleryExecutor:
+    """Redis mode: publish to the Celery queue; ``ditepose worker`` processes consume it."""
+
+    mode = "celery"
+
+    def __init__(self, settings: JobSettings) -> None:
+        from service.jobs.celery_app import make_celery
+
+        self.settings = settings
+        self.app = make_celery(settings)
+
+    def submit(self, job_id: str) -> None:
+        from service.jobs.celery_app import TASK_NAME
+
+        try:
+            self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=self.settings.job_queue, retry=False)
+        except Exception as exc:  # kombu/redis connection errors
+            raise BrokerUnavailable(f"could not queue the job: {type(exc).__name__}: {exc}") from exc
+
+    def cancel(self, job_id: str) -> None:
+        """Revoke so workers drop the message; a running task stops via the store's cancel flag."""
+        try:
+            self.app.control.revoke(job_id)
+        except Exception as exc:
+            log.warning("revoke of job %s failed (the cancel flag still stops it): %s", job_id, exc)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+def make_executor(store: JobStore, settings: JobSettings, metrics: Any = None) -> Executor:
+    if settings.redis_url:
+        return CeleryExecutor(settings)
+    return ThreadExecutor(store, settings, metrics)
