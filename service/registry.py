@@ -41,6 +41,7 @@ class LoadedModel:
             "dataset": self.dataset,
             "num_joints": self.num_joints,
             "joints": list(self.spec.joint_names),
+            "skeleton": [list(edge) for edge in self.spec.skeleton],
             "input_size": list(self.input_size),
             "checkpoint": self.checkpoint,
             "demo_weights": self.demo_weights,
