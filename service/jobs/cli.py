@@ -65,12 +65,24 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _sample_gpu_memory(pool: str) -> None:
-    """GPU memory gauges from the processes that run jobs (prefork children, else this one)."""
-    from celery.signals import worker_process_init, worker_ready
+    """GPU memory gauges from the processes that run jobs (prefork children, else this one).
+
+    A prefork child that exits marks itself dead, so its live gauges (GPU memory, running jobs)
+    leave the worker's /metrics instead of lingering.
+    """
+    from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
     from service.metrics import start_gpu_memory_sampler
 
     def _start(**_: object) -> None:
         start_gpu_memory_sampler()
 
+    def _dead(**_: object) -> None:
+        import os
+
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())
+
     (worker_process_init if pool == "prefork" else worker_ready).connect(_start, weak=False)
+    worker_process_shutdown.connect(_dead, weak=False)

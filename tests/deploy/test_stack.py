@@ -92,6 +92,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, coco_mini: Path) -> Iterator
         raise
     finally:
         stack.stop()
+    for name, process in stack.processes.items():  # clean runs and clean (SIGTERM) shutdowns
+        assert "Traceback" not in process.log_file.read_text(errors="replace"), f"{name}:\n{process.log()}"
 
 
 @pytest.fixture(scope="module")
