@@ -152,6 +152,9 @@ def test_evaluation_jobs_run_on_the_worker(stack: Stack, client: httpx.Client) -
     # Served model (no checkpoint): the worker loads what the API serves.
     job = _run_job(client, {"dataset": "coco-val", "batch_size": 8, "flip_test": False})
     assert job["state"] == "succeeded", (job, stack.logs())
+    # The built-in demo set works with nothing configured (made by the worker in the jobs volume).
+    job = _run_job(client, {"dataset": "demo-synthetic", "checkpoint": "tiny.pth"})
+    assert job["state"] == "succeeded", (job, stack.logs())
     # Redis persisted it: the append-only file is in the redis volume.
     assert list((stack.mounts.named_volumes["redis-data"]).rglob("*.aof*"))
 
