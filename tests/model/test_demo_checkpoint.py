@@ -12,7 +12,7 @@ from model import default_checkpoint_path, load_pose_model
 def test_demo_checkpoint_is_shipped_with_its_metadata():
     path = default_checkpoint_path()
     assert path is not None, "model/weights/dite_hrnet_18_coco_demo.pth is missing"
-    module, meta = load_pose_model(path)
+    _, meta = load_pose_model(path)
     assert (meta.arch, meta.dataset, meta.num_joints, meta.input_size) == ("dite_hrnet_18", "coco", 17, (96, 128))
 
 
