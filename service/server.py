@@ -48,7 +48,7 @@ def _announce(settings: Settings, pool: Any, grpc_port: int | None) -> None:
     lines = [
         f"DitePose REST on {base}  (docs: {base}/docs, metrics: {base}/metrics)",
         f"  models: {', '.join(pool.models)}  devices: {', '.join(pool.devices)}",
-        f"  try: curl -F image=@person.jpg -F 'boxes=[[0,0,200,400]]' {base}/v1/pose",
+        f"  try: curl -F image=@docs/example.jpg -F 'boxes=[[200,31,129,185]]' {base}/v1/pose   (or open {base}/ in a browser)",
     ]
     if grpc_port is not None:
         lines.append(f"DitePose gRPC on {host}:{grpc_port}  (ditepose.v1.PoseService + grpc.health.v1)")
