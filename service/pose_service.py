@@ -70,6 +70,9 @@ class PoseService:
     # ------------------------------------------------------------ pieces
     def resolve_model(self, name: str | None) -> LoadedModel:
         name = name or self.settings.default_model_name
+        failed = getattr(self.pool, "failed_models", {})
+        if name in failed:
+            raise ServiceError("unavailable", f"model {name!r} failed to load: {failed[name]}")
         if name not in self.pool.models:
             known = ", ".join(sorted(self.pool.models))
             raise ServiceError("unknown_model", f"no model named {name!r}; served models: {known}")
