@@ -119,7 +119,10 @@ class PoseService:
                 raise ServiceError("bad_boxes", f"box {i} has no area (w={w}, h={h})")
             if x >= width or y >= height or x + w <= 0 or y + h <= 0:
                 raise ServiceError("bad_boxes", f"box {i} {box!r} lies outside the {width}x{height} image")
-            out[i] = (x, y, w, h)
+            with np.errstate(over="ignore"):
+                out[i] = (x, y, w, h)
+            if not np.isfinite(out[i]).all():  # finite as float64 but past float32 (e.g. 1e300)
+                raise ServiceError("bad_boxes", f"box {i} is too large to represent: {box!r}")
         return out
 
     def decode(self, data: bytes) -> np.ndarray:
