@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -66,3 +67,51 @@ def wait_until(fn: Any, timeout: float = 30.0, interval: float = 0.05) -> Any:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+@contextmanager
+def server_process(checkpoint: Any, log_path: Any, **settings: Any) -> Iterator[tuple[str, Any]]:
+    """A real ``ditepose serve`` process (REST + gRPC) on free ports; yields (base URL, Popen).
+
+    ``settings`` become ``DITEPOSE_*`` variables, e.g. ``queue_size=8``. The ``grpc_port``
+    attribute of the Popen holds the gRPC port.
+    """
+    import subprocess
+
+    from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
+    from tests.service.jobs_support import free_port
+
+    port, grpc_port = free_port(), free_port()
+    env = subprocess_env() | {f"DITEPOSE_{k.upper()}": str(v) for k, v in settings.items()}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(python_cmd("serve", "--port", str(port), "--grpc-port", str(grpc_port),
+                                           "--devices", "cpu", "--model", f"tiny={checkpoint}"),
+                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc.grpc_port = grpc_port  # type: ignore[attr-defined]
+        base = f"http://127.0.0.1:{port}"
+        try:
+            if not wait_until(lambda: proc.poll() is None and _ready(base), timeout=120, interval=0.2):
+                raise RuntimeError(f"ditepose serve did not become ready: {Path(log_path).read_text()[-2000:]}")
+            yield base, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                proc.kill()
+                proc.wait()
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def process_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
