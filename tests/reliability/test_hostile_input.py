@@ -27,7 +27,7 @@ from tests.service.conftest import encode, figure_image, post_pose
 from tests.service.grpc_support import channel, config_message, frame_message, running_services, stub
 
 KEY = "hostile-key-42"
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None,
                 derandomize=True)
 TALLY: Counter[str] = Counter()
 OK_IMAGE = encode(figure_image(160, 120))
