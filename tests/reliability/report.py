@@ -78,9 +78,9 @@ def render(data: dict, soak: dict | None) -> str:
               "ready and serves a normal request afterwards. Schemathesis runs against the live `/openapi.json` "
               "with the `not_a_server_error`, response-schema and content-type checks.",
               "* Overload: shedding is by queue depth (429 + Retry-After, checked before decoding). On 2 cores with "
-              "the load generator on the same cores, a 429 still takes a few hundred ms at p50: the REST event loop "
-              "shares the GIL with the Python-heavy forward pass of the inference thread. It is several times "
-              "faster than a served request and nothing outlives its deadline, but it is not instant.",
+              "the load generator on the same cores, a 429 still takes a few hundred ms at p50 (not profiled; the likely cause is the REST event loop "
+              "sharing the GIL and the 2 cores with the inference thread and the decode threads). It is several "
+              "times faster than a served request and nothing outlives its deadline, but it is not instant.",
               "* Faults that cannot be produced through the API (a worker thread dying) are injected with a "
               "test-only infer factory; the Redis restart and the client disconnects are real.",
               "* Dockerfiles: checked for a non-root `USER` when `docker/` exists on the branch (skipped otherwise).",

@@ -104,7 +104,7 @@ def test_bad_checkpoints_are_reported_and_the_rest_serve(tiny_ckpt: Path, tmp_pa
         assert_error_shape(refused, 503)
         assert "wrong_arch" in refused.json()["error"]["message"]
     record("faults", "bad checkpoints among good (corrupt, wrong arch, missing)", injected=3, requests_lost=0,
-           detail="; ".join(f"{k}: {v[:90]}" for k, v in sorted(failed.items())))
+           detail="; ".join(f"{k}: {v.replace(str(tmp_path), '<tmp>')[:160]}" for k, v in sorted(failed.items())))
 
 
 def test_only_bad_checkpoints_fail_startup_with_the_reason(tmp_path: Path) -> None:
