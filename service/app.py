@@ -18,7 +18,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.pool import WorkerPool
 from service.pose_service import PoseService
-from service.routes import health, jobs, models, pose
+from service.routes import demo, health, jobs, models, pose
 from service.security import require_api_key
 from service.settings import Settings
 
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None, pool: WorkerPool | None = None)
     app.include_router(models.router, dependencies=secured)
     app.include_router(jobs.router, dependencies=secured)
     app.include_router(health.router)
+    app.include_router(demo.router)  # GET /: the browser demo (public page, not in OpenAPI)
 
     # Base64 JSON is 4/3 of the image, plus the other fields.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 64 * 1024)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -12,15 +14,69 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from service.pool import WorkerPool
 
+log = logging.getLogger(__name__)
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class PoolCollector(Collector):
-    """Reads queue depth, worker state and model info from the pool at scrape time."""
+class GpuMemory(NamedTuple):
+    """What torch's caching allocator holds on one CUDA device, in bytes."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    allocated: int
+    reserved: int
+    peak_allocated: int
+    total: int
+
+
+def cuda_memory(device: str) -> GpuMemory | None:
+    """Memory of ``device`` seen by this process; None for non-CUDA devices or without CUDA.
+
+    Reads only counters of a CUDA context this process already created (the pool's workers
+    create it), so scraping never initialises CUDA itself.
+    """
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return GpuMemory(
+        torch.cuda.memory_allocated(index),
+        torch.cuda.memory_reserved(index),
+        torch.cuda.max_memory_allocated(index),
+        torch.cuda.get_device_properties(index).total_memory,
+    )
+
+
+def gpu_memory_families(
+    devices: list[str], memory_fn: Callable[[str], GpuMemory | None] = cuda_memory
+) -> list[GaugeMetricFamily]:
+    """``ditepose_gpu_memory_*_bytes{device}`` gauges; no samples on CPU-only processes."""
+    names = (
+        ("allocated", "Bytes held by live tensors on a CUDA device (this process)"),
+        ("reserved", "Bytes reserved by torch's caching allocator on a CUDA device (this process)"),
+        ("peak_allocated", "Highest allocated bytes on a CUDA device since start (this process)"),
+        ("total", "Total memory of a CUDA device"),
+    )
+    families = [GaugeMetricFamily(f"ditepose_gpu_memory_{n}_bytes", h, labels=["device"]) for n, h in names]
+    for device in dict.fromkeys(devices):
+        memory = memory_fn(device)
+        if memory is None:
+            continue
+        for family, value in zip(families, memory, strict=True):
+            family.add_metric([device], float(value))
+    return families
+
+
+class PoolCollector(Collector):
+    """Reads queue depth, worker state, model info and GPU memory from the pool at scrape time."""
+
+    def __init__(self, pool: WorkerPool, memory_fn: Callable[[str], GpuMemory | None] = cuda_memory) -> None:
         self.pool = pool
+        self.memory_fn = memory_fn
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("ditepose_queue_depth", "Crops waiting in a model's queue", labels=["model"])
@@ -65,6 +121,7 @@ class PoolCollector(Collector):
             load.add_metric([m.name], m.load_s)
         yield info
         yield load
+        yield from gpu_memory_families(self.pool.devices, self.memory_fn)
 
 
 class ServiceMetrics:
@@ -116,3 +173,62 @@ class ServiceMetrics:
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route, str(status)).observe(seconds)
+
+
+class GpuMemoryGauges:
+    """The GPU memory gauges for processes scraped through a shared registry (Celery pool children).
+
+    In ``prometheus_client`` multiprocess mode each child writes its own values (``liveall``:
+    one series per live pid); :meth:`update` reads the devices this process has initialised.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None,
+        memory_fn: Callable[[str], GpuMemory | None] = cuda_memory,
+    ) -> None:
+        from prometheus_client import Gauge
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.memory_fn = memory_fn
+        self.gauges = {
+            family.name: Gauge(
+                family.name, family.documentation, ["device"], registry=self.registry, multiprocess_mode="liveall"
+            )
+            for family in gpu_memory_families([])
+        }
+
+    def update(self, devices: list[str] | None = None) -> None:
+        for family in gpu_memory_families(devices if devices is not None else _initialised_cuda_devices(),
+                                          self.memory_fn):
+            gauge = self.gauges[family.name]
+            for sample in family.samples:
+                gauge.labels(sample.labels["device"]).set(sample.value)
+
+
+def _initialised_cuda_devices() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def start_gpu_memory_sampler(
+    interval_s: float = 5.0, gauges: GpuMemoryGauges | None = None, stop: threading.Event | None = None
+) -> threading.Thread:
+    """Update :class:`GpuMemoryGauges` every ``interval_s`` in a daemon thread (until ``stop`` is set)."""
+    gauges = gauges or GpuMemoryGauges()
+    stop = stop or threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                gauges.update()
+            except Exception:  # metrics must never take a worker down
+                log.exception("GPU memory sampling failed")
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=loop, name="ditepose-gpu-memory", daemon=True)
+    thread.start()
+    return thread

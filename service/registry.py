@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from model.checkpoint import DEFAULT_INPUT_SIZE
 from model.keypoints import KeypointSpec, get_keypoint_spec
 from service.settings import ModelSpec
 
@@ -41,6 +42,7 @@ class LoadedModel:
             "dataset": self.dataset,
             "num_joints": self.num_joints,
             "joints": list(self.spec.joint_names),
+            "skeleton": [list(edge) for edge in self.spec.skeleton],
             "input_size": list(self.input_size),
             "checkpoint": self.checkpoint,
             "demo_weights": self.demo_weights,
@@ -73,7 +75,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         # Our format carries its metadata; the authors' mmpose files are recognised by layout.
         module, meta = models.load_pose_model(path, map_location="cpu")
         arch, dataset, num_joints = meta.arch, meta.dataset, int(meta.num_joints)
-        input_size = (int(meta.input_size[0]), int(meta.input_size[1]))
+        size = spec.input_size or meta.input_size
+        input_size = (int(size[0]), int(size[1]))
         extra, demo, checkpoint = dict(meta.extra or {}), False, str(path)
     else:
         log.warning(
@@ -85,7 +88,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         dataset = spec.dataset
         num_joints = get_keypoint_spec(dataset).num_joints
         module = models.build_model(spec.arch, num_joints=num_joints)
-        arch, input_size, extra, demo, checkpoint = spec.arch, tuple(spec.input_size), {}, True, None
+        size = spec.input_size or DEFAULT_INPUT_SIZE[dataset]
+        arch, input_size, extra, demo, checkpoint = spec.arch, (int(size[0]), int(size[1])), {}, True, None
+    module.check_input_size(input_size[1], input_size[0])
     module.eval()
     return LoadedModel(
         name=spec.name,

@@ -89,6 +89,7 @@ class ModelInfo(BaseModel):
     dataset: str
     num_joints: int
     joints: list[str]
+    skeleton: list[list[int]] = Field(default_factory=list, description="Limbs as pairs of indices into `joints`.")
     input_size: list[int] = Field(description="Network input [W, H].")
     checkpoint: str | None
     demo_weights: bool = Field(description="True: random weights (no checkpoint found); poses are meaningless.")

@@ -26,9 +26,10 @@ class ModelSpec(BaseModel):
     dataset: Literal["coco", "mpii"] = Field(
         default="coco", description="Keypoint layout, used only when the checkpoint carries no metadata."
     )
-    input_size: tuple[int, int] = Field(
-        default=(192, 256),
-        description="Network input (W, H), used only when the checkpoint carries no metadata.",
+    input_size: tuple[int, int] | None = Field(
+        default=None,
+        description="Network input (W, H), e.g. [288, 384] for an authors' 384x288 checkpoint. None: from the "
+        "checkpoint's metadata, else the dataset's default (192x256 COCO, 256x256 MPII).",
     )
 
 

@@ -94,8 +94,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     preds = predict(model, ds, batch_size=args.batch_size, device=device, flip=not args.no_flip,
                     decoder=args.decoder)
     table = score(ds, preds, gt)
+    plots: list[str] = []
+    if args.plots:
+        from training.eval_breakdown import write_evaluation_plots
+
+        coco_gt = ds.coco if meta.dataset == "coco" else None
+        plots = [str(p) for p in write_evaluation_plots(args.plots, meta.dataset, preds, table, coco_gt=coco_gt)]
     print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": meta.dataset, "samples": len(ds),
-                      "flip": not args.no_flip, "decoder": args.decoder, "metrics": table}))
+                      "flip": not args.no_flip, "decoder": args.decoder, "metrics": table, "plots": plots}))
     return 0
 
 
@@ -154,6 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--decoder", default="default", choices=["default", "dark", "argmax"])
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--device", default=None)
+    ev.add_argument("--plots", metavar="DIR", help="write per-joint accuracy and OKS histogram PNGs here")
     ev.set_defaults(func=_evaluate)
 
     syn = subparsers.add_parser("synth", help="write a synthetic people dataset (COCO or MPII format)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import random
 import time
@@ -32,6 +33,9 @@ from training.logs import MetricsLogger
 from training.loss import JointsMSELoss
 
 STATE_FILE = "latest_state.pt"
+
+
+log = logging.getLogger(__name__)
 
 
 def lr_at(cfg: TrainConfig, epoch: int, global_iter: int) -> float:
@@ -253,6 +257,15 @@ class Trainer:
             if self.distributed:
                 dist.barrier()
 
+    def _write_plots(self) -> None:
+        """Loss and AP/PCKh curves as PNG next to the logs; a plotting failure never fails training."""
+        try:
+            from training.plots import plot_training_curves
+
+            plot_training_curves(self.work_dir, self.work_dir / "plots")
+        except Exception as exc:  # matplotlib missing or an empty log: the checkpoints matter more
+            log.warning("training plots not written: %s", exc)
+
     def fit(self) -> dict[str, Any]:
         """Run until ``cfg.epochs`` (or ``cfg.max_iters``); returns a summary dict."""
         cfg = self.cfg
@@ -298,6 +311,7 @@ class Trainer:
         if self.is_main:
             save_checkpoint(self.work_dir / "final.pt", self.eval_module(), self.meta(self.last_metrics))
             (self.work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._write_plots()
         self.logger.close()
         if self.distributed:
             dist.barrier()

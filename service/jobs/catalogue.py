@@ -20,6 +20,30 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
 
+DEMO_DATASET = "demo-synthetic"
+DEMO_IMAGES = 8
+DEMO_SEED = 2022
+
+
+def ensure_demo_dataset(folder: Path) -> DatasetSpec:
+    """The built-in evaluation set: deterministic synthetic figures, written once (atomically) on first use."""
+    ann_file = folder / "annotations" / "person_keypoints_val.json"
+    if not ann_file.is_file():
+        import shutil
+        import tempfile
+
+        from training.synth import synthesize
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
+        synthesize("coco", staging, DEMO_IMAGES, seed=DEMO_SEED, split="val")
+        try:
+            staging.rename(folder)
+        except OSError:  # another process won the race: its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return DatasetSpec(format="coco", ann_file=ann_file, img_dir=folder / "val")
+
+
 class UnknownName(LookupError):
     """The name is well formed but nothing is configured under it."""
 
@@ -66,6 +90,8 @@ class Catalogue:
             except (json.JSONDecodeError, ValidationError) as exc:
                 raise ValueError(f"{path}: not a valid datasets catalogue: {exc}") from exc
             datasets.update(extra)
+        if settings.demo_dataset and DEMO_DATASET not in datasets:
+            datasets[DEMO_DATASET] = ensure_demo_dataset(settings.jobs_dir / "datasets" / DEMO_DATASET)
         return cls(datasets, settings.checkpoint_dir)
 
     def dataset_names(self) -> list[str]:

@@ -22,6 +22,10 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname", default=None, help="Celery node name (default: ditepose@<host>)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve the job metrics on this port")
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1",
+        help="interface of the metrics server (default %(default)s; 0.0.0.0 in a container)",
+    )
     p.set_defaults(func=_worker)
 
 
@@ -32,7 +36,8 @@ def _worker(args: argparse.Namespace) -> int:
         from service.jobs.metrics import enable_multiprocess_metrics, serve_worker_metrics
 
         enable_multiprocess_metrics()  # before any metric object exists
-        serve_worker_metrics(args.metrics_port)
+        serve_worker_metrics(args.metrics_port, args.metrics_host)
+        _sample_gpu_memory(args.pool)
 
     from service.jobs.celery_app import make_celery
     from service.jobs.config import JobSettings
@@ -57,3 +62,27 @@ def _worker(args: argparse.Namespace) -> int:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
     return 0
+
+
+def _sample_gpu_memory(pool: str) -> None:
+    """GPU memory gauges from the processes that run jobs (prefork children, else this one).
+
+    A prefork child that exits marks itself dead, so its live gauges (GPU memory, running jobs)
+    leave the worker's /metrics instead of lingering.
+    """
+    from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+
+    from service.metrics import start_gpu_memory_sampler
+
+    def _start(**_: object) -> None:
+        start_gpu_memory_sampler()
+
+    def _dead(**_: object) -> None:
+        import os
+
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())
+
+    (worker_process_init if pool == "prefork" else worker_ready).connect(_start, weak=False)
+    worker_process_shutdown.connect(_dead, weak=False)

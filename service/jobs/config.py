@@ -48,6 +48,11 @@ class JobSettings(BaseSettings):
         '"img_dir": ...}}.',
     )
     datasets_file: Path | None = Field(default=None, description="JSON file with more datasets in the same shape.")
+    demo_dataset: bool = Field(
+        default=True,
+        description="Offer the built-in 'demo-synthetic' COCO-format set (8 synthetic images, made under "
+        "jobs_dir on first use), so /v1/evaluate works out of the box.",
+    )
     checkpoint_dir: Path | None = Field(
         default=None, description="Folder whose checkpoint files (.pth/.pt) jobs may name by file name."
     )

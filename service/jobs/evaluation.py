@@ -62,15 +62,18 @@ def predictions_path(jobs_dir: Path, job_id: str) -> Path:
 def load_job_model(ref: dict[str, Any]) -> JobModel:
     """Our checkpoint format (metadata inside) or the authors' mmpose layout with the plan's arch/dataset."""
     import model as models
+    from model.checkpoint import DEFAULT_INPUT_SIZE
     from model.keypoints import get_keypoint_spec
 
+    override = tuple(ref["input_size"]) if ref.get("input_size") else None
     path = ref.get("checkpoint") or models.default_checkpoint_path()
     if path is None:
         log.warning("model %r has no checkpoint: evaluating RANDOM demo weights (seed 0)", ref.get("name"))
         torch.manual_seed(0)
         num_joints = get_keypoint_spec(ref["dataset"]).num_joints
         module = models.build_model(ref["arch"], num_joints=num_joints)
-        return JobModel(module.eval(), ref["arch"], ref["dataset"], num_joints, tuple(ref["input_size"]), True)
+        size = override or DEFAULT_INPUT_SIZE[ref["dataset"]]
+        return JobModel(module.eval(), ref["arch"], ref["dataset"], num_joints, tuple(size), True)
     try:
         module, meta = models.load_pose_model(Path(path), map_location="cpu")
     except (KeyError, ValueError, TypeError) as exc:
@@ -78,8 +81,9 @@ def load_job_model(ref: dict[str, Any]) -> JobModel:
         num_joints = get_keypoint_spec(ref["dataset"]).num_joints
         module = models.build_model(ref["arch"], num_joints=num_joints)
         models.load_checkpoint(module, Path(path))
-        return JobModel(module.eval(), ref["arch"], ref["dataset"], num_joints, tuple(ref["input_size"]), False)
-    size = (int(meta.input_size[0]), int(meta.input_size[1]))
+        size = override or DEFAULT_INPUT_SIZE[ref["dataset"]]
+        return JobModel(module.eval(), ref["arch"], ref["dataset"], num_joints, tuple(size), False)
+    size = override or (int(meta.input_size[0]), int(meta.input_size[1]))
     return JobModel(module.eval(), meta.arch, meta.dataset, int(meta.num_joints), size, False)
 
 

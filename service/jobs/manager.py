@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Input size used for a checkpoint without our metadata (the authors' mmpose files), per layout.
-_DEFAULT_INPUT = {"coco": (192, 256), "mpii": (256, 256)}
 
 
 class UnknownModel(UnknownName):
@@ -84,7 +83,7 @@ class JobService:
                 raise UnknownModel(str(exc)) from exc
             return {"name": req.checkpoint, "source": "checkpoint", "checkpoint": str(path),
                     "arch": "dite_hrnet_18", "dataset": dataset_format,
-                    "input_size": list(_DEFAULT_INPUT[dataset_format])}
+                    "input_size": None}  # from the checkpoint's metadata (or the dataset's default)
         name = req.model or self.default_model
         if name is None:
             raise UnknownModel("name a `model` (served) or a `checkpoint`; this server has no default model")
@@ -153,6 +152,6 @@ def served_model_refs(settings: Any) -> dict[str, dict[str, Any]]:
             "checkpoint": str(spec.checkpoint) if spec.checkpoint is not None else None,
             "arch": spec.arch,
             "dataset": spec.dataset,
-            "input_size": list(spec.input_size),
+            "input_size": list(spec.input_size) if spec.input_size else None,  # None: checkpoint/dataset default
         }
     return refs

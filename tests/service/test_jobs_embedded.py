@@ -257,3 +257,26 @@ def test_max_images_scores_a_subset_like_training_does(tiny_eval: TinyEval, tmp_
             service.submit(EvaluateRequest(dataset="mpii", checkpoint=tiny_eval.checkpoint, max_images=1))
     finally:
         service.close()
+
+
+def test_builtin_demo_dataset_is_offered_and_evaluates(tiny_eval: TinyEval, tmp_path: Path) -> None:
+    """With no catalogue at all, 'demo-synthetic' still works, so the README's example runs as pasted."""
+    service = _service(tiny_eval, tmp_path)
+    try:
+        assert "demo-synthetic" in service.catalogue.dataset_names()
+        spec = service.catalogue.dataset("demo-synthetic").spec
+        people = [a for a in json.loads(spec.ann_file.read_text())["annotations"] if a["num_keypoints"] > 0]
+        rec = service.submit(EvaluateRequest(dataset="demo-synthetic", checkpoint=tiny_eval.checkpoint, batch_size=4))
+        done = wait_for(lambda: _finished(service, rec.id), timeout=120, what="the demo job")
+        assert done.state == "succeeded", done.error
+        assert done.result["num_persons"] == len(people) > 0
+        assert set(done.result["metrics"]) >= {"AP", "AP50", "AP75", "AR"}
+    finally:
+        service.executor.close()
+        service.store.close()
+    off = _service(tiny_eval, tmp_path / "off", demo_dataset=False)
+    try:
+        assert "demo-synthetic" not in off.catalogue.dataset_names()
+    finally:
+        off.executor.close()
+        off.store.close()

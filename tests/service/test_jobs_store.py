@@ -56,8 +56,10 @@ def test_catalogue_from_settings_and_file(tmp_path: Path) -> None:
     extra.write_text(json.dumps({"mpii-val": {"format": "mpii", "ann_file": "v.json", "img_dir": "img",
                                               "gt_file": "gt.json"}}))
     settings = JobSettings(datasets={"coco-val": {"format": "coco", "ann_file": "a.json", "img_dir": "i"}},
-                           datasets_file=extra)
-    assert Catalogue.from_settings(settings).dataset_names() == ["coco-val", "mpii-val"]
+                           datasets_file=extra, jobs_dir=tmp_path / "jobs")
+    assert Catalogue.from_settings(settings).dataset_names() == ["coco-val", "demo-synthetic", "mpii-val"]
+    assert Catalogue.from_settings(settings.model_copy(update={"demo_dataset": False})).dataset_names() == [
+        "coco-val", "mpii-val"]
     with pytest.raises(ValueError, match="gt_file"):
         DatasetSpec(format="mpii", ann_file=Path("v.json"), img_dir=Path("i"))
     with pytest.raises(ValueError, match="hard_time_limit_s"):

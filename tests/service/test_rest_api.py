@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import model
+from model.engine import InferenceEngine
 from model.pipeline import PoseEstimator, TopDownPipeline
 from model.transforms import PIXEL_STD, box_to_center_scale
 from service.images import decode_image
@@ -50,7 +51,9 @@ def test_results_equal_pose_estimator_predict(server, coco_image_path, hrnet18_c
     image = decode_image(png, 10**8, 10**8)
     module, meta = model.load_pose_model(hrnet18_checkpoint)
     for flip, decoder in ((True, "default"), (False, "dark")):
-        estimator = PoseEstimator(module, TopDownPipeline(meta.input_size, model.COCO, flip, decoder))
+        # the service serves through the optimised engine: compare like with like (decoding random-weight
+        # heatmaps, e.g. DARK, magnifies the ~1e-4 fp32 difference between the eager and the fused network)
+        estimator = PoseEstimator(InferenceEngine(module), TopDownPipeline(meta.input_size, model.COCO, flip, decoder))
         expected = estimator.predict(image, np.array(COCO_BOXES, np.float32))
         with server.client() as client:
             response = post_pose(client, png, boxes=COCO_BOXES, model="hrnet18", flip_test=flip, decoder=decoder)
@@ -58,7 +61,7 @@ def test_results_equal_pose_estimator_predict(server, coco_image_path, hrnet18_c
         persons = response.json()["persons"]
         assert len(persons) == len(expected)
         for got, want in zip(persons, expected, strict=True):
-            np.testing.assert_allclose(_keypoint_array(got)[:, :2], want.keypoints[:, :2], atol=0.1)  # fp32 batch-composition noise
+            np.testing.assert_allclose(_keypoint_array(got)[:, :2], want.keypoints[:, :2], atol=0.1, rtol=1e-4)  # fp32 batch-composition noise (rtol: DARK can blow up a degenerate map)
             np.testing.assert_allclose(_keypoint_array(got)[:, 2], want.keypoints[:, 2], rtol=1e-3, atol=1e-6)
             assert got["score"] == pytest.approx(want.score, rel=1e-3, abs=1e-6)
 

@@ -81,3 +81,17 @@ def test_serve_command_answers_a_request(hrnet18_checkpoint):
         out, _ = proc.communicate(timeout=30)
     assert f"DitePose REST on http://127.0.0.1:{port}" in out
     assert "curl -F image=@" in out
+
+
+def test_model_input_size_comes_from_checkpoint_or_override(reference_dir) -> None:
+    """An authors' checkpoint carries no input size: the dataset default applies unless the spec names one."""
+    import pytest as _pytest
+
+    from service.registry import load_model
+    from service.settings import ModelSpec
+
+    ckpt = reference_dir / "dite_hrnet_18_coco_random.pth"
+    assert load_model(ModelSpec(name="a", checkpoint=ckpt)).input_size == (192, 256)
+    assert load_model(ModelSpec(name="b", checkpoint=ckpt, input_size=(288, 384))).input_size == (288, 384)
+    with _pytest.raises(ValueError, match="multiples of 32"):
+        load_model(ModelSpec(name="c", checkpoint=ckpt, input_size=(200, 250)))

@@ -114,9 +114,13 @@ def test_cli_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["iterations"] == 1 and summary["best"]["metric"] == "AP"
     assert (work / "best.pt").is_file() and (work / "metrics.csv").is_file()
-    assert main(["evaluate", str(work / "final.pt"), "--data", str(data), "--no-flip"]) == 0
+    assert (work / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # curves beside the logs
+    assert main(["evaluate", str(work / "final.pt"), "--data", str(data), "--no-flip",
+                 "--plots", str(tmp_path / "eval_plots")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["metrics"]) >= {"AP", "AP50", "AR"} and result["samples"] > 0
+    assert {Path(p).name for p in result["plots"]} == {"per_joint.png", "oks_hist.png"}
+    assert all(Path(p).stat().st_size > 1000 for p in result["plots"])
     assert main(["train", "nope", "--data", str(data), "--work-dir", str(work)]) == 2
     assert "unknown training config" in capsys.readouterr().err
 

@@ -1,0 +1,184 @@
+"""Inference throughput of Dite-HRNet: the authors' eager graph vs. each optimised path, in one run.
+
+    python bench/engine.py [--quick] [--json OUT] [--archs dite_hrnet_18 ...] [--compile]
+
+Paths are timed round-robin (one call of each path per round, median over rounds) so that a
+busy machine slows every path alike. Peak memory is the RSS high-water mark over one call
+(reset through /proc/self/clear_refs) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import build_model
+from model.engine import InferenceEngine
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "engine_cpu.json"
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        match = re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def peak_rss_delta_mb(fn: Callable[[], object]) -> float | None:
+    """RSS high-water mark during ``fn()`` minus RSS before it (Linux), in MiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    return None if before is None or peak is None else max(0, peak - before) / 1024
+
+
+def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bool, with_compile: bool,
+                tmp: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    model = build_model(arch).eval()
+    paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def eager(x: torch.Tensor, model: torch.nn.Module = model) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x.to(device)).cpu()
+
+    model.to(device)
+    paths["eager (authors' graph)"] = eager
+    model_cpu = build_model(arch).eval()
+    model_cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    paths["fused BN, grouped dyn"] = InferenceEngine(model_cpu, device, fuse_bn=True, dynamic="grouped",
+                                                     channels_last=False)
+    paths["fused, stacked dyn"] = InferenceEngine(model_cpu, device, dynamic="stacked", channels_last=False)
+    paths["fused, fast dyn"] = InferenceEngine(model_cpu, device, dynamic="fast", channels_last=False)
+    paths["fused, fast dyn, CL"] = InferenceEngine(model_cpu, device, dynamic="fast", channels_last=True)
+    if device.startswith("cuda"):
+        paths["fast, fp16"] = InferenceEngine(model_cpu, device, precision="fp16")
+        paths["fast, fp16, graphs"] = InferenceEngine(model_cpu, device, precision="fp16", cuda_graphs=True)
+    if with_compile:
+        paths["fast + torch.compile"] = InferenceEngine(model_cpu, device, compile=True, channels_last=False)
+    if with_onnx and device == "cpu":
+        from model.export import OnnxEngine, export_onnx
+
+        onnx_path = export_onnx(model_cpu, tmp / f"{arch}.onnx", input_hw)
+        paths["onnxruntime (stacked)"] = OnnxEngine(onnx_path, num_threads=torch.get_num_threads())
+    return paths
+
+
+def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, input_hw: tuple[int, int],
+               with_onnx: bool, with_compile: bool, tmp: Path) -> list[dict]:
+    paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp)
+    rows = []
+    for bs in batch_sizes:
+        x = torch.randn(bs, 3, *input_hw)
+        memory: dict[str, float | None] = {}
+        for name, fn in paths.items():  # warm-up (compile, graph capture), then memory
+            fn(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fn(x)
+                memory[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            else:
+                memory[name] = peak_rss_delta_mb(lambda fn=fn, x=x: fn(x))
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        cpu: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(rounds):
+            for name, fn in paths.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        eager = "eager (authors' graph)"
+        eager_ms = statistics.median(times[eager]) * 1000
+        eager_cpu = statistics.median(cpu[eager]) * 1000
+        for name, samples in times.items():
+            ms = statistics.median(samples) * 1000
+            cpu_ms = statistics.median(cpu[name]) * 1000
+            rows.append({
+                "arch": arch, "path": name, "batch": bs, "ms_per_batch": round(ms, 2),
+                "ms_min": round(min(samples) * 1000, 2), "images_per_s": round(bs * 1000 / ms, 2),
+                "speedup_vs_eager": round(eager_ms / ms, 2), "cpu_ms_per_batch": round(cpu_ms, 2),
+                "images_per_cpu_s": round(bs * 1000 / cpu_ms, 2), "cpu_speedup_vs_eager": round(eager_cpu / cpu_ms, 2),
+                "peak_mem_mb": None if memory[name] is None
+                else round(memory[name], 1), "rounds": len(samples),
+            })
+        print_rows([r for r in rows if r["batch"] == bs])
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        print(f"{r['arch']:<14} {r['path']:<24} {r['batch']:>5} {r['ms_per_batch']:>10.1f} {r['images_per_s']:>9.1f}"
+              f" {r['speedup_vs_eager']:>7.2f}x {r['cpu_ms_per_batch']:>9.1f} {r['cpu_speedup_vs_eager']:>7.2f}x"
+              f" {mem:>8}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Dite-HRNet-18, small batches, few rounds (< 1 min)")
+    parser.add_argument("--json", type=Path, default=None, help=f"output JSON (default {DEFAULT_JSON})")
+    parser.add_argument("--archs", nargs="+", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    archs = args.archs or (["dite_hrnet_18"] if args.quick else ["dite_hrnet_18", "dite_hrnet_30"])
+    if args.quick:
+        batch_sizes, rounds = ([1, 64] if cuda else [1, 8]), args.rounds or 3
+    else:
+        batch_sizes, rounds = ([1, 64, 256] if cuda else [1, 8, 32]), args.rounds or 5
+    input_hw = (256, 192)
+    print(f"{'arch':<14} {'path':<24} {'batch':>5} {'ms/batch':>10} {'img/s':>9} {'speedup':>8} {'cpu ms':>9}"
+          f" {'cpu spd':>8} {'peakMB':>8}")
+    started = time.time()
+    out = args.json or (DEFAULT_JSON if not cuda else DEFAULT_JSON.with_name("engine_cuda.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            rows += bench_arch(arch, args.device, batch_sizes, rounds, input_hw,
+                               with_onnx=not args.no_onnx and not args.quick, with_compile=args.compile,
+                               tmp=Path(tmp))
+            result = {  # written after every arch, so a long run that is stopped keeps its rows
+                "device": args.device if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "input_hw": list(input_hw),
+                "precision": "fp32", "quick": args.quick,
+                "timing": "median of round-robin rounds: wall clock (ms_per_batch) and process CPU time (cpu_ms_per_batch)",
+                "load_average_at_end": list(os.getloadavg()), "seconds": round(time.time() - started, 1),
+                "memory": "peak RSS delta over one call (MiB)" if not cuda else "max_memory_allocated delta (MiB)",
+                "rows": rows,
+            }
+            out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out} ({round(time.time() - started, 1)} s, load average {os.getloadavg()[0]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,408 @@
+"""Inference-only building blocks of Dite-HRNet, built from a trained model by ``model.optimize``.
+
+Same function as ``model.blocks`` in eval mode, arranged for speed on small tensors:
+
+* every BatchNorm is folded into the convolution (or kernel bank, or channel scale) before it;
+* the attention MLPs run as ``F.linear`` on pooled vectors instead of 1x1 convs on 1x1 maps;
+* a dynamic 1x1 conv is a batched matmul with the per-sample [Cout, Cin] kernel; a dynamic
+  depth-wise conv keeps the authors' batch-folded grouped conv (measured fastest here);
+* ``channel_shuffle(cat(a, b))`` is one strided copy into an interleaved buffer, and the last
+  elementwise op before it writes straight into its slot;
+* nearest upsampling before an add or a multiply is a broadcast over a 6-D view: the
+  upsampled tensor is never materialised.
+
+None of these modules has trainable state or a training mode: convert, then call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DYNAMIC_MODES = ("grouped", "fast", "stacked")
+
+
+def _tracing() -> bool:
+    """Exporters get out-of-place ops (stack, broadcast add) instead of writes into views."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``channel_shuffle(cat(parts), len(parts))`` for equal parts, in one copy."""
+    if _tracing():
+        b, c, h, w = parts[0].shape
+        return torch.stack(parts, dim=2).reshape(b, c * len(parts), h, w)
+    full, slots = interleaved_buffer(parts[0], parts[0].shape[1] * len(parts), len(parts))
+    for slot, part in zip(slots, parts, strict=True):
+        slot.copy_(part)
+    return full
+
+
+def interleaved_buffer(
+    like: torch.Tensor, channels: int, groups: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """An empty [B, channels, H, W] tensor whose channel ``c * groups + g`` is slot ``g``'s channel ``c``.
+
+    Writing group ``g`` into ``slots[g]`` is ``channel_shuffle(cat(groups), groups)`` in one copy.
+    The buffer follows ``like``'s memory format (NCHW or channels-last).
+    """
+    batch, _, height, width = like.shape
+    per = channels // groups
+    if is_channels_last(like):
+        buf = like.new_empty(batch, height, width, per, groups)
+        full = buf.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        return full, [buf[..., g].permute(0, 3, 1, 2) for g in range(groups)]
+    buf = like.new_empty(batch, per, groups, height, width)
+    return buf.view(batch, channels, height, width), [buf[:, :, g] for g in range(groups)]
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True for a channels-last tensor that is not also plain contiguous (then layouts differ)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def spatial_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 1-output 1x1 conv as a matmul: [B, H*W] (row-major spatial order) in either layout.
+
+    mkldnn runs a one-channel 1x1 conv at batch 32 about 10x slower than this matmul.
+    """
+    batch, channels, height, width = x.shape
+    if is_channels_last(x):
+        return torch.matmul(x.permute(0, 2, 3, 1).reshape(batch, height * width, channels), weight) + bias
+    return torch.matmul(weight, x.reshape(batch, channels, height * width)) + bias
+
+
+def attention_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_hw x[b, c, hw] * mask[b, hw] -> [B, C] in either layout."""
+    batch, channels, height, width = x.shape
+    if is_channels_last(x):
+        flat = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        return torch.bmm(mask[:, None, :], flat).view(batch, channels)
+    return torch.bmm(x.reshape(batch, channels, height * width), mask[:, :, None]).view(batch, channels)
+
+
+def upsampled_view(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """6-D views so that ``a op b`` equals ``target op nearest_upsample(source)`` without materialising it."""
+    batch, channels, height, width = target.shape
+    fy, fx = height // source.shape[-2], width // source.shape[-1]
+    return (
+        target.view(batch, channels, source.shape[-2], fy, source.shape[-1], fx),
+        source[:, :, :, None, :, None],
+    )
+
+
+def add_upsampled_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``target += nearest_upsample(source)`` in place (integer factors)."""
+    if target.shape[-2:] == source.shape[-2:]:
+        return target + source if _tracing() else target.add_(source)
+    big, small = upsampled_view(target, source)
+    if _tracing():
+        return (big + small).reshape(target.shape)
+    big.add_(small)
+    return target
+
+
+class PooledMLP(nn.Module):
+    """GAP or given vector -> linear (BN folded) -> ReLU -> linear -> sigmoid, on [B, C] vectors."""
+
+    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("w1", w1)
+        self.register_buffer("b1", b1)
+        self.register_buffer("w2", w2)
+        self.register_buffer("b2", b2)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.linear(F.relu(F.linear(pooled, self.w1, self.b1)), self.w2, self.b2))
+
+
+class FastDynamicConv(nn.Module):
+    """Dynamic-kernel conv with the following BatchNorm folded into the bank (rows scaled) and a bias.
+
+    ``mode='grouped'`` is the authors' batch-as-groups conv; ``'fast'`` uses a batched matmul for
+    dense 1x1 kernels and the grouped conv otherwise (depth-wise: fastest by measurement).
+    """
+
+    def __init__(
+        self,
+        attention: PooledMLP,
+        bank: torch.Tensor,
+        bias: torch.Tensor,
+        stride: int,
+        padding: int,
+        groups: int,
+        relu: bool,
+        mode: str = "fast",
+    ) -> None:
+        super().__init__()
+        if mode not in DYNAMIC_MODES:
+            raise ValueError(f"dynamic mode must be one of {DYNAMIC_MODES}, got {mode!r}")
+        self.attention = attention
+        self.num_kernels, self.out_channels, self.in_per_group, kh, kw = bank.shape
+        self.kernel_size = (kh, kw)
+        self.register_buffer("bank", bank.reshape(self.num_kernels, -1).contiguous())
+        self.register_buffer("bias", bias)
+        self.stride, self.padding, self.groups, self.relu = stride, padding, groups, relu
+        dense_1x1 = groups == 1 and kh == kw == 1 and stride == 1 and padding == 0
+        self.use_matmul = mode in ("fast", "stacked") and dense_1x1
+        # 'stacked': one static conv with all N kernels, then the attention-weighted sum over N
+        # (linear in the kernel, so exact); static groups, so it exports for any batch size.
+        self.use_stacked = mode == "stacked" and not dense_1x1
+        if self.use_stacked:
+            if groups != self.out_channels or self.in_per_group != 1:
+                raise ValueError("the stacked dynamic path supports depth-wise kernels only")
+            # [N, C, 1, k, k] -> [C * N, 1, k, k]: group c holds its N candidate kernels
+            stacked = bank.transpose(0, 1).reshape(self.out_channels * self.num_kernels, 1, kh, kw)
+            self.register_buffer("stacked", stacked.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        attention = self.attention(x.mean((2, 3)))  # [B, N]
+        if self.use_stacked:
+            y = F.conv2d(x, self.stacked, None, self.stride, self.padding, groups=channels)
+            y = y.view(batch, channels, self.num_kernels, y.shape[-2], y.shape[-1])
+            out = torch.einsum("bcnhw,bn->bchw", y, attention) + self.bias[:, None, None]
+            return F.relu(out, inplace=True) if self.relu else out
+        weights = torch.mm(attention, self.bank)  # [B, Cout * Cin/g * k * k]
+        if self.use_matmul:
+            kernels = weights.view(batch, self.out_channels, channels)
+            if is_channels_last(x):
+                flat = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+                out = torch.baddbmm(self.bias, flat, kernels.transpose(1, 2))
+                out = out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+            else:
+                out = torch.baddbmm(self.bias[:, None], kernels, x.reshape(batch, channels, height * width))
+                out = out.view(batch, self.out_channels, height, width)
+        else:
+            out = F.conv2d(
+                x.reshape(1, batch * channels, height, width),
+                weights.view(batch * self.out_channels, self.in_per_group, *self.kernel_size),
+                self.bias.repeat(batch),
+                stride=self.stride,
+                padding=self.padding,
+                groups=self.groups * batch,
+            )
+            out = out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
+            if batch > 1 and is_channels_last(x):  # keep the network's layout
+                out = out.contiguous(memory_format=torch.channels_last)
+        return F.relu(out, inplace=True) if self.relu else out
+
+
+class FastGlobalContext(nn.Module):
+    """Global context with its BatchNorm folded: ``x * (w * scale) + shift``, optionally into ``out``."""
+
+    def __init__(self, mask: nn.Conv2d, attention: PooledMLP, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask_weight", mask.weight.detach().flatten())
+        self.register_buffer("mask_bias", mask.bias.detach())
+        self.attention = attention
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift[:, None, None])
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        mask = torch.softmax(spatial_logits(x, self.mask_weight, self.mask_bias), dim=1)
+        context = attention_pool(x, mask)
+        weights = (self.attention(context) * self.scale)[:, :, None, None]
+        if out is None:
+            return torch.addcmul(self.shift, x, weights)
+        return torch.addcmul(self.shift, x, weights, out=out)
+
+
+class FastDenseContext(nn.Module):
+    """Dense context modelling; the per-branch weights are broadcast, not upsampled."""
+
+    def __init__(self, masks: nn.ModuleList, attention: PooledMLP, channels: list[int]) -> None:
+        super().__init__()
+        self.mask_weight = nn.ParameterList(
+            nn.Parameter(m.weight.detach().flatten(), requires_grad=False) for m in masks
+        )
+        self.mask_bias = nn.ParameterList(nn.Parameter(m.bias.detach(), requires_grad=False) for m in masks)
+        self.attention = attention
+        self.channels = channels
+
+    def _pool(self, x: torch.Tensor, mini: tuple[int, int], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        cells = mini[0] * mini[1]
+        per_cell = (height * width) // cells
+        values = x.reshape(batch, cells, channels, per_cell)  # the reference's raw reinterpretation
+        mask = torch.softmax(spatial_logits(x, weight, bias).reshape(batch, height * width), dim=1)
+        mask = mask.view(batch, cells, per_cell, 1)
+        pooled = torch.matmul(values, mask)
+        return pooled.permute(0, 2, 1, 3).reshape(batch, channels, mini[0], mini[1])
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        mini = (xs[-1].shape[-2], xs[-1].shape[-1])
+        pooled = [
+            self._pool(x, mini, w, b) for x, w, b in zip(xs[:-1], self.mask_weight, self.mask_bias, strict=False)
+        ]
+        joint = torch.cat([*pooled, xs[-1]], dim=1)
+        batch, total, mh, mw = joint.shape
+        # channel attention of the reference = per-cell MLP over channels (1x1 convs)
+        weights = self.attention(joint.permute(0, 2, 3, 1).reshape(-1, total))
+        weights = weights.view(batch, mh, mw, total).permute(0, 3, 1, 2)
+        out = []
+        for x, w in zip(xs, torch.split(weights, self.channels, dim=1), strict=True):
+            if x.shape[-2:] == w.shape[-2:]:
+                out.append(x * w)
+            else:
+                big, small = upsampled_view(x, w)
+                out.append((big * small).reshape(x.shape))
+        return out
+
+
+class FastSplitConv(nn.Module):
+    """Dynamic split convolution: per-group convs written straight into the shuffled buffer."""
+
+    def __init__(self, convs: nn.ModuleList, split: list[int]) -> None:
+        super().__init__()
+        self.conv = convs
+        self.split = split
+        self.equal = len(set(split)) == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.conv) == 1:
+            return self.conv[0](x)
+        parts = [conv(p) for conv, p in zip(self.conv, torch.split(x, self.split, dim=1), strict=True)]
+        if not self.equal:  # the reference's remainder split; shuffle the plain way
+            y = torch.cat(parts, dim=1)
+            b, c, h, w = y.shape
+            return y.view(b, len(parts), c // len(parts), h, w).transpose(1, 2).reshape(b, c, h, w)
+        return interleave(parts)
+
+
+class FastBlock(nn.Module):
+    """DMC block: pass half, DCM -> DSC -> GCM on the other half, the GCM writing into the shuffle."""
+
+    def __init__(self, dcm: FastDenseContext | None, convs: nn.ModuleList, gcm: nn.ModuleList | None) -> None:
+        super().__init__()
+        self.dcm = dcm
+        self.conv = convs
+        self.gcm = gcm
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        passed = [x[:, : x.shape[1] // 2] for x in xs]
+        worked = [x[:, x.shape[1] // 2 :] for x in xs]
+        if self.dcm is not None:
+            worked = self.dcm(worked)
+        worked = [conv(w) for conv, w in zip(self.conv, worked, strict=True)]
+        out = []
+        for i, (a, b) in enumerate(zip(passed, worked, strict=True)):
+            if _tracing():
+                out.append(interleave([a, self.gcm[i](b) if self.gcm is not None else b]))
+                continue
+            full, (slot_a, slot_b) = interleaved_buffer(b, 2 * b.shape[1], 2)
+            slot_a.copy_(a)
+            if self.gcm is not None:
+                self.gcm[i](b, out=slot_b)
+            else:
+                slot_b.copy_(b)
+            out.append(full)
+        return out
+
+
+class FastCrossResolution(nn.Module):
+    """DMC blocks then multi-scale fusion, upsampling by broadcast adds, the branch-0 doubling folded."""
+
+    def __init__(self, layers: nn.Sequential, fuse: nn.ModuleList, up: list[list[bool]]) -> None:
+        super().__init__()
+        self.layers = layers
+        self.fuse_layers = fuse  # [i][j]: None on the diagonal; [i][0] for i > 0 already doubled
+        self.up = up  # [i][j]: path j -> i ends with a nearest upsample (j > i)
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = self.layers(xs)
+        n = len(out)
+        fused0 = out[0] + out[0]
+        for j in range(1, n):
+            fused0 = add_upsampled_(fused0, self.fuse_layers[0][j](out[j]))
+        fused0 = F.relu(fused0, inplace=not _tracing())
+        results = [fused0]
+        for i in range(1, n):
+            y = self.fuse_layers[i][0](fused0)
+            for j in range(1, n):
+                if i == j:
+                    y = add_upsampled_(y, out[j])
+                elif self.up[i][j]:
+                    y = add_upsampled_(y, self.fuse_layers[i][j](out[j]))
+                else:
+                    y = add_upsampled_(y, self.fuse_layers[i][j](out[j]))
+            results.append(F.relu(y, inplace=not _tracing()))
+        return results
+
+
+class FastStem(nn.Module):
+    """Stem: fused conv1, two dynamic branches, concatenation + shuffle in one strided copy."""
+
+    def __init__(self, conv1: nn.Module, branch1: nn.Module, branch2: nn.Module) -> None:
+        super().__init__()
+        self.conv1 = conv1
+        self.branch1 = branch1
+        self.branch2 = branch2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.conv1(x).chunk(2, dim=1)
+        return interleave([self.branch1(x1), self.branch2(x2)])
+
+
+class FastHead(nn.Module):
+    """Iterative head (bilinear, align_corners=True, as the reference) and the 1x1 heatmap layer."""
+
+    def __init__(self, projects: nn.ModuleList, final: nn.Conv2d) -> None:
+        super().__init__()
+        self.projects = projects
+        self.final_layer = final
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        last: torch.Tensor | None = None
+        for project, x in zip(self.projects, xs[::-1], strict=True):
+            if last is not None:
+                x = x + F.interpolate(last, size=x.shape[-2:], mode="bilinear", align_corners=True)
+            last = project(x)
+        assert last is not None
+        return self.final_layer(last)
+
+
+class FastPoseNet(nn.Module):
+    """The whole optimised network: NCHW batch in, heatmaps out, same function as ``TopDownPoseNet.eval()``."""
+
+    def __init__(
+        self,
+        stem: FastStem,
+        transitions: nn.ModuleList,
+        stages: nn.ModuleList,
+        head: FastHead,
+        downsample_factor: int,
+        num_joints: int,
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.transitions = transitions
+        self.stages = stages
+        self.head = head
+        self.downsample_factor = downsample_factor
+        self.num_joints = num_joints
+        self.channels_last = False  # run the network in channels-last memory format
+
+
+    def check_input_size(self, height: int, width: int) -> None:
+        factor = self.downsample_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"input size {width}x{height} (WxH) is not supported: both sides must be multiples of {factor}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an NCHW batch with 3 channels, got shape {tuple(x.shape)}")
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        branches = [self.stem(x)]
+        for transition, stage in zip(self.transitions, self.stages, strict=True):
+            inputs = []
+            for j, layer in enumerate(transition):
+                source = branches[j] if j < len(branches) else branches[-1]
+                inputs.append(layer(source) if not isinstance(layer, nn.Identity) else source)
+            branches = stage(inputs)
+        return self.head(branches)

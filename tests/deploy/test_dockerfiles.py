@@ -1,0 +1,111 @@
+"""The Dockerfiles, read: multi-stage, non-root, health check on a real route, only real files copied."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import tomllib
+
+import pytest
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import REPO_ROOT
+from tests.deploy.compose_support import DOCKERFILES, copy_sources, dockerfile_stages, dockerignored, urls_in
+
+
+@pytest.fixture(params=DOCKERFILES, ids=lambda p: p.name)
+def dockerfile(request: pytest.FixtureRequest):
+    return request.param
+
+
+def test_builder_installs_the_wheel_and_runtime_copies_only_the_venv(dockerfile):
+    stages = dockerfile_stages(dockerfile)
+    assert [s.name for s in stages] == ["builder", "runtime"]
+    builder, runtime = stages
+    runs = " ".join(rest for kw, rest in builder.instructions if kw == "RUN")
+    assert "pip wheel" in runs and "ditepose-*.whl" in runs
+    assert "torch==2.14.1" in runs and "torchvision==0.29.1" in runs
+    copies = [copy_sources(rest) for kw, rest in runtime.instructions if kw == "COPY"]
+    from_builder = [(src, flags) for src, flags in copies if flags.get("from") == "builder"]
+    assert from_builder == [(["/opt/venv"], {"from": "builder"})]
+    # No source tree and no build tools in the runtime stage.
+    runtime_runs = " ".join(rest for kw, rest in runtime.instructions if kw == "RUN")
+    assert "pip install" not in runtime_runs and "build-essential" not in runtime_runs
+
+
+def test_cpu_image_uses_the_cpu_wheel_index_and_cuda_image_an_nvidia_base():
+    cuda = dockerfile_stages(DOCKERFILES[1])
+    cpu_text, cuda_text = (p.read_text() for p in DOCKERFILES)
+    assert "https://download.pytorch.org/whl/cpu" in cpu_text
+    assert "ARG CUDA_IMAGE=nvidia/cuda:" in cuda_text and "-runtime-" in cuda_text
+    assert all(s.base == "${CUDA_IMAGE}" for s in cuda)
+    assert "https://download.pytorch.org/whl/cu" in cuda_text
+
+
+def test_runs_as_a_non_root_user(dockerfile):
+    runtime = dockerfile_stages(dockerfile)[-1]
+    users = [rest for kw, rest in runtime.instructions if kw == "USER"]
+    assert users, "the runtime stage sets no USER"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    keywords = [kw for kw, _ in runtime.instructions]
+    # Nothing after USER runs as root again, and the user is created before it.
+    assert "RUN" not in keywords[keywords.index("USER"):]
+    assert any("useradd" in rest and users[-1] in rest for kw, rest in runtime.instructions if kw == "RUN")
+
+
+def test_copies_only_what_the_repo_has_and_the_build_context_keeps(dockerfile):
+    for stage in dockerfile_stages(dockerfile):
+        for keyword, rest in stage.instructions:
+            if keyword not in ("COPY", "ADD"):
+                continue
+            assert keyword == "COPY", "use COPY, not ADD"
+            sources, flags = copy_sources(rest)
+            if "from" in flags:
+                continue
+            for source in sources:
+                path = REPO_ROOT / source
+                assert path.exists(), f"{dockerfile.name} copies {source}, which the repo lacks"
+                assert not dockerignored(source), f"{source} is excluded by .dockerignore"
+
+
+def test_healthcheck_hits_healthz_with_python_and_ports_are_exposed(dockerfile):
+    runtime = dockerfile_stages(dockerfile)[-1]
+    (health,) = [rest for kw, rest in runtime.instructions if kw == "HEALTHCHECK"]
+    cmd = json.loads(health.split("CMD", 1)[1])
+    assert cmd[:2] == ["python", "-c"] and "urllib.request" in cmd[2]
+    (url,) = urls_in(cmd[2].replace("%s", str(Settings.model_fields["port"].default)))
+    app = create_app(Settings(_env_file=None, grpc_enabled=False))
+    assert url["path"] in app.openapi()["paths"]
+    exposed = {int(p) for kw, rest in runtime.instructions if kw == "EXPOSE" for p in rest.split()}
+    assert {Settings.model_fields["port"].default, Settings.model_fields["grpc_port"].default, 9100} <= exposed
+    (cmd_line,) = [rest for kw, rest in runtime.instructions if kw == "CMD"]
+    assert json.loads(cmd_line)[:2] == ["ditepose", "serve"]
+
+
+def test_weights_volume_and_bake_in_folder(dockerfile):
+    runtime = dockerfile_stages(dockerfile)[-1]
+    copies = [copy_sources(rest) for kw, rest in runtime.instructions if kw == "COPY"]
+    assert (["docker/weights/"], {"chown": "ditepose:ditepose"}) in copies
+    env = " ".join(rest for kw, rest in runtime.instructions if kw == "ENV")
+    assert "DITEPOSE_CHECKPOINT_DIR=/models" in shlex.split(env)
+
+
+def test_dockerignore_keeps_tests_and_secrets_out():
+    for path in ("tests/deploy/test_compose.py", ".git/HEAD", "docker/secrets/api_key.txt", ".venv/bin/python",
+                 "service/__pycache__/app.cpython-311.pyc", "models/ditehrnet_18_coco_256x192.pth", "data/coco/x.jpg"):
+        assert dockerignored(path), path
+    for path in ("service/app.py", "model/weights/x.pth", "pyproject.toml", "docker/weights/README.md",
+                 "model/__init__.py"):
+        assert not dockerignored(path), path
+
+
+def test_every_package_of_the_wheel_is_copied_into_the_builder(dockerfile):
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in patterns}
+    present = {p for p in packages if (REPO_ROOT / p / "__init__.py").is_file()}
+    builder = dockerfile_stages(dockerfile)[0]
+    copied = {src.rstrip("/") for kw, rest in builder.instructions if kw == "COPY" for src in copy_sources(rest)[0]}
+    assert present <= copied, f"{dockerfile.name} misses packages {sorted(present - copied)}"
+    assert {"pyproject.toml", "README.md"} <= copied

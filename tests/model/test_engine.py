@@ -1,0 +1,181 @@
+"""The optimised network and InferenceEngine compute the reference function (fixtures from the authors' code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import build_model, load_checkpoint
+from model.engine import InferenceEngine
+from model.fast_blocks import FastPoseNet
+from model.optimize import optimize_for_inference
+
+CASES = {
+    "dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", "dite_hrnet_18_coco_golden_io.pt", 17),
+    "dite_hrnet_30": ("dite_hrnet_30_mpii_random.pth", "dite_hrnet_30_mpii_golden_io.pt", 16),
+}
+FP32_TOL = 2e-3
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def reference(request, reference_dir):
+    ckpt, io_file, joints = CASES[request.param]
+    model = build_model(request.param, num_joints=joints)
+    load_checkpoint(model, reference_dir / ckpt)
+    golden = torch.load(reference_dir / io_file, weights_only=True)
+    return model.eval(), golden
+
+
+# every path on -18; the default path and the export path on -30 (keeps the suite short)
+PATHS = [("grouped", False), ("fast", False), ("fast", True), ("stacked", False)]
+
+
+@pytest.mark.parametrize(("dynamic", "channels_last"), PATHS)
+def test_optimised_fp32_within_tolerance_of_fp64_reference(reference, dynamic, channels_last):
+    model, golden = reference
+    if model.config.name == "dite_hrnet_30" and (dynamic, channels_last) not in (("fast", True), ("stacked", False)):
+        pytest.skip("covered on dite_hrnet_18")
+    fast = optimize_for_inference(model, dynamic=dynamic)
+    fast.channels_last = channels_last
+    with torch.inference_mode():
+        out = fast(golden["input"])
+    assert out.shape == golden["heatmaps_eval_fp64"].shape
+    assert (out.double() - golden["heatmaps_eval_fp64"]).abs().max().item() < FP32_TOL
+
+
+@pytest.mark.parametrize("dynamic", ["grouped", "fast", "stacked"])
+def test_optimised_fp64_is_the_same_function(reference, dynamic):
+    model, golden = reference
+    if model.config.name == "dite_hrnet_30" and dynamic != "fast":
+        pytest.skip("covered on dite_hrnet_18")
+    fast = optimize_for_inference(model.double(), dynamic=dynamic)
+    model.float()
+    assert next(fast.buffers()).dtype == torch.float64
+    with torch.inference_mode():
+        out = fast(golden["input"].double())
+    assert (out - golden["heatmaps_eval_fp64"]).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("dynamic", ["fast", "stacked"])
+def test_per_sample_dynamic_kernels_do_not_leak_across_the_batch(reference_dir, dynamic):
+    model = build_model("dite_hrnet_18")
+    load_checkpoint(model, reference_dir / CASES["dite_hrnet_18"][0])
+    fast = optimize_for_inference(model.double(), dynamic=dynamic)
+    golden = torch.load(reference_dir / CASES["dite_hrnet_18"][1], weights_only=True)["input"].double()
+    batch = torch.cat([golden, golden[:1].flip(-1)])
+    with torch.inference_mode():
+        together = fast(batch)
+        alone = torch.cat([fast(batch[i : i + 1]) for i in range(3)])
+    assert (together - alone).abs().max().item() < 1e-10
+
+
+def test_conversion_leaves_the_reference_model_untouched(reference):
+    model, _ = reference
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = optimize_for_inference(model)
+    assert model.training
+    model.eval()
+    assert isinstance(fast, FastPoseNet) and not fast.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in fast.parameters())
+    # no storage shared: changing the optimised copy cannot change the trained model
+    ours = {t.data_ptr() for t in model.state_dict().values()}
+    assert not ours & {t.data_ptr() for t in fast.state_dict().values()}
+
+
+def test_optimise_rejects_other_modules_and_bad_modes():
+    with pytest.raises(TypeError, match="TopDownPoseNet"):
+        optimize_for_inference(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="dynamic"):
+        optimize_for_inference(build_model("dite_hrnet_18"), dynamic="magic")
+
+
+@pytest.mark.parametrize("fuse_bn", [True, False])
+def test_engine_call_matches_reference_and_returns_cpu_float32(reference, fuse_bn):
+    model, golden = reference
+    engine = InferenceEngine(model, device="cpu", fuse_bn=fuse_bn)
+    out = engine(golden["input"])
+    assert out.device.type == "cpu" and out.dtype == torch.float32 and not out.is_inference()
+    assert (out.double() - golden["heatmaps_eval_fp64"]).abs().max().item() < FP32_TOL
+    out.mul_(0)  # callers may modify the result in place
+
+
+def test_engine_owns_a_copy_and_describes_itself(reference_dir):
+    model = build_model("dite_hrnet_18")
+    load_checkpoint(model, reference_dir / CASES["dite_hrnet_18"][0])
+    model.train()
+    engine = InferenceEngine(model, channels_last=False)
+    assert model.training  # not switched to eval behind the caller's back
+    info = engine.describe()
+    assert info == {**info, "device": "cpu", "precision": "fp32", "fuse_bn": True, "dynamic_kernels": "fast",
+                    "channels_last": False, "compile": False, "cuda_graphs": False, "optimized_module": True}
+    assert engine.warmup([1, 2], input_hw=(64, 64)) >= 0
+    with torch.no_grad():
+        model.backbone.stem.conv1.conv.weight.zero_()
+    x = torch.randn(2, 3, 64, 64)
+    assert engine(x).abs().sum() > 0  # the engine's copy is unaffected
+
+
+def test_engine_rejects_bad_arguments_and_inputs():
+    model = build_model("dite_hrnet_18")
+    with pytest.raises(ValueError, match="CUDA"):
+        InferenceEngine(model, precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        InferenceEngine(model, precision="int3")
+    with pytest.raises(ValueError, match="device"):
+        InferenceEngine(model, device="tpu")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        InferenceEngine(model, cuda_graphs=True)
+    engine = InferenceEngine(model)
+    with pytest.raises(ValueError, match="NCHW"):
+        engine(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="3 channels"):
+        engine(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        engine(torch.randn(1, 3, 70, 64))
+    with pytest.raises(ValueError, match="empty"):
+        engine(torch.randn(0, 3, 64, 64))
+    with pytest.raises(TypeError):
+        engine([[1.0]])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("precision", "graphs", "tol"), [("fp32", False, 2e-3), ("fp32", True, 2e-3),
+                                                         ("fp16", False, 5e-2), ("bf16", True, 2e-1)])
+def test_engine_on_cuda(reference, precision, graphs, tol):
+    model, golden = reference
+    engine = InferenceEngine(model, device="cuda", precision=precision, cuda_graphs=graphs)
+    engine.warmup([2], input_hw=tuple(golden["input"].shape[-2:]))
+    for _ in range(2):  # graph replay gives the same result twice
+        out = engine(golden["input"])
+        assert out.device.type == "cpu" and out.dtype == torch.float32
+        assert (out.double() - golden["heatmaps_eval_fp64"]).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("overrides", [{"use_dsc": False}, {"use_dcm": False}, {"use_gcm": False},
+                                       {"dsc_groups": (2, 2, 2, 2), "dsc_kernels": (2, 2, 2, 2)}])
+def test_optimised_ablation_variants_match_their_reference(overrides):
+    torch.manual_seed(0)
+    model = build_model("dite_hrnet_18", **overrides).double().eval()
+    for module in model.modules():  # non-trivial BatchNorm statistics, so folding is really tested
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = model(x)
+        for dynamic in ("fast", "stacked"):
+            out = optimize_for_inference(model, dynamic=dynamic)(x)
+            assert (out - expected).abs().max().item() < 1e-10 * max(1.0, expected.abs().max().item())
+
+
+def test_engine_runs_other_modules_unoptimised():
+    module = torch.nn.Conv2d(3, 17, 1)
+    engine = InferenceEngine(module)
+    assert engine.describe()["fuse_bn"] is False
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(engine(x), module(x))
