@@ -56,13 +56,15 @@ def test_redis_restart_loses_no_accepted_job(job_env: tuple, tiny_eval: TinyEval
             wait_for(lambda: _state(client, locations[0]) == "running", timeout=120, what="first job running")
             states_at_restart = [_state(client, loc) for loc in locations]
             redis.stop()
-            time.sleep(1.0)
+            time.sleep(1.0)  # the running job (~0.4 s) ends while Redis is away
             redis.start()  # same port, same directory: the append-only file is replayed
             final = [wait_for(lambda loc=loc: _state(client, loc) in ("succeeded", "failed", "cancelled")
-                              and client.get(loc).json(), timeout=120, interval=0.2, what=loc) for loc in locations]
+                              and client.get(loc).json(), timeout=60, interval=0.2, what=loc) for loc in locations]
     finally:
         worker.stop()
     lost = sum(1 for job in final if job["state"] != "succeeded")
+    requeued = "re-queueing the job" in worker.log()
     assert lost == 0, [(j["id"], j["state"], j.get("error")) for j in final]
     record("faults", "Redis restart (AOF) with jobs running and queued", injected=1, jobs_accepted=len(final),
-           jobs_lost=lost, detail=f"states at restart: {states_at_restart}; all {len(final)} succeeded")
+           jobs_lost=lost, detail=f"states at restart: {states_at_restart}; all {len(final)} succeeded"
+                  + ("; the running one was re-queued after Redis returned" if requeued else ""))
