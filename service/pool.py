@@ -3,7 +3,9 @@
 REST, gRPC and job workers share one :class:`WorkerPool`: they submit crops to
 ``pool.batcher(model_name)`` and the workers run the batches. A worker whose forward pass
 raises fails only that batch (its callers get :class:`~service.batcher.InferenceFailed`)
-and keeps serving.
+and keeps serving. A worker thread that dies anyway (a fault below Python's ``Exception``,
+e.g. ``SystemExit`` from a native extension wrapper) first fails its in-flight batch, then
+the pool's supervisor replaces it with a fresh thread on the same device.
 """
 
 from __future__ import annotations
@@ -122,7 +124,12 @@ class Worker:
         ok = True
         try:
             heatmaps = self.infers[model](batch.tensor())
-        except Exception as exc:
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # The thread is about to die: its callers get an error now, not silence until the deadline.
+                self.errors += 1
+                batch.fail(InferenceFailed(f"worker {self.name} crashed: {type(exc).__name__}: {exc}"))
+                raise
             ok = False
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -182,16 +189,22 @@ class WorkerPool:
             for name in self.models
         }
         self.workers: list[Worker] = []
+        self.failed_models: dict[str, str] = {}  # name -> why it was not loaded
+        self.restarts = 0
+        self.supervise_s = 0.2
+        self._supervisor: threading.Thread | None = None
+        self._wake = threading.Event()
         self.started = False
         self.stopped = False
 
     @classmethod
     def from_settings(cls, settings, observer: BatchObserver | None = None) -> WorkerPool:
         """Load the configured models and lay out workers on the configured devices."""
-        from service.registry import load_models
+        from service.registry import load_models_isolated
 
-        return cls(
-            load_models(settings.models),
+        loaded, failed = load_models_isolated(settings.models)
+        pool = cls(
+            loaded,
             settings.resolved_devices(),
             max_batch_size=settings.max_batch_size,
             max_delay_ms=settings.max_delay_ms,
@@ -202,6 +215,8 @@ class WorkerPool:
             observer=observer,
             torch_threads=settings.torch_threads,
         )
+        pool.failed_models = failed
+        return pool
 
     def start(self) -> WorkerPool:
         """Move the models to their devices and start the threads (idempotent)."""
@@ -209,23 +224,42 @@ class WorkerPool:
             return self
         if self.stopped:
             raise RuntimeError("a stopped pool cannot be restarted")
-        batchers = list(self.batchers.values())
         for device in self.devices:
             infers = {name: self._infer_factory(m, device) for name, m in self.models.items()}
             for index in range(self.workers_per_device):
-                name = f"{device}/{index}"
-                self.workers.append(Worker(name, device, infers, batchers, self.observers, torch_threads=self.torch_threads))
+                self.workers.append(self._new_worker(f"{device}/{index}", device, infers))
         for worker in self.workers:
             worker.start()
         self.started = True
+        self._supervisor = threading.Thread(target=self._supervise, name="ditepose-supervisor", daemon=True)
+        self._supervisor.start()
         log.info("worker pool: %d workers on %s; models %s", len(self.workers), self.devices, list(self.models))
         return self
+
+    def _new_worker(self, name: str, device: str, infers: dict[str, InferFn]) -> Worker:
+        return Worker(name, device, infers, list(self.batchers.values()), self.observers,
+                      torch_threads=self.torch_threads)
+
+    def _supervise(self) -> None:
+        """Replace worker threads that died (same device, same infer callables)."""
+        while not self._wake.wait(self.supervise_s):
+            for index, worker in enumerate(list(self.workers)):
+                if self.stopped:
+                    return
+                if worker.alive or worker.state == "stopped":
+                    continue
+                self.restarts += 1
+                replacement = self._new_worker(f"{worker.device}/{index}.r{self.restarts}", worker.device, worker.infers)
+                self.workers[index] = replacement
+                replacement.start()
+                log.error("worker %s died (%s); replaced by %s", worker.name, worker.last_error, replacement.name)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Fail queued requests, stop the threads and wait for them."""
         if self.stopped:
             return
         self.stopped = True
+        self._wake.set()
         for batcher in self.batchers.values():
             batcher.close()
         for worker in self.workers:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
-from service.batcher import BatcherError
+from service.batcher import BatcherError, Overloaded
 from service.errors import ServiceError, from_batcher_error
 from service.images import decode_image, encode_png
 from service.pool import WorkerPool
@@ -70,6 +70,9 @@ class PoseService:
     # ------------------------------------------------------------ pieces
     def resolve_model(self, name: str | None) -> LoadedModel:
         name = name or self.settings.default_model_name
+        failed = getattr(self.pool, "failed_models", {})
+        if name in failed:
+            raise ServiceError("unavailable", f"model {name!r} failed to load: {failed[name]}")
         if name not in self.pool.models:
             known = ", ".join(sorted(self.pool.models))
             raise ServiceError("unknown_model", f"no model named {name!r}; served models: {known}")
@@ -116,7 +119,10 @@ class PoseService:
                 raise ServiceError("bad_boxes", f"box {i} has no area (w={w}, h={h})")
             if x >= width or y >= height or x + w <= 0 or y + h <= 0:
                 raise ServiceError("bad_boxes", f"box {i} {box!r} lies outside the {width}x{height} image")
-            out[i] = (x, y, w, h)
+            with np.errstate(over="ignore"):
+                out[i] = (x, y, w, h)
+            if not np.isfinite(out[i]).all():  # finite as float64 but past float32 (e.g. 1e300)
+                raise ServiceError("bad_boxes", f"box {i} is too large to represent: {box!r}")
         return out
 
     def decode(self, data: bytes) -> np.ndarray:
@@ -150,8 +156,23 @@ class PoseService:
         return poses, [p.to_dict(model.spec) for p in poses]
 
     # ------------------------------------------------------------ whole requests
+    def admit(self, request: PoseRequest) -> None:
+        """Shed at once when the model's queue is already full: no decode, no crops, no thread hop.
+
+        The batcher still has the final say (it admits by the real crop count); this only keeps
+        a 429 from waiting behind the decoding of requests that cannot be served anyway."""
+        model = self.resolve_model(request.model)
+        batcher = self.pool.batcher(model.name)
+        if batcher.depth >= batcher.queue_size:
+            batcher.rejected += 1
+            raise from_batcher_error(
+                Overloaded(f"queue of model {model.name!r} is full ({batcher.depth} crops waiting)"),
+                self.settings.retry_after_s,
+            )
+
     async def estimate(self, request: PoseRequest) -> PoseResult:
         """Run one request without blocking the event loop (CPU steps run in threads)."""
+        self.admit(request)
         t0 = time.perf_counter()
         image = await asyncio.to_thread(self.decode, request.image_bytes)
         t1 = time.perf_counter()
@@ -171,6 +192,7 @@ class PoseService:
 
     def estimate_sync(self, request: PoseRequest) -> PoseResult:
         """The same as :meth:`estimate` for callers on threads (e.g. a gRPC thread pool)."""
+        self.admit(request)
         t0 = time.perf_counter()
         image = self.decode(request.image_bytes)
         t1 = time.perf_counter()

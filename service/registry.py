@@ -108,3 +108,22 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
 def load_models(specs: list[ModelSpec]) -> list[LoadedModel]:
     return [load_model(spec) for spec in specs]
+
+
+def load_models_isolated(specs: list[ModelSpec]) -> tuple[list[LoadedModel], dict[str, str]]:
+    """Load every model that loads; a bad one (missing, corrupt, wrong architecture) is reported
+    as ``{name: reason}`` instead of taking the whole service down. Raises only when none loads."""
+    loaded: list[LoadedModel] = []
+    failed: dict[str, str] = {}
+    for spec in specs:
+        try:
+            loaded.append(load_model(spec))
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if len(reason) > 500:
+                reason = reason[:500] + "..."
+            failed[spec.name] = reason
+            log.error("model %r failed to load and is not served: %s", spec.name, reason)
+    if not loaded:
+        raise RuntimeError("no model could be loaded: " + "; ".join(f"{n}: {r}" for n, r in failed.items()))
+    return loaded, failed

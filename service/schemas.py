@@ -99,6 +99,9 @@ class ModelInfo(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    failed: dict[str, str] = Field(
+        default_factory=dict, description="Configured models that failed to load -> the reason (not served)."
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -127,7 +130,7 @@ class WorkerState(BaseModel):
 
 class ReadyResponse(BaseModel):
     ready: bool
-    models: dict[str, str] = Field(description="Model name -> 'loaded'.")
+    models: dict[str, str] = Field(description="Model name -> 'loaded' or 'failed: <reason>'.")
     workers: list[WorkerState]
     queue_depth: dict[str, int] = Field(description="Crops waiting per model.")
     jobs: dict | None = Field(

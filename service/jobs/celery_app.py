@@ -4,7 +4,9 @@ Delivery is at-least-once (``acks_late`` + ``task_reject_on_worker_lost``; a tas
 vanished comes back after the broker's ``visibility_timeout``); :func:`run_job`'s lease and
 compare-and-set make the *result* exactly-once. A redelivered copy that finds the job leased
 by a live worker re-queues itself (``retry``) instead of being dropped, so the job still
-finishes if that worker dies later.
+finishes if that worker dies later. A run that loses Redis mid-job (a Redis restart) waits for
+it to return and re-queues the job instead of failing, which would ack the message and strand
+the record in 'running'.
 """
 
 from __future__ import annotations
@@ -83,13 +85,22 @@ def make_celery(settings: JobSettings) -> Celery:
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
     def evaluate(self: Any, job_id: str) -> str:
+        import redis
+
         from service.jobs.evaluation import run_job
 
         ctx = context()
-        outcome = run_job(
-            job_id, ctx.store, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
-            soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics, device=settings.device,
-        )
+        try:
+            outcome = run_job(
+                job_id, ctx.store, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
+                soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics, device=settings.device,
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            # Redis went away mid-job (e.g. a restart). Failing here would ack the message and leave
+            # the record 'running' forever: wait for Redis, then queue a fresh copy of the task.
+            log.warning("job %s: Redis unreachable (%s); re-queueing the job once it is back", job_id, exc)
+            _wait_for_redis(settings.redis_url or "", settings.visibility_timeout_s * 4 + 30)
+            raise self.retry(countdown=min(settings.lock_ttl_s, 5), max_retries=None) from exc
         if outcome == "busy":  # a live worker holds it; look again once its lease could have run out
             # (sooner than visibility_timeout, so this waiting copy is not itself redelivered)
             countdown = min(settings.lock_ttl_s, settings.visibility_timeout_s / 2)
@@ -100,6 +111,27 @@ def make_celery(settings: JobSettings) -> Celery:
     if settings.torch_threads:
         _set_torch_threads_in_children(settings.torch_threads)
     return app
+
+
+def _wait_for_redis(url: str, timeout_s: float) -> bool:
+    """Poll Redis until it answers a PING (True) or ``timeout_s`` passes (False)."""
+    import time
+
+    import redis
+
+    deadline = time.monotonic() + timeout_s
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return True
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                pass
+            time.sleep(0.5)
+        return False
+    finally:
+        client.close()
 
 
 def _set_torch_threads_in_children(threads: int) -> None:

@@ -33,7 +33,10 @@ async def readyz(request: Request) -> JSONResponse:
     else:
         body = ReadyResponse(
             ready=pool.ready,
-            models={name: "loaded" for name in pool.models},
+            models={
+                **{name: "loaded" for name in pool.models},
+                **{name: f"failed: {why}" for name, why in getattr(pool, "failed_models", {}).items()},
+            },
             workers=[asdict(s) for s in pool.worker_status()],
             queue_depth=pool.queue_depths(),
         )

@@ -16,5 +16,6 @@ async def list_models(request: Request) -> ModelsResponse:
     service = service_of(request)
     default = service.settings.default_model_name
     return ModelsResponse(
-        models=[ModelInfo(**m.describe(), default=m.name == default) for m in service.pool.models.values()]
+        models=[ModelInfo(**m.describe(), default=m.name == default) for m in service.pool.models.values()],
+        failed=dict(getattr(service.pool, "failed_models", {})),
     )
