@@ -49,3 +49,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def python_cmd(*args: str) -> list[str]:
     """``python -m service.cli ARGS`` with this interpreter: the ``ditepose`` command, from this checkout."""
     return [sys.executable, "-m", "service.cli", *args]
+
+
+def stop_process_group(proc, grace_s: float = 20.0) -> None:
+    """SIGTERM a child started with ``start_new_session=True`` and its children; SIGKILL if it lingers."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
+from tests.conftest import REPO_ROOT, python_cmd, stop_process_group, subprocess_env
 
 T = TypeVar("T")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -163,13 +163,7 @@ class WorkerProcess:
         self._log.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_process_group(self.proc)
         self._log.close()
 
     def log(self) -> str:
