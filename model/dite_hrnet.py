@@ -197,6 +197,17 @@ class CrossResolutionModule(nn.Module):
         return results
 
 
+def iterative_refine(projects: nn.ModuleList, xs: list[torch.Tensor]) -> torch.Tensor:
+    """The iterative head's loop, shared with the inference-only network (model/fast_blocks.py)."""
+    last: torch.Tensor | None = None
+    for project, x in zip(projects, xs[::-1], strict=True):
+        if last is not None:
+            x = x + F.interpolate(last, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        last = project(x)
+    assert last is not None
+    return last
+
+
 class IterativeHead(nn.Module):
     """From the lowest to the highest resolution: upsample the previous output, add, refine."""
 
@@ -208,13 +219,7 @@ class IterativeHead(nn.Module):
         )
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        last: torch.Tensor | None = None
-        for project, x in zip(self.projects, xs[::-1], strict=True):
-            if last is not None:
-                x = x + F.interpolate(last, size=x.shape[-2:], mode="bilinear", align_corners=True)
-            last = project(x)
-        assert last is not None
-        return last
+        return iterative_refine(self.projects, xs)
 
 
 class DiteHRNet(nn.Module):

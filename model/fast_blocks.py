@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.dite_hrnet import iterative_refine
+
 DYNAMIC_MODES = ("grouped", "fast", "stacked")
 
 
@@ -354,13 +356,7 @@ class FastHead(nn.Module):
         self.final_layer = final
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        last: torch.Tensor | None = None
-        for project, x in zip(self.projects, xs[::-1], strict=True):
-            if last is not None:
-                x = x + F.interpolate(last, size=x.shape[-2:], mode="bilinear", align_corners=True)
-            last = project(x)
-        assert last is not None
-        return self.final_layer(last)
+        return self.final_layer(iterative_refine(self.projects, xs))
 
 
 class FastPoseNet(nn.Module):
