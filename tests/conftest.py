@@ -63,3 +63,15 @@ def stop_process_group(proc, grace_s: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def stop_process(proc, grace_s: float = 20.0) -> None:
+    """Terminate a child server, kill it if it does not exit within ``grace_s``."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

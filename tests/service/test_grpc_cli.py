@@ -18,7 +18,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
+from tests.conftest import REPO_ROOT, python_cmd, stop_process, subprocess_env
 from tests.service.grpc_support import figure_frame, tiny_checkpoint
 
 
@@ -55,12 +55,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]
                 time.sleep(0.2)
         yield rest, rpc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _video(path: Path, frames: int = 12) -> Path:
