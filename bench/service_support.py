@@ -1,0 +1,47 @@
+"""Small helpers of ``bench/service.py``: the test image, a free port, a process's CPU time."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_jpeg() -> tuple[bytes, list[float]]:
+    """A 640x480 JPEG of one stick figure and its box [x, y, w, h]."""
+    img = np.full((480, 640, 3), 190, np.uint8)
+    cv2.circle(img, (320, 90), 28, (140, 170, 220), -1)
+    cv2.line(img, (320, 120), (320, 280), (160, 40, 40), 18)
+    for dx in (-70, 70):
+        cv2.line(img, (320, 150), (320 + dx, 230), (160, 40, 40), 10)
+        cv2.line(img, (320, 280), (320 + dx // 2, 420), (30, 30, 30), 12)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return buf.tobytes(), [230.0, 50.0, 180.0, 390.0]
+
+
+def _stat_cpu_s(path: Path) -> float:
+    """utime + stime (seconds) from a /proc .../stat file."""
+    fields = path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class ProcCpu:
+    """CPU seconds of a process (all threads) and of its main thread (the asyncio loop of uvicorn)."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = Path(f"/proc/{pid}")
+
+    def read(self) -> tuple[float, float]:
+        return _stat_cpu_s(self.proc / "stat"), _stat_cpu_s(self.proc / "task" / self.proc.name / "stat")
