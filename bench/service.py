@@ -4,11 +4,11 @@ Starts ``ditepose serve`` as a subprocess and sends one-person 640x480 JPEGs at 
 concurrency (a bounded number of requests per level, after an uncounted warm-up round) with
 the low-CPU client of :mod:`bench.loadgen`; reports req/s, p50/p99 latency, errors, the
 mean batch size, the worker's busy share and the CPU time per request of the server process
-(all threads; ``loop`` = its event-loop thread alone) and of the client. Then, with the
-server idle, it times the bare infer callable the workers use at batch size = concurrency
-(capped by max_batch_size) in this process: ``ratio`` is the service's req/s over the
-engine's crops/s, the share of raw model throughput the service keeps (1 request = 1 crop:
-flip test off unless ``--flip``).
+(all threads; ``loop`` = its event-loop thread alone) and of the client. Before and after
+each level, with the server idle, it times the bare infer callable the workers use at batch
+size = concurrency (capped by max_batch_size) in this process: ``ratio`` is the service's
+req/s over the engine's crops/s (mean of both), the share of raw model throughput the
+service keeps (1 request = 1 crop: flip test off unless ``--flip``).
 
 By default two models are measured in one run: the shipped demo checkpoint (128x96 input,
 a cheap network, so the per-request overhead weighs most) and a Dite-HRNet-18 at the
@@ -190,13 +190,18 @@ def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
         asyncio.run(run_level("127.0.0.1", port, request, 2, 4))  # warm-up
         for c in args.concurrency:
             n = args.requests or (max(16, 4 * c) if args.quick else max(160, 16 * c))
+            batch, min_s = min(c, args.max_batch_size), (1.0 if args.quick else 3.0)
+            # The engine right before and right after the load, while the (idle) server waits:
+            # on a shared machine the mean of the two is the fairest like-for-like figure.
+            before = engine.throughput(batch, min_s) if engine is not None else None
             level = _level(port, proc_cpu, request, c, n)
             if engine is not None:
-                # Right after the load, while the (idle) server waits: the same machine state.
-                batch = min(c, args.max_batch_size)
-                rate, cpu_ms = engine.throughput(batch, 1.0 if args.quick else 3.0)
+                after = engine.throughput(batch, min_s)
+                rate = (before[0] + after[0]) / 2
                 level.update(engine_batch=batch, engine_req_per_s=round(rate, 3),
-                             engine_cpu_ms_per_crop=round(cpu_ms, 2), ratio=round(level["req_per_s"] / rate, 3))
+                             engine_req_per_s_before_after=[round(before[0], 3), round(after[0], 3)],
+                             engine_cpu_ms_per_crop=round((before[1] + after[1]) / 2, 2),
+                             ratio=round(level["req_per_s"] / rate, 3))
             levels.append(level)
             print(f"  concurrency {c}: {level['req_per_s']} req/s; engine {level.get('engine_req_per_s')}/s", flush=True)
     finally:

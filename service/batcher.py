@@ -2,7 +2,13 @@
 
 A request submits a tensor of P crops. The batcher splits it into chunks of at most
 ``max_batch_size`` and queues them. Workers pull batches: a batch is released when it is
-full or when its oldest chunk has waited ``max_delay_ms``. The queue is bounded (in crops):
+full, or once a free worker has seen the queue stay quiet for ``max_delay_ms`` (no new crop
+arrived and none is announced, see :meth:`DynamicBatcher.announce`), and at the latest
+``max_fill_ms`` after the worker became free (or after the oldest chunk arrived, if later).
+Quietness is counted from the moment the worker is free, not from the arrival of the oldest
+chunk: under saturation the crops that queued while the previous batch ran would otherwise
+leave at once in a half batch, and the service settles into alternating half batches (the
+network is slower per crop at batch 16 than at 32). The queue is bounded (in crops):
 a submission that does not fit raises :class:`Overloaded` at once instead of queueing, and
 every submission has a deadline, so a caller never waits forever even if no worker runs.
 
@@ -43,6 +49,22 @@ class BatcherClosed(BatcherError):
 
 class InferenceFailed(BatcherError):
     """The worker's forward pass raised; only the requests of that batch get this."""
+
+
+class Arrival:
+    """A submission on its way (its image is being decoded and cropped): see :meth:`DynamicBatcher.announce`."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self.batcher = batcher
+        self.settled = False
+
+    def settle(self) -> None:
+        """The submission arrived or was abandoned (idempotent); wakes workers waiting for it."""
+        with self.batcher.condition:
+            if not self.settled:
+                self.settled = True
+                self.batcher._incoming -= 1
+                self.batcher.condition.notify_all()
 
 
 @dataclass(eq=False)
@@ -118,17 +140,22 @@ class DynamicBatcher:
         queue_size: int = 512,
         default_timeout_s: float = 30.0,
         condition: threading.Condition | None = None,
+        max_fill_ms: float | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1:
             raise ValueError("max_batch_size and queue_size must be >= 1")
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
+        # The most a free worker waits to fill a batch (default 10x max_delay_ms).
+        self.max_fill_s = (10.0 * max_delay_ms if max_fill_ms is None else max_fill_ms) / 1000.0
         self.queue_size = queue_size
         self.default_timeout_s = default_timeout_s
         self.condition = condition or threading.Condition()
         self._items: deque[_Item] = deque()
         self._pending = 0  # crops queued, not yet taken by a worker
+        self._incoming = 0  # announced submissions not yet queued (see announce)
+        self._last_arrival = 0.0
         self._closed = False
         self.rejected = 0
         self.expired = 0
@@ -139,7 +166,16 @@ class DynamicBatcher:
         """Crops waiting in the queue."""
         return self._pending
 
-    def _enqueue(self, crops: torch.Tensor, timeout_s: float | None) -> list[_Item]:
+    def announce(self) -> Arrival:
+        """Tell the workers a submission is on its way (decoding, cropping): while one is, a free
+        worker keeps filling its batch (up to ``max_fill_ms``) instead of running it after
+        ``max_delay_ms`` of quiet. Pass the token to :meth:`submit`/:meth:`submit_sync`, and
+        :meth:`Arrival.settle` it if the submission is abandoned."""
+        with self.condition:
+            self._incoming += 1
+        return Arrival(self)
+
+    def _enqueue(self, crops: torch.Tensor, timeout_s: float | None, arrival: Arrival | None = None) -> list[_Item]:
         if crops.ndim != 4:
             raise ValueError(f"crops must be [P,C,H,W], got shape {tuple(crops.shape)}")
         count = int(crops.shape[0])
@@ -159,6 +195,10 @@ class DynamicBatcher:
                 raise Overloaded(f"queue of model {self.name!r} is full ({self._pending} crops waiting)")
             self._items.extend(items)
             self._pending += count
+            self._last_arrival = now
+            if arrival is not None and not arrival.settled:
+                arrival.settled = True
+                self._incoming -= 1
             self.condition.notify_all()
         return items
 
@@ -177,11 +217,15 @@ class DynamicBatcher:
                         continue
                     self._pending -= item.size
 
-    def submit_sync(self, crops: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
+    def submit_sync(
+        self, crops: torch.Tensor, timeout_s: float | None = None, arrival: Arrival | None = None
+    ) -> torch.Tensor:
         """Queue ``crops`` and block until their outputs arrive (for threads, e.g. gRPC)."""
         if crops.shape[0] == 0:
+            if arrival is not None:
+                arrival.settle()
             return crops.new_zeros((0,))
-        items = self._enqueue(crops, timeout_s)
+        items = self._enqueue(crops, timeout_s, arrival)
         outputs = []
         try:
             for item in items:
@@ -195,11 +239,15 @@ class DynamicBatcher:
             raise
         return self._gather(items, outputs)
 
-    async def submit(self, crops: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
+    async def submit(
+        self, crops: torch.Tensor, timeout_s: float | None = None, arrival: Arrival | None = None
+    ) -> torch.Tensor:
         """Queue ``crops`` and await their outputs without blocking the event loop."""
         if crops.shape[0] == 0:
+            if arrival is not None:
+                arrival.settle()
             return crops.new_zeros((0,))
-        items = self._enqueue(crops, timeout_s)
+        items = self._enqueue(crops, timeout_s, arrival)
         waiters = [asyncio.wrap_future(item.future) for item in items]
         remaining = items[0].deadline - time.monotonic()
         gathered = asyncio.gather(*waiters)
@@ -241,14 +289,18 @@ class DynamicBatcher:
             self._items.popleft()
             self._pending -= head.size
 
-    def _due_in(self, now: float) -> float | None:
-        """Seconds until a batch is due; 0 = now; None = queue empty (lock held)."""
+    def _due_in(self, now: float, free_since: float) -> float | None:
+        """Seconds until a batch is due for a worker free since ``free_since``; 0 = now; None = queue
+        empty (lock held)."""
         self._drop_dead_head(now)
         if not self._items:
             return None
         if self._pending >= self.max_batch_size:
             return 0.0
-        return max(0.0, self._items[0].enqueued + self.max_delay_s - now)
+        due = max(self._items[0].enqueued, free_since) + self.max_fill_s
+        if not self._incoming:  # nothing on its way: wait only for max_delay of quiet
+            due = min(due, max(self._last_arrival, free_since) + self.max_delay_s)
+        return max(0.0, due - now)
 
     def _take(self, now: float) -> Batch | None:
         """Pop up to ``max_batch_size`` crops (lock held); None if every item was cancelled."""
@@ -276,11 +328,14 @@ class DynamicBatcher:
 _rotation = itertools.count()
 
 
-def wait_for_batch(batchers: Sequence[DynamicBatcher], timeout_s: float) -> Batch | None:
+def wait_for_batch(
+    batchers: Sequence[DynamicBatcher], timeout_s: float, free_since: float | None = None
+) -> Batch | None:
     """Wait until one of ``batchers`` (sharing one condition) has a due batch and take it.
 
-    Returns None after ``timeout_s`` with nothing due, so worker loops can check for stop.
-    Batchers are scanned from a rotating start so one busy model cannot starve another.
+    ``free_since``: when the calling worker finished its last batch (default: now). Returns
+    None after ``timeout_s`` with nothing due, so worker loops can check for stop. Batchers are
+    scanned from a rotating start so one busy model cannot starve another.
     """
     if not batchers:
         time.sleep(timeout_s)
@@ -289,6 +344,7 @@ def wait_for_batch(batchers: Sequence[DynamicBatcher], timeout_s: float) -> Batc
     if any(b.condition is not condition for b in batchers):
         raise ValueError("batchers waited on together must share one condition")
     give_up = time.monotonic() + timeout_s
+    free_since = give_up - timeout_s if free_since is None else free_since
     start = next(_rotation) % len(batchers)
     order = list(batchers[start:]) + list(batchers[:start])
     with condition:
@@ -298,14 +354,14 @@ def wait_for_batch(batchers: Sequence[DynamicBatcher], timeout_s: float) -> Batc
             if wait <= 0:
                 return None
             for batcher in order:
-                due = batcher._due_in(now)
+                due = batcher._due_in(now, free_since)
                 if due is None:
                     continue
                 if due <= 0:
                     batch = batcher._take(now)
                     if batch is not None:
                         return batch
-                    due = batcher._due_in(now)
+                    due = batcher._due_in(now, free_since)
                     if due is None:
                         continue
                 wait = min(wait, max(due, 1e-4))

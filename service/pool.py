@@ -104,12 +104,14 @@ class Worker:
                 # OpenMP thread counts are per calling thread: set it where inference runs.
                 torch.set_num_threads(self.torch_threads)
             self.state = "idle"
+            free_since = time.monotonic()
             while not self._stop.is_set():
-                batch = wait_for_batch(self.batchers, self.poll_s)
+                batch = wait_for_batch(self.batchers, self.poll_s, free_since)
                 if batch is not None:
                     self.state = "busy"
                     self._run_batch(batch)
                     self.state = "idle"
+                    free_since = time.monotonic()
             self.state = "stopped"
         except BaseException as exc:  # pragma: no cover - a bug in the loop itself
             self.state = "dead"

@@ -26,6 +26,7 @@ from service.registry import LoadedModel
 from service.settings import Settings
 
 DETECTORS = ("whole", "hog")
+_INLINE_FINISH_PERSONS = 4  # up to this many persons are decoded on the event loop itself
 
 
 @dataclass
@@ -170,24 +171,41 @@ class PoseService:
                 self.settings.retry_after_s,
             )
 
+    def _decode_prepare(
+        self, request: PoseRequest
+    ) -> tuple[np.ndarray, float, LoadedModel, TopDownPipeline, PreparedBatch]:
+        """Decode and crop in one go (one thread hop for the async path); the float is when decoding ended."""
+        image = self.decode(request.image_bytes)
+        decoded = time.perf_counter()
+        return (image, decoded, *self.prepare(request, image))
+
     async def estimate(self, request: PoseRequest) -> PoseResult:
-        """Run one request without blocking the event loop (CPU steps run in threads)."""
+        """Run one request without blocking the event loop (decoding and cropping run in a thread)."""
         self.admit(request)
         t0 = time.perf_counter()
-        image = await asyncio.to_thread(self.decode, request.image_bytes)
-        t1 = time.perf_counter()
-        model, pipe, prepared = await asyncio.to_thread(self.prepare, request, image)
-        t2 = time.perf_counter()
-        if len(prepared.crops) == 0:
-            heatmaps = self._no_heatmaps(model)
-        else:
-            try:
-                batcher = self.pool.batcher(model.name)
-                heatmaps = await batcher.submit(prepared.crops, self.settings.request_timeout_s)
-            except BatcherError as exc:
-                raise from_batcher_error(exc, self.settings.retry_after_s) from exc
+        # Announced before decoding, so a free worker waits for these crops rather than
+        # running a partial batch without them (see DynamicBatcher.announce).
+        batcher = self.pool.batcher(self.resolve_model(request.model).name)
+        arrival = batcher.announce()
+        try:
+            image, t1, model, pipe, prepared = await asyncio.to_thread(self._decode_prepare, request)
+            t2 = time.perf_counter()
+            if len(prepared.crops) == 0:
+                arrival.settle()
+                heatmaps = self._no_heatmaps(model)
+            else:
+                try:
+                    heatmaps = await batcher.submit(prepared.crops, self.settings.request_timeout_s, arrival)
+                except BatcherError as exc:
+                    raise from_batcher_error(exc, self.settings.retry_after_s) from exc
+        finally:
+            arrival.settle()
         t3 = time.perf_counter()
-        poses, persons = await asyncio.to_thread(self.finish, request, model, pipe, prepared, heatmaps)
+        if prepared.num_persons <= _INLINE_FINISH_PERSONS:
+            # Decoding a few persons' heatmaps takes less than a thread hop costs the loop.
+            poses, persons = self.finish(request, model, pipe, prepared, heatmaps)
+        else:
+            poses, persons = await asyncio.to_thread(self.finish, request, model, pipe, prepared, heatmaps)
         return self._result(model, image, poses, persons, (t0, t1, t2, t3, time.perf_counter()))
 
     def estimate_sync(self, request: PoseRequest) -> PoseResult:
