@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import torch
 
@@ -26,7 +27,6 @@ from service.registry import LoadedModel
 from service.settings import Settings
 
 DETECTORS = ("whole", "hog")
-_INLINE_FINISH_PERSONS = 4  # up to this many persons are decoded on the event loop itself
 
 
 @dataclass
@@ -67,6 +67,9 @@ class PoseService:
         self._pipelines: dict[tuple[str, bool, str], TopDownPipeline] = {}
         self._detectors: dict[str, object] = {}
         self._lock = threading.Lock()
+        # Per-request OpenCV work is one small warp per person: cv2's own thread pool only adds
+        # hand-offs and competes with the inference threads for the cores (process-wide setting).
+        cv2.setNumThreads(1)
 
     # ------------------------------------------------------------ pieces
     def resolve_model(self, name: str | None) -> LoadedModel:
@@ -201,11 +204,7 @@ class PoseService:
         finally:
             arrival.settle()
         t3 = time.perf_counter()
-        if prepared.num_persons <= _INLINE_FINISH_PERSONS:
-            # Decoding a few persons' heatmaps takes less than a thread hop costs the loop.
-            poses, persons = self.finish(request, model, pipe, prepared, heatmaps)
-        else:
-            poses, persons = await asyncio.to_thread(self.finish, request, model, pipe, prepared, heatmaps)
+        poses, persons = await asyncio.to_thread(self.finish, request, model, pipe, prepared, heatmaps)
         return self._result(model, image, poses, persons, (t0, t1, t2, t3, time.perf_counter()))
 
     def estimate_sync(self, request: PoseRequest) -> PoseResult:
