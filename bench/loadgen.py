@@ -96,6 +96,16 @@ class LevelResult:
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
 
+    def merge(self, other: LevelResult) -> None:
+        """Add another chunk of the same level."""
+        self.latencies_s += other.latencies_s
+        for code, count in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + count
+        for stage, total in other.stage_sums_ms.items():
+            self.stage_sums_ms[stage] += total
+        self.wall_s += other.wall_s
+        self.client_cpu_s += other.client_cpu_s
+
 
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -4,11 +4,12 @@ Starts ``ditepose serve`` as a subprocess and sends one-person 640x480 JPEGs at 
 concurrency (a bounded number of requests per level, after an uncounted warm-up round) with
 the low-CPU client of :mod:`bench.loadgen`; reports req/s, p50/p99 latency, errors, the
 mean batch size, the worker's busy share and the CPU time per request of the server process
-(all threads; ``loop`` = its event-loop thread alone) and of the client. Before and after
-each level, with the server idle, it times the bare infer callable the workers use at batch
-size = concurrency (capped by max_batch_size) in this process: ``ratio`` is the service's
-req/s over the engine's crops/s (mean of both), the share of raw model throughput the
-service keeps (1 request = 1 crop: flip test off unless ``--flip``).
+(all threads; ``loop`` = its event-loop thread alone) and of the client. Interleaved with the
+load (in rounds, so that on a shared machine both see the same background load), with the
+server idle, it times the bare infer callable the workers use at batch size = concurrency
+(capped by max_batch_size) in this process: ``ratio`` is the service's req/s over the
+engine's crops/s, the share of raw model throughput the service keeps (1 request = 1 crop:
+flip test off unless ``--flip``).
 
 By default two models are measured in one run: the shipped demo checkpoint (128x96 input,
 a cheap network, so the per-request overhead weighs most) and a Dite-HRNet-18 at the
@@ -42,7 +43,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.loadgen import STAGES, pose_request, run_level  # noqa: E402
+from bench.loadgen import STAGES, LevelResult, pose_request, run_level  # noqa: E402
 from bench.service_support import ProcCpu, free_port, test_jpeg  # noqa: E402
 
 
@@ -103,8 +104,8 @@ class _Engine:
         pipe = TopDownPipeline(loaded.input_size, loaded.spec, flip_test=flip)
         self.one = pipe.prepare(decode_image(jpeg, 10**8, 10**8), [box]).crops
 
-    def throughput(self, batch: int, min_s: float) -> tuple[float, float]:
-        """(crops per second, CPU ms per crop) at ``batch`` requests per forward pass."""
+    def run(self, batch: int, min_s: float) -> tuple[float, float, float]:
+        """(crops, seconds, CPU seconds) of forward passes at ``batch`` crops for at least ``min_s``."""
         crops = self.one.repeat(batch, 1, 1, 1).contiguous()
         result: list[float] = []
 
@@ -114,14 +115,14 @@ class _Engine:
             while runs < 2 or time.perf_counter() - started < min_s:
                 self.infer(crops)
                 runs += 1
-            result.extend([batch * runs / (time.perf_counter() - started), (time.process_time() - cpu) / (batch * runs)])
+            result.extend([batch * runs, time.perf_counter() - started, time.process_time() - cpu])
 
         # On a thread of its own, as in the worker pool: torch's CPU threading differs
         # between the main thread and others, and the comparison must be like for like.
         thread = threading.Thread(target=measure)
         thread.start()
         thread.join()
-        return result[0], result[1] * 1000
+        return result[0], result[1], result[2]
 
 
 def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: bool) -> subprocess.Popen:
@@ -149,18 +150,33 @@ def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: boo
     raise RuntimeError("server did not become ready")
 
 
-def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, requests: int) -> dict:
+def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, requests: int,
+           engine: _Engine | None, batch: int, rounds: int, engine_s: float) -> dict:
+    """One concurrency level in ``rounds`` load chunks, each preceded (and the last one followed)
+    by an engine chunk: on a shared machine, interleaving makes both sides see the same load."""
     asyncio.run(run_level("127.0.0.1", port, request, concurrency, 2 * concurrency))  # warm-up, not counted
-    before, cpu_before = _metric_sums(_get(f"http://127.0.0.1:{port}/metrics")), proc_cpu.read()
-    run = asyncio.run(run_level("127.0.0.1", port, request, concurrency, requests))
-    cpu_after, after = proc_cpu.read(), _metric_sums(_get(f"http://127.0.0.1:{port}/metrics"))
-    delta = {k: after[k] - before[k] for k in after}
+    engine_runs: list[tuple[float, float, float]] = []  # (crops, seconds, cpu seconds)
+    run, delta, server_cpu, loop_cpu = LevelResult(), dict.fromkeys(_metric_sums(""), 0.0), 0.0, 0.0
+    for index in range(rounds):
+        if engine is not None:
+            engine_runs.append(engine.run(batch, engine_s))
+        chunk = requests // rounds + (1 if index < requests % rounds else 0)
+        before, cpu_before = _metric_sums(_get(f"http://127.0.0.1:{port}/metrics")), proc_cpu.read()
+        run.merge(asyncio.run(run_level("127.0.0.1", port, request, concurrency, chunk)))
+        cpu_after, after = proc_cpu.read(), _metric_sums(_get(f"http://127.0.0.1:{port}/metrics"))
+        for key in delta:
+            delta[key] += after[key] - before[key]
+        server_cpu += cpu_after[0] - cpu_before[0]
+        loop_cpu += cpu_after[1] - cpu_before[1]
+    if engine is not None:
+        engine_runs.append(engine.run(batch, engine_s))
     ok = len(run.latencies_s)
     lat_ms = sorted(x * 1000 for x in run.latencies_s)
     batches = delta["batch_size_count"]
-    return {
+    level = {
         "concurrency": concurrency,
         "requests": requests,
+        "rounds": rounds,
         "ok": ok,
         "errors": run.errors,
         "wall_s": round(run.wall_s, 3),
@@ -170,15 +186,22 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
         "mean_batch": round(delta["batch_size_sum"] / batches, 2) if batches else None,
         "worker_busy": round(delta["inference_duration_seconds_sum"] / run.wall_s, 3),
         "mean_queue_wait_ms": round(1000 * delta["queue_wait_seconds_sum"] / batches, 1) if batches else None,
-        "server_cpu_ms_per_req": round(1000 * (cpu_after[0] - cpu_before[0]) / requests, 2),
-        "server_loop_cpu_ms_per_req": round(1000 * (cpu_after[1] - cpu_before[1]) / requests, 2),
+        "server_cpu_ms_per_req": round(1000 * server_cpu / requests, 2),
+        "server_loop_cpu_ms_per_req": round(1000 * loop_cpu / requests, 2),
         "client_cpu_ms_per_req": round(1000 * run.client_cpu_s / requests, 2),
         "server_stages_mean_ms": {s: round(run.stage_sums_ms[s] / ok, 2) for s in STAGES} if ok else None,
     }
+    if engine_runs:
+        crops, seconds, cpu = (sum(r[i] for r in engine_runs) for i in range(3))
+        rate = crops / seconds
+        level.update(engine_batch=batch, engine_req_per_s=round(rate, 3),
+                     engine_req_per_s_chunks=[round(r[0] / r[1], 2) for r in engine_runs],
+                     engine_cpu_ms_per_crop=round(1000 * cpu / crops, 2), ratio=round(level["req_per_s"] / rate, 3))
+    return level
 
 
 def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
-    """Every concurrency level against one model, each followed by the engine at that batch."""
+    """Every concurrency level against one model, interleaved with the engine at that batch."""
     jpeg, box = test_jpeg()
     port = free_port()
     request = pose_request("127.0.0.1", port, jpeg, [box], args.flip)
@@ -190,18 +213,8 @@ def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
         asyncio.run(run_level("127.0.0.1", port, request, 2, 4))  # warm-up
         for c in args.concurrency:
             n = args.requests or (max(16, 4 * c) if args.quick else max(160, 16 * c))
-            batch, min_s = min(c, args.max_batch_size), (1.0 if args.quick else 3.0)
-            # The engine right before and right after the load, while the (idle) server waits:
-            # on a shared machine the mean of the two is the fairest like-for-like figure.
-            before = engine.throughput(batch, min_s) if engine is not None else None
-            level = _level(port, proc_cpu, request, c, n)
-            if engine is not None:
-                after = engine.throughput(batch, min_s)
-                rate = (before[0] + after[0]) / 2
-                level.update(engine_batch=batch, engine_req_per_s=round(rate, 3),
-                             engine_req_per_s_before_after=[round(before[0], 3), round(after[0], 3)],
-                             engine_cpu_ms_per_crop=round((before[1] + after[1]) / 2, 2),
-                             ratio=round(level["req_per_s"] / rate, 3))
+            rounds, engine_s = (2, 0.5) if args.quick else (4, 1.5)
+            level = _level(port, proc_cpu, request, c, n, engine, min(c, args.max_batch_size), rounds, engine_s)
             levels.append(level)
             print(f"  concurrency {c}: {level['req_per_s']} req/s; engine {level.get('engine_req_per_s')}/s", flush=True)
     finally:
