@@ -194,7 +194,6 @@ class PoseService:
             image, t1, model, pipe, prepared = await asyncio.to_thread(self._decode_prepare, request)
             t2 = time.perf_counter()
             if len(prepared.crops) == 0:
-                arrival.settle()
                 heatmaps = self._no_heatmaps(model)
             else:
                 try:
@@ -211,18 +210,20 @@ class PoseService:
         """The same as :meth:`estimate` for callers on threads (e.g. a gRPC thread pool)."""
         self.admit(request)
         t0 = time.perf_counter()
-        image = self.decode(request.image_bytes)
-        t1 = time.perf_counter()
-        model, pipe, prepared = self.prepare(request, image)
-        t2 = time.perf_counter()
-        if len(prepared.crops) == 0:
-            heatmaps = self._no_heatmaps(model)
-        else:
-            try:
-                batcher = self.pool.batcher(model.name)
-                heatmaps = batcher.submit_sync(prepared.crops, self.settings.request_timeout_s)
-            except BatcherError as exc:
-                raise from_batcher_error(exc, self.settings.retry_after_s) from exc
+        batcher = self.pool.batcher(self.resolve_model(request.model).name)
+        arrival = batcher.announce()
+        try:
+            image, t1, model, pipe, prepared = self._decode_prepare(request)
+            t2 = time.perf_counter()
+            if len(prepared.crops) == 0:
+                heatmaps = self._no_heatmaps(model)
+            else:
+                try:
+                    heatmaps = batcher.submit_sync(prepared.crops, self.settings.request_timeout_s, arrival)
+                except BatcherError as exc:
+                    raise from_batcher_error(exc, self.settings.retry_after_s) from exc
+        finally:
+            arrival.settle()
         t3 = time.perf_counter()
         poses, persons = self.finish(request, model, pipe, prepared, heatmaps)
         return self._result(model, image, poses, persons, (t0, t1, t2, t3, time.perf_counter()))
