@@ -129,9 +129,19 @@ def keep_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 class FoldedConv2d(nn.Conv2d):
-    """A static conv with its BatchNorm folded in; keeps a channels-last input channels-last."""
+    """A static conv with its BatchNorm folded in; keeps a channels-last input channels-last.
+
+    A dense 1x1 conv on channels-last maps is one GEMM over the pixels ([B*H*W, Cin] x [Cin, Cout]):
+    it runs as ``F.linear`` on the NHWC view, with no layout conversion on the way in or out."""
+
+    def __init__(self, *args, **kwargs) -> None:  # nn.Conv2d's signature
+        super().__init__(*args, **kwargs)
+        self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and self.padding == (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pointwise and is_channels_last(x) and not _tracing():
+            out = F.linear(x.permute(0, 2, 3, 1), self.weight.view(self.out_channels, self.in_channels), self.bias)
+            return out.permute(0, 3, 1, 2)
         return super().forward(keep_channels_last(x))
 
 
