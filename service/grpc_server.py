@@ -108,7 +108,8 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
             await abort_with(context, denied)
         default = self.settings.default_model_name
         models = [model_info(m, m.name == default) for m in self.service.pool.models.values()]
-        return pose_pb2.ListModelsResponse(models=models)
+        failed = dict(getattr(self.service.pool, "failed_models", {}))
+        return pose_pb2.ListModelsResponse(models=models, failed=failed)
 
     async def StreamPose(
         self, request_iterator: AsyncIterator[pose_pb2.StreamRequest], context: grpc.aio.ServicerContext
