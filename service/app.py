@@ -19,7 +19,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import AdmissionControl, BodySizeLimit, RequestMetrics
 from service.pool import WorkerPool
 from service.pose_service import PoseService
-from service.routes import demo, health, jobs, models, pose
+from service.routes import demo, error_responses, health, jobs, models, pose
 from service.security import require_api_key
 from service.settings import Settings
 
@@ -76,10 +76,10 @@ def create_app(settings: Settings | None = None, pool: WorkerPool | None = None)
         _attach(app, pool, settings)
 
     install_error_handlers(app)
-    secured = [Depends(require_api_key)]
-    app.include_router(pose.router, dependencies=secured)
-    app.include_router(models.router, dependencies=secured)
-    app.include_router(jobs.router, dependencies=secured)
+    secured = {"dependencies": [Depends(require_api_key)], "responses": error_responses("unauthorized")}
+    app.include_router(pose.router, **secured)
+    app.include_router(models.router, **secured)
+    app.include_router(jobs.router, **secured)
     app.include_router(health.router)
     app.include_router(demo.router)  # GET /: the browser demo (public page, not in OpenAPI)
 

@@ -78,7 +78,8 @@ def render(data: dict, soak: dict | None) -> str:
     lines += ["## What the suite checks, and known limits", "",
               "* Hostile input: every answer is < 500 and, when not 200, the JSON error shape; the server is "
               "ready and serves a normal request afterwards. Schemathesis runs against the live `/openapi.json` "
-              "with the `not_a_server_error`, response-schema and content-type checks.",
+              "with the `not_a_server_error`, status-code (every status returned is documented for that operation), "
+              "response-schema and content-type checks.",
               "* Overload: shedding happens in three places. An in-flight limit (`DITEPOSE_MAX_IN_FLIGHT`, shared by "
               "REST `POST /v1/pose` and gRPC `Estimate`) answers 429 + Retry-After / RESOURCE_EXHAUSTED from the "
               "request's headers alone, before its body is read (`shed_before_body`); the queue-depth check before "
