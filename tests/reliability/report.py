@@ -21,7 +21,8 @@ CATEGORIES = {
     "security": "Security",
 }
 
-_OVERLOAD_COUNTS = ("served", "shed_429", "shed_before_body", "shed_by_queue", "other", "load_average")
+_OVERLOAD_COUNTS = ("served", "shed_429", "shed_before_body", "shed_by_queue", "other", "lone_requests",
+                    "load_average")
 
 
 def _num(record: dict, key: str) -> int:
@@ -85,9 +86,10 @@ def render(data: dict, soak: dict | None) -> str:
               "request's headers alone, before its body is read (`shed_before_body`); the queue-depth check before "
               "decoding and the batcher's crop count have the final say (`shed_by_queue`). `server_*` figures are "
               "the server's own latency histogram on /metrics (from the headers reaching the app to the answer, "
-              "interpolated within buckets as Prometheus does); the client figures add the time the request spends "
-              "in the 64 load-generator tasks' event loop and in the server's accept/parse queue, all on the same "
-              "2 cores, so they are much larger than the server's and not a measure of it. The test asserts the "
+              "interpolated within buckets as Prometheus does); `lone_*` figures are one sequential client in its "
+              "own process during the overload (connect to answer, so they include the server's accept/parse "
+              "queue); `served_*`/`shed_*` are the 64 load-generator tasks' own timings, which also include their "
+              "event loop's queueing on the same 2 cores, so they are much larger and not a measure of the server. The test asserts the "
               "server-side 429 median is under a tenth of the served median and that no 429 took the deadline; "
               "it asserts no absolute milliseconds. The figures were taken on a shared machine (see "
               "`load_average`).",
