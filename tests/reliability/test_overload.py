@@ -157,7 +157,8 @@ def test_overload_sheds_fast_and_recovers(tiny_ckpt: Path, tmp_path: Path) -> No
                   f"{IN_FLIGHT_LIMIT}); clients: {CLIENTS} asyncio tasks in the test process (served_*, shed_*: "
                   "include their own event-loop queueing) and one lone sequential client in its own process "
                   "(lone_*: connect to answer); server_*: the server's own histogram on /metrics, headers in "
-                  "to answer out (Prometheus-style interpolation within buckets)")
+                  "to answer out (Prometheus-style interpolation within buckets); served/shed_429 count the "
+                  "load tasks' answers, shed_before_body/shed_by_queue the server's (lone client included)")
 
 
 def _load_average() -> str:
