@@ -199,21 +199,25 @@ def test_slot_is_released_on_every_rest_outcome(live: tuple) -> None:
 
 
 def test_full_service_answers_429_without_reading_the_body(live: tuple) -> None:
-    """One upload that never finishes holds the only slot; further requests (multipart and JSON)
-    whose bodies are never sent either get 429 from their headers; hanging up frees the slot."""
+    """One upload that never finishes holds the only slot; further requests (multipart, JSON, and
+    one waiting for 100-continue) whose bodies are never sent get 429 from their headers; hanging
+    up frees the slot."""
     app, url, _ch, _faults = live
     rejected_before = dict(app.state.admission.rejected)
     holder = start_upload(url, 200_000, multipart_prefix())
     try:
         assert wait_until(lambda: app.state.admission.in_flight == 1, timeout=10)
-        for content_type, sent in ((None, multipart_prefix()), ("application/json", b'{"image": "/9j/4AAQ')):
+        expect = {"Expect": "100-continue"}  # a client that waits for "100 Continue" before its body
+        for content_type, sent, headers in ((None, multipart_prefix(), None),
+                                            ("application/json", b'{"image": "/9j/4AAQ', None),
+                                            (None, b"", expect)):
             kwargs = {"content_type": content_type} if content_type else {}
-            shed = start_upload(url, 5_000_000, sent, **kwargs)
+            shed = start_upload(url, 5_000_000, sent, extra_headers=headers, **kwargs)
             try:
                 answer = read_response(shed, timeout=10)
             finally:
                 shed.close()
-            assert answer.status == 429, answer
+            assert answer.status == 429, answer  # not "100 Continue": the body was never asked for
             assert answer.headers["retry-after"] == "2"
             body = json.loads(answer.body)
             assert body["error"]["code"] == "overloaded" and "in flight" in body["error"]["message"]
@@ -221,7 +225,7 @@ def test_full_service_answers_429_without_reading_the_body(live: tuple) -> None:
     finally:
         holder.close()  # the client hangs up mid-upload
     assert _idle(app)
-    assert app.state.admission.rejected["rest"] == rejected_before.get("rest", 0) + 2
+    assert app.state.admission.rejected["rest"] == rejected_before.get("rest", 0) + 3
     with httpx.Client(base_url=url, timeout=30) as client:
         assert post_pose(client, encode(figure_image(160, 120)), boxes=BOX).status_code == 200
         metrics = client.get("/metrics").text
