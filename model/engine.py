@@ -66,8 +66,9 @@ class InferenceEngine:
             fuse_bn = False
         self.fuse_bn = fuse_bn
         self.dynamic = dynamic if fuse_bn else "grouped"
-        # measured on the 2-core CPU: channels-last is not faster end to end there (see bench results)
-        self.channels_last = self.device.type == "cuda" if channels_last == "auto" else bool(channels_last)
+        # channels-last: oneDNN's NCHW depth-wise convs are several times slower (bench/engine.py);
+        # the unfused module keeps its NCHW graph on CPU unless asked
+        self.channels_last = (fuse_bn or self.device.type == "cuda") if channels_last == "auto" else bool(channels_last)
         if fuse_bn:  # builds new tensors; ``module`` is not touched
             net: nn.Module = optimize_for_inference(module, dynamic=dynamic).float()
             net.channels_last = self.channels_last

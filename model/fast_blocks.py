@@ -24,6 +24,11 @@ from model.dite_hrnet import iterative_refine
 
 DYNAMIC_MODES = ("grouped", "fast", "stacked")
 
+# Channels-last CPU, batch > 1: a per-sample depth-wise conv runs as one oneDNN call per sample on maps
+# at least this large (oneDNN's NHWC depth-wise kernel is fast per sample but slow on the
+# batch-folded [1, B*C, H, W] tensor), as the batch-folded NCHW conv on smaller maps.
+PER_SAMPLE_MIN_PIXELS = 2048
+
 
 def _tracing() -> bool:
     """Exporters get out-of-place ops (stack, broadcast add) instead of writes into views."""
@@ -60,8 +65,9 @@ def interleaved_buffer(
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
-    """True for a channels-last tensor that is not also plain contiguous (then layouts differ)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    """True for a 4-D tensor whose channels are innermost in memory (channels-last, or a channel
+    slice of one), unless it is also plain contiguous (then both layouts are the same)."""
+    return x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
 
 
 def spatial_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -103,6 +109,30 @@ def add_upsampled_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         return (big + small).reshape(target.shape)
     big.add_(small)
     return target
+
+
+def keep_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with canonical channels-last strides when its channels are innermost.
+
+    oneDNN runs a conv (and returns its output) in NCHW unless the input's strides are exactly
+    channels-last; a channel slice, or a batch of one with an odd batch stride, would silently
+    take the whole network out of channels-last, where its depth-wise convs are much slower."""
+    if not is_channels_last(x):
+        return x
+    _, channels, height, width = x.shape
+    canonical = (channels * height * width, 1, width * channels, channels)
+    if x.stride() == canonical:
+        return x
+    if x.is_contiguous(memory_format=torch.channels_last):  # only a size-1 dim's stride differs
+        return x.as_strided(x.shape, canonical)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A static conv with its BatchNorm folded in; keeps a channels-last input channels-last."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(keep_channels_last(x))
 
 
 class PooledMLP(nn.Module):
@@ -176,6 +206,8 @@ class FastDynamicConv(nn.Module):
             else:
                 out = torch.baddbmm(self.bias[:, None], kernels, x.reshape(batch, channels, height * width))
                 out = out.view(batch, self.out_channels, height, width)
+        elif is_channels_last(x):
+            out = self._conv_channels_last(x, weights)
         else:
             out = F.conv2d(
                 x.reshape(1, batch * channels, height, width),
@@ -186,9 +218,29 @@ class FastDynamicConv(nn.Module):
                 groups=self.groups * batch,
             )
             out = out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
-            if batch > 1 and is_channels_last(x):  # keep the network's layout
-                out = out.contiguous(memory_format=torch.channels_last)
         return F.relu(out, inplace=True) if self.relu else out
+
+
+    def _conv_channels_last(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Per-sample kernels on a channels-last batch; the result stays channels-last."""
+        batch, channels, height, width = x.shape
+        x = keep_channels_last(x)
+        kernels = weights.view(batch, self.out_channels, self.in_per_group, *self.kernel_size)
+        conv = dict(stride=self.stride, padding=self.padding, groups=self.groups)
+        if batch == 1:
+            return F.conv2d(x, kernels[0], self.bias, **conv)
+        if height * width >= PER_SAMPLE_MIN_PIXELS and x.device.type == "cpu":  # one kernel launch per sample on CUDA: no
+            return torch.cat([F.conv2d(x[i : i + 1], kernels[i], self.bias, **conv) for i in range(batch)])
+        out = F.conv2d(
+            x.contiguous().view(1, batch * channels, height, width),
+            kernels.view(batch * self.out_channels, self.in_per_group, *self.kernel_size),
+            self.bias.repeat(batch),
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups * batch,
+        )
+        out = out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
+        return out.contiguous(memory_format=torch.channels_last)
 
 
 class FastGlobalContext(nn.Module):
@@ -401,4 +453,4 @@ class FastPoseNet(nn.Module):
                 source = branches[j] if j < len(branches) else branches[-1]
                 inputs.append(layer(source) if not isinstance(layer, nn.Identity) else source)
             branches = stage(inputs)
-        return self.head(branches)
+        return self.head(branches).contiguous()

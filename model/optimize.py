@@ -31,7 +31,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, factor: float = 1.0
         scale, shift = _bn_affine(bn)
         weight = weight * scale[:, None, None, None]
         bias = bias * scale + shift
-    fused = nn.Conv2d(
+    fused = fb.FoldedConv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, conv.groups, bias=True, device=conv.weight.device, dtype=dtype,
     )
