@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     queue_size: int = Field(
         default=512, ge=1, description="Most crops waiting per model; beyond it requests get 429 at once."
     )
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most POST /v1/pose and gRPC Estimate requests admitted at once (read, decoded, queued or "
+        "running); past it the next gets 429 / RESOURCE_EXHAUSTED from its headers alone, before its body is "
+        "read. None: len(models) * (queue_size + workers_per_device * max_batch_size) // 2, i.e. as many "
+        "typical requests (one person with the flip test: 2 crops) as full queues plus one running batch per "
+        "worker hold. The queue check (by crops) still has the final say.",
+    )
     request_timeout_s: float = Field(
         default=30.0, gt=0, description="Deadline for queue + inference of one request (504 after it)."
     )
@@ -86,7 +95,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads of each worker thread (None = torch default)."
     )
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429.")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429 (queue full or too many requests in flight).")
 
     @field_validator("devices")
     @classmethod
@@ -109,6 +118,14 @@ class Settings(BaseSettings):
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not one of {names}")
         return self
+
+    @property
+    def resolved_max_in_flight(self) -> int:
+        """``max_in_flight``, or the default derived from the queue and batch sizes."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        crops = self.queue_size + self.workers_per_device * self.max_batch_size
+        return max(1, len(self.models) * crops // 2)
 
     @property
     def default_model_name(self) -> str:
