@@ -62,13 +62,29 @@ def test_slot_is_released_when_the_block_raises() -> None:
 
 
 def test_default_limit_follows_queue_and_batch_sizes() -> None:
-    one = Settings(_env_file=None, queue_size=8, max_batch_size=4)
+    one = Settings(_env_file=None, queue_size=8, max_batch_size=4, workers_per_device=1)
     assert one.resolved_max_in_flight == (8 + 4) // 2
     two = Settings(_env_file=None, models=[ModelSpec(name="a"), ModelSpec(name="b")], queue_size=512,
                    max_batch_size=32, workers_per_device=2)
     assert two.resolved_max_in_flight == 2 * (512 + 2 * 32) // 2
     assert Settings(_env_file=None, max_in_flight=3).resolved_max_in_flight == 3
-    assert Settings(_env_file=None, queue_size=1, max_batch_size=1).resolved_max_in_flight == 1
+    assert Settings(_env_file=None, queue_size=1, max_batch_size=1, workers_per_device=1).resolved_max_in_flight == 1
+    auto = Settings(_env_file=None, devices="cpu", queue_size=8, max_batch_size=4)  # a worker per core
+    assert auto.resolved_max_in_flight == (8 + auto.resolved_workers_per_device() * 4) // 2
+
+
+def test_cpu_defaults_one_single_threaded_worker_per_core(monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    cpu = Settings(_env_file=None, devices="cpu")
+    assert (cpu.resolved_workers_per_device(), cpu.resolved_torch_threads()) == (4, 1)
+    two = Settings(_env_file=None, devices="cpu", workers_per_device=2)
+    assert (two.resolved_workers_per_device(), two.resolved_torch_threads()) == (2, 2)
+    pinned = Settings(_env_file=None, devices="cpu", workers_per_device=1, torch_threads=3)
+    assert (pinned.resolved_workers_per_device(), pinned.resolved_torch_threads()) == (1, 3)
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert Settings(_env_file=None, devices="cpu").resolved_workers_per_device() == 8  # capped
+    gpu = Settings(_env_file=None, devices="cuda:0,cuda:1")
+    assert (gpu.resolved_workers_per_device(), gpu.resolved_torch_threads()) == (1, None)
 
 
 # ------------------------------------------------------------ the ASGI middleware
