@@ -7,7 +7,6 @@ described once (environment, ``.env`` file or constructor arguments in tests).
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 from typing import Literal
 
