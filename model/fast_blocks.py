@@ -67,7 +67,8 @@ def interleaved_buffer(
 def is_channels_last(x: torch.Tensor) -> bool:
     """True for a 4-D tensor whose channels are innermost in memory (channels-last, or a channel
     slice of one), unless it is also plain contiguous (then both layouts are the same)."""
-    return x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+    # (called several hundred times per forward pass, so only the cheapest checks: 4-D callers only)
+    return x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
 
 
 def spatial_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,7 @@ class FastDynamicConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        attention = self.attention(x.mean((2, 3)))  # [B, N]
+        attention = self.attention.forward(x.mean((2, 3)))  # [B, N] (no hooks: skip Module.__call__)
         if self.use_stacked:
             y = F.conv2d(x, self.stacked, None, self.stride, self.padding, groups=channels)
             y = y.view(batch, channels, self.num_kernels, y.shape[-2], y.shape[-1])
@@ -233,7 +234,6 @@ class FastDynamicConv(nn.Module):
             )
             out = out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
         return F.relu(out, inplace=True) if self.relu else out
-
 
     def _conv_channels_last(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Per-sample kernels on a channels-last batch; the result stays channels-last."""
@@ -327,11 +327,12 @@ class FastSplitConv(nn.Module):
         self.conv = convs
         self.split = split
         self.equal = len(set(split)) == 1
+        self._convs = list(convs)  # plain list: no ModuleList indexing in the hot loop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.conv) == 1:
-            return self.conv[0](x)
-        parts = [conv(p) for conv, p in zip(self.conv, torch.split(x, self.split, dim=1), strict=True)]
+        if len(self._convs) == 1:
+            return self._convs[0](x)
+        parts = [conv(p) for conv, p in zip(self._convs, torch.split(x, self.split, dim=1), strict=True)]
         if not self.equal:  # the reference's remainder split; shuffle the plain way
             y = torch.cat(parts, dim=1)
             b, c, h, w = y.shape
@@ -347,22 +348,24 @@ class FastBlock(nn.Module):
         self.dcm = dcm
         self.conv = convs
         self.gcm = gcm
+        self._convs = [c.forward for c in convs]  # no hooks on these: skip Module.__call__
+        self._gcms = [g.forward for g in gcm] if gcm is not None else None
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         passed = [x[:, : x.shape[1] // 2] for x in xs]
         worked = [x[:, x.shape[1] // 2 :] for x in xs]
         if self.dcm is not None:
-            worked = self.dcm(worked)
-        worked = [conv(w) for conv, w in zip(self.conv, worked, strict=True)]
+            worked = self.dcm.forward(worked)
+        worked = [conv(w) for conv, w in zip(self._convs, worked, strict=True)]
         out = []
         for i, (a, b) in enumerate(zip(passed, worked, strict=True)):
             if _tracing():
-                out.append(interleave([a, self.gcm[i](b) if self.gcm is not None else b]))
+                out.append(interleave([a, self._gcms[i](b) if self._gcms is not None else b]))
                 continue
             full, (slot_a, slot_b) = interleaved_buffer(b, 2 * b.shape[1], 2)
             slot_a.copy_(a)
-            if self.gcm is not None:
-                self.gcm[i](b, out=slot_b)
+            if self._gcms is not None:
+                self._gcms[i](b, out=slot_b)
             else:
                 slot_b.copy_(b)
             out.append(full)
@@ -377,25 +380,25 @@ class FastCrossResolution(nn.Module):
         self.layers = layers
         self.fuse_layers = fuse  # [i][j]: None on the diagonal; [i][0] for i > 0 already doubled
         self.up = up  # [i][j]: path j -> i ends with a nearest upsample (j > i)
+        self._blocks = [block.forward for block in layers]  # no hooks on these: skip Module.__call__
+        self._fuse = [list(row) for row in fuse]
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = self.layers(xs)
+        out = xs
+        for block in self._blocks:
+            out = block(out)
         n = len(out)
+        inplace = not _tracing()
         fused0 = out[0] + out[0]
         for j in range(1, n):
-            fused0 = add_upsampled_(fused0, self.fuse_layers[0][j](out[j]))
-        fused0 = F.relu(fused0, inplace=not _tracing())
+            fused0 = add_upsampled_(fused0, self._fuse[0][j](out[j]))
+        fused0 = F.relu(fused0, inplace=inplace)
         results = [fused0]
         for i in range(1, n):
-            y = self.fuse_layers[i][0](fused0)
+            y = self._fuse[i][0](fused0)
             for j in range(1, n):
-                if i == j:
-                    y = add_upsampled_(y, out[j])
-                elif self.up[i][j]:
-                    y = add_upsampled_(y, self.fuse_layers[i][j](out[j]))
-                else:
-                    y = add_upsampled_(y, self.fuse_layers[i][j](out[j]))
-            results.append(F.relu(y, inplace=not _tracing()))
+                y = add_upsampled_(y, out[j] if i == j else self._fuse[i][j](out[j]))
+            results.append(F.relu(y, inplace=inplace))
         return results
 
 
