@@ -343,8 +343,13 @@ class FastSplitConv(nn.Module):
 class FastBlock(nn.Module):
     """DMC block: pass half, DCM -> DSC -> GCM on the other half, the GCM writing into the shuffle."""
 
-    def __init__(self, dcm: FastDenseContext | None, convs: nn.ModuleList, gcm: nn.ModuleList | None) -> None:
+    def __init__(
+        self, dcm: FastDenseContext | None, convs: nn.ModuleList, gcm: nn.ModuleList | None, branch0_factor: float = 1.0
+    ) -> None:
         super().__init__()
+        # branch 0's output times this: the passed half at its copy, the worked half inside the GCM
+        # (folded at conversion); without a GCM, at its copy too
+        self.branch0_factor = branch0_factor
         self.dcm = dcm
         self.conv = convs
         self.gcm = gcm
@@ -359,13 +364,20 @@ class FastBlock(nn.Module):
         worked = [conv(w) for conv, w in zip(self._convs, worked, strict=True)]
         out = []
         for i, (a, b) in enumerate(zip(passed, worked, strict=True)):
+            factor = self.branch0_factor if i == 0 else 1.0
             if _tracing():
-                out.append(interleave([a, self._gcms[i](b) if self._gcms is not None else b]))
+                b = self._gcms[i](b) if self._gcms is not None else b * factor
+                out.append(interleave([a * factor if factor != 1.0 else a, b]))
                 continue
             full, (slot_a, slot_b) = interleaved_buffer(b, 2 * b.shape[1], 2)
-            slot_a.copy_(a)
+            if factor != 1.0:
+                torch.mul(a, factor, out=slot_a)
+            else:
+                slot_a.copy_(a)
             if self._gcms is not None:
                 self._gcms[i](b, out=slot_b)
+            elif factor != 1.0:
+                torch.mul(b, factor, out=slot_b)
             else:
                 slot_b.copy_(b)
             out.append(full)
@@ -373,7 +385,8 @@ class FastBlock(nn.Module):
 
 
 class FastCrossResolution(nn.Module):
-    """DMC blocks then multi-scale fusion, upsampling by broadcast adds, the branch-0 doubling folded."""
+    """DMC blocks then multi-scale fusion, upsampling by broadcast adds, the branch-0 doublings folded
+    (into the last block's output for row 0, into the paths' last convs for rows i > 0)."""
 
     def __init__(self, layers: nn.Sequential, fuse: nn.ModuleList, up: list[list[bool]]) -> None:
         super().__init__()
@@ -389,7 +402,7 @@ class FastCrossResolution(nn.Module):
             out = block(out)
         n = len(out)
         inplace = not _tracing()
-        fused0 = out[0] + out[0]
+        fused0 = out[0]  # already 2 * branch 0: the last block doubled it (see FastBlock.branch0_factor)
         for j in range(1, n):
             fused0 = add_upsampled_(fused0, self._fuse[0][j](out[j]))
         fused0 = F.relu(fused0, inplace=inplace)
