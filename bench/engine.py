@@ -2,8 +2,20 @@
 
     python bench/engine.py [--quick] [--json OUT] [--archs dite_hrnet_18 ...] [--compile]
 
-Paths are timed round-robin (one call of each path per round, median over rounds) so that a
-busy machine slows every path alike. Peak memory is the RSS high-water mark over one call
+Paths are timed in rounds: each round runs every path for a block of consecutive calls (steady
+state, as a serving worker runs), and a path's figure is the median over rounds, so that a busy
+machine slows every path alike. Run it on a quiet machine: with both cores contended, OpenMP's
+barriers make the many-small-op eager graph collapse far more than the optimised paths, which
+would flatter the speed-ups (``load_average_at_end`` is recorded for that reason).
+
+"N streams x T threads" paths run N batches at once on N Python threads, each with T intra-op
+threads, as the service does with ``DITEPOSE_WORKERS_PER_DEVICE=N DITEPOSE_TORCH_THREADS=T``: one
+call of such a path is N batches, and img/s counts all of them. The eager graph is timed that way
+too, so the gain of the layout can be told from the gain of the optimised network.
+
+Inputs are the authors' reference crops (``../shared/fixtures/reference``) when present, random
+normal otherwise; weights are the reference checkpoints when present (random weights and inputs
+can run into denormals, which are slow and not what a trained network sees). Peak memory is the RSS high-water mark over one call
 (reset through /proc/self/clear_refs) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 """
 
@@ -19,14 +31,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import build_model
+from model import build_model, load_checkpoint
 from model.engine import InferenceEngine
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
+REFERENCE_WEIGHTS = {"dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", 17), "dite_hrnet_30": ("dite_hrnet_30_mpii_random.pth", 16)}
+REFERENCE_INPUT = "dite_hrnet_18_coco_golden_io.pt"
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "engine_cpu.json"
 
@@ -51,9 +68,35 @@ def peak_rss_delta_mb(fn: Callable[[], object]) -> float | None:
     return None if before is None or peak is None else max(0, peak - before) / 1024
 
 
+class Streams:
+    """Run ``fn`` on ``streams`` Python threads at once (each with ``threads`` intra-op threads)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], streams: int, threads: int) -> None:
+        self.fn, self.streams = fn, streams
+        self.pool = ThreadPoolExecutor(streams, initializer=torch.set_num_threads, initargs=(threads,))
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.pool.map(self.fn, [x] * self.streams))
+
+
+def reference_model(arch: str) -> torch.nn.Module:
+    name, joints = REFERENCE_WEIGHTS.get(arch, ("", 17))
+    model = build_model(arch, num_joints=joints)
+    if name and (REFERENCE / name).is_file():
+        load_checkpoint(model, REFERENCE / name)
+    return model.eval()
+
+
+def bench_input(batch: int, input_hw: tuple[int, int]) -> torch.Tensor:
+    if (REFERENCE / REFERENCE_INPUT).is_file() and tuple(input_hw) == (256, 192):
+        crops = torch.load(REFERENCE / REFERENCE_INPUT, weights_only=True)["input"]
+        return crops[torch.arange(batch) % len(crops)].contiguous()
+    return torch.randn(batch, 3, *input_hw, generator=torch.Generator().manual_seed(0))
+
+
 def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bool, with_compile: bool,
-                tmp: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    model = build_model(arch).eval()
+                tmp: Path, streams: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    model = reference_model(arch)
     paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def eager(x: torch.Tensor, model: torch.nn.Module = model) -> torch.Tensor:
@@ -62,18 +105,22 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
 
     model.to(device)
     paths["eager (authors' graph)"] = eager
-    model_cpu = build_model(arch).eval()
+    model_cpu = reference_model(arch)
     model_cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     paths["fused BN, grouped dyn"] = InferenceEngine(model_cpu, device, fuse_bn=True, dynamic="grouped",
                                                      channels_last=False)
     paths["fused, stacked dyn"] = InferenceEngine(model_cpu, device, dynamic="stacked", channels_last=False)
     paths["fused, fast dyn"] = InferenceEngine(model_cpu, device, dynamic="fast", channels_last=False)
-    paths["fused, fast dyn, CL"] = InferenceEngine(model_cpu, device, dynamic="fast", channels_last=True)
+    fast_cl = InferenceEngine(model_cpu, device, dynamic="fast", channels_last=True)
+    paths["fused, fast dyn, CL"] = fast_cl
     if device.startswith("cuda"):
         paths["fast, fp16"] = InferenceEngine(model_cpu, device, precision="fp16")
         paths["fast, fp16, graphs"] = InferenceEngine(model_cpu, device, precision="fp16", cuda_graphs=True)
+    elif streams > 1:
+        paths[f"eager, {streams} streams x 1 thread"] = Streams(eager, streams, 1)
+        paths[f"fast CL, {streams} streams x 1 thread"] = Streams(fast_cl, streams, 1)
     if with_compile:
-        paths["fast + torch.compile"] = InferenceEngine(model_cpu, device, compile=True, channels_last=False)
+        paths["fast CL + torch.compile"] = InferenceEngine(model_cpu, device, compile=True, channels_last=True)
     if with_onnx and device == "cpu":
         from model.export import OnnxEngine, export_onnx
 
@@ -83,11 +130,12 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
 
 
 def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, input_hw: tuple[int, int],
-               with_onnx: bool, with_compile: bool, tmp: Path) -> list[dict]:
-    paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp)
+               with_onnx: bool, with_compile: bool, tmp: Path, streams: int) -> list[dict]:
+    paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams)
     rows = []
     for bs in batch_sizes:
-        x = torch.randn(bs, 3, *input_hw)
+        x = bench_input(bs, input_hw)
+        calls = max(2, 16 // bs)  # a block: >= 2 calls and about 16 images
         memory: dict[str, float | None] = {}
         for name, fn in paths.items():  # warm-up (compile, graph capture), then memory
             fn(x)
@@ -104,11 +152,13 @@ def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, inpu
         for _ in range(rounds):
             for name, fn in paths.items():
                 start, start_cpu = time.perf_counter(), time.process_time()
-                fn(x)
+                for _ in range(calls):
+                    fn(x)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
+                per_batch = getattr(fn, "streams", 1) * calls
+                times[name].append((time.perf_counter() - start) / per_batch)
+                cpu[name].append((time.process_time() - start_cpu) / per_batch)
         eager = "eager (authors' graph)"
         eager_ms = statistics.median(times[eager]) * 1000
         eager_cpu = statistics.median(cpu[eager]) * 1000
@@ -121,7 +171,8 @@ def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, inpu
                 "speedup_vs_eager": round(eager_ms / ms, 2), "cpu_ms_per_batch": round(cpu_ms, 2),
                 "images_per_cpu_s": round(bs * 1000 / cpu_ms, 2), "cpu_speedup_vs_eager": round(eager_cpu / cpu_ms, 2),
                 "peak_mem_mb": None if memory[name] is None
-                else round(memory[name], 1), "rounds": len(samples),
+                else round(memory[name], 1), "rounds": len(samples), "calls_per_round": calls,
+                "streams": getattr(paths[name], "streams", 1),
             })
         print_rows([r for r in rows if r["batch"] == bs])
     return rows
@@ -145,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--streams", type=int, default=os.cpu_count() or 1,
+                        help="also time N streams x 1 thread on CPU (1: don't)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -165,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         for arch in archs:
             rows += bench_arch(arch, args.device, batch_sizes, rounds, input_hw,
                                with_onnx=not args.no_onnx and not args.quick, with_compile=args.compile,
-                               tmp=Path(tmp))
+                               tmp=Path(tmp), streams=args.streams)
             result = {  # written after every arch, so a long run that is stopped keeps its rows
                 "device": args.device if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "input_hw": list(input_hw),
                 "precision": "fp32", "quick": args.quick,
-                "timing": "median of round-robin rounds: wall clock (ms_per_batch) and process CPU time (cpu_ms_per_batch)",
+                "timing": "median over rounds of a block of consecutive calls per path: wall clock (ms_per_batch) and "
+                          "process CPU time (cpu_ms_per_batch), per batch (a streams path's call is N batches)",
                 "load_average_at_end": list(os.getloadavg()), "seconds": round(time.time() - started, 1),
                 "memory": "peak RSS delta over one call (MiB)" if not cuda else "max_memory_allocated delta (MiB)",
                 "rows": rows,

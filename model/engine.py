@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# torch.compile specialises on the batch size: a compiled engine pads each batch up to one of
+# these sizes (and splits larger ones), so a server compiles a bounded set of graphs at warm-up.
+COMPILE_BUCKETS = (1, 2, 4, 8, 16, 32)
+
 
 def _parse_device(device: str | torch.device) -> torch.device:
     try:
@@ -47,6 +51,7 @@ class InferenceEngine:
         compile: bool = False,
         cuda_graphs: bool = False,
         dynamic: str = "fast",
+        batch_buckets: tuple[int, ...] | None = None,
     ) -> None:
         from model.dite_hrnet import TopDownPoseNet
         from model.optimize import optimize_for_inference
@@ -66,8 +71,9 @@ class InferenceEngine:
             fuse_bn = False
         self.fuse_bn = fuse_bn
         self.dynamic = dynamic if fuse_bn else "grouped"
-        # measured on the 2-core CPU: channels-last is not faster end to end there (see bench results)
-        self.channels_last = self.device.type == "cuda" if channels_last == "auto" else bool(channels_last)
+        # channels-last: oneDNN's NCHW depth-wise convs are several times slower (bench/engine.py);
+        # the unfused module keeps its NCHW graph on CPU unless asked
+        self.channels_last = (fuse_bn or self.device.type == "cuda") if channels_last == "auto" else bool(channels_last)
         if fuse_bn:  # builds new tensors; ``module`` is not touched
             net: nn.Module = optimize_for_inference(module, dynamic=dynamic).float()
             net.channels_last = self.channels_last
@@ -78,6 +84,16 @@ class InferenceEngine:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.num_joints = int(getattr(module, "num_joints", 0))
         self.compiled = bool(compile)
+        if batch_buckets is None:
+            batch_buckets = COMPILE_BUCKETS if compile or cuda_graphs else ()
+        self.buckets = tuple(sorted(set(batch_buckets)))
+        if self.buckets and self.buckets[0] < 1:
+            raise ValueError(f"batch_buckets must be positive batch sizes, got {batch_buckets!r}")
+        if compile:
+            import torch._dynamo.config as dynamo_config
+
+            # one graph per bucket and model; the default limit (8) would silently fall back to eager
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(self.buckets))
         self._forward = torch.compile(self.module, dynamic=False) if compile else self.module
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], tuple[Any, torch.Tensor, torch.Tensor]] = {}
@@ -119,14 +135,28 @@ class InferenceEngine:
             raise ValueError("empty batch")
         with torch.inference_mode():
             x = batch.to(self.device, torch.float32, non_blocking=True)
-            out = self._graphed(x) if self.cuda_graphs else self._run(x)
+            out = self._bucketed(x) if self.buckets else self._run(x)
             out = out.float().cpu() if self.device.type == "cuda" else out.float()
         return out.clone()  # a normal tensor (callers may modify it in place), never a graph's buffer
 
-    def warmup(self, batch_sizes: list[int] | tuple[int, ...] = (1,), input_hw: tuple[int, int] = (256, 192)) -> float:
-        """Run each batch size once (compiles, captures graphs, warms allocators); returns seconds."""
+    def _bucketed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad to the next bucket (zeros; samples never mix) or split past the largest one."""
+        n, largest = x.shape[0], self.buckets[-1]
+        if n > largest:
+            return torch.cat([self._bucketed(part) for part in x.split(largest)])
+        size = next(b for b in self.buckets if b >= n)
+        if size > n:
+            x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
+        out = self._graphed(x) if self.cuda_graphs else self._run(x)
+        return out[:n]
+
+    def warmup(self, batch_sizes: list[int] | tuple[int, ...] | None = None,
+               input_hw: tuple[int, int] = (256, 192)) -> float:
+        """Run each batch size once (compiles, captures graphs, warms allocators); returns seconds.
+
+        Default: every bucket of a compiled or graphed engine, else batch 1."""
         start = time.perf_counter()
-        for size in batch_sizes:
+        for size in batch_sizes or self.buckets or (1,):
             self(torch.zeros(size, 3, *input_hw))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -142,6 +172,7 @@ class InferenceEngine:
             "channels_last": self.channels_last,
             "compile": self.compiled,
             "cuda_graphs": self.cuda_graphs,
+            "batch_buckets": list(self.buckets),
             "num_threads": torch.get_num_threads(),
             "optimized_module": isinstance(self.module, FastPoseNet),
         }

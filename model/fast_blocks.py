@@ -24,6 +24,11 @@ from model.dite_hrnet import iterative_refine
 
 DYNAMIC_MODES = ("grouped", "fast", "stacked")
 
+# Channels-last CPU, batch > 1: a per-sample depth-wise conv runs as one oneDNN call per sample on maps
+# at least this large (oneDNN's NHWC depth-wise kernel is fast per sample but slow on the
+# batch-folded [1, B*C, H, W] tensor), as the batch-folded NCHW conv on smaller maps.
+PER_SAMPLE_MIN_PIXELS = 2048
+
 
 def _tracing() -> bool:
     """Exporters get out-of-place ops (stack, broadcast add) instead of writes into views."""
@@ -60,8 +65,10 @@ def interleaved_buffer(
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
-    """True for a channels-last tensor that is not also plain contiguous (then layouts differ)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    """True for a 4-D tensor whose channels are innermost in memory (channels-last, or a channel
+    slice of one), unless it is also plain contiguous (then both layouts are the same)."""
+    # (called several hundred times per forward pass, so only the cheapest checks: 4-D callers only)
+    return x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
 
 
 def spatial_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -105,18 +112,56 @@ def add_upsampled_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return target
 
 
+def keep_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with canonical channels-last strides when its channels are innermost.
+
+    oneDNN runs a conv (and returns its output) in NCHW unless the input's strides are exactly
+    channels-last; a channel slice, or a batch of one with an odd batch stride, would silently
+    take the whole network out of channels-last, where its depth-wise convs are much slower."""
+    if not is_channels_last(x):
+        return x
+    _, channels, height, width = x.shape
+    canonical = (channels * height * width, 1, width * channels, channels)
+    if x.stride() == canonical:
+        return x
+    if x.is_contiguous(memory_format=torch.channels_last):  # only a size-1 dim's stride differs
+        return x.as_strided(x.shape, canonical)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A static conv with its BatchNorm folded in; keeps a channels-last input channels-last.
+
+    A dense 1x1 conv on channels-last maps is one GEMM over the pixels ([B*H*W, Cin] x [Cin, Cout]):
+    it runs as ``F.linear`` on the NHWC view, with no layout conversion on the way in or out."""
+
+    def __init__(self, *args, **kwargs) -> None:  # nn.Conv2d's signature
+        super().__init__(*args, **kwargs)
+        self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and self.padding == (0, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pointwise and is_channels_last(x) and not _tracing():
+            out = F.linear(x.permute(0, 2, 3, 1), self.weight.view(self.out_channels, self.in_channels), self.bias)
+            return out.permute(0, 3, 1, 2)
+        return super().forward(keep_channels_last(x))
+
+
 class PooledMLP(nn.Module):
-    """GAP or given vector -> linear (BN folded) -> ReLU -> linear -> sigmoid, on [B, C] vectors."""
+    """GAP or given vector -> linear (BN folded) -> ReLU -> linear -> sigmoid, on [B, C] vectors.
+
+    Weights are stored transposed for ``addmm``: ``F.linear`` would transpose them on every call
+    (a few hundred extra ops per forward pass, which at batch 1 is mostly dispatch overhead)."""
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("w1", w1)
+        self.register_buffer("w1t", w1.t().contiguous())
         self.register_buffer("b1", b1)
-        self.register_buffer("w2", w2)
+        self.register_buffer("w2t", w2.t().contiguous())
         self.register_buffer("b2", b2)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(F.linear(F.relu(F.linear(pooled, self.w1, self.b1)), self.w2, self.b2))
+        hidden = torch.addmm(self.b1, pooled, self.w1t).relu_()
+        return torch.addmm(self.b2, hidden, self.w2t).sigmoid_()
 
 
 class FastDynamicConv(nn.Module):
@@ -160,7 +205,7 @@ class FastDynamicConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        attention = self.attention(x.mean((2, 3)))  # [B, N]
+        attention = self.attention.forward(x.mean((2, 3)))  # [B, N] (no hooks: skip Module.__call__)
         if self.use_stacked:
             y = F.conv2d(x, self.stacked, None, self.stride, self.padding, groups=channels)
             y = y.view(batch, channels, self.num_kernels, y.shape[-2], y.shape[-1])
@@ -176,6 +221,8 @@ class FastDynamicConv(nn.Module):
             else:
                 out = torch.baddbmm(self.bias[:, None], kernels, x.reshape(batch, channels, height * width))
                 out = out.view(batch, self.out_channels, height, width)
+        elif is_channels_last(x):
+            out = self._conv_channels_last(x, weights)
         else:
             out = F.conv2d(
                 x.reshape(1, batch * channels, height, width),
@@ -186,9 +233,28 @@ class FastDynamicConv(nn.Module):
                 groups=self.groups * batch,
             )
             out = out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
-            if batch > 1 and is_channels_last(x):  # keep the network's layout
-                out = out.contiguous(memory_format=torch.channels_last)
         return F.relu(out, inplace=True) if self.relu else out
+
+    def _conv_channels_last(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Per-sample kernels on a channels-last batch; the result stays channels-last."""
+        batch, channels, height, width = x.shape
+        x = keep_channels_last(x)
+        kernels = weights.view(batch, self.out_channels, self.in_per_group, *self.kernel_size)
+        conv = dict(stride=self.stride, padding=self.padding, groups=self.groups)
+        if batch == 1:
+            return F.conv2d(x, kernels[0], self.bias, **conv)
+        if height * width >= PER_SAMPLE_MIN_PIXELS and x.device.type == "cpu":  # one kernel launch per sample on CUDA: no
+            return torch.cat([F.conv2d(x[i : i + 1], kernels[i], self.bias, **conv) for i in range(batch)])
+        out = F.conv2d(
+            x.contiguous().view(1, batch * channels, height, width),
+            kernels.view(batch * self.out_channels, self.in_per_group, *self.kernel_size),
+            self.bias.repeat(batch),
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups * batch,
+        )
+        out = out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
+        return out.contiguous(memory_format=torch.channels_last)
 
 
 class FastGlobalContext(nn.Module):
@@ -261,11 +327,12 @@ class FastSplitConv(nn.Module):
         self.conv = convs
         self.split = split
         self.equal = len(set(split)) == 1
+        self._convs = list(convs)  # plain list: no ModuleList indexing in the hot loop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.conv) == 1:
-            return self.conv[0](x)
-        parts = [conv(p) for conv, p in zip(self.conv, torch.split(x, self.split, dim=1), strict=True)]
+        if len(self._convs) == 1:
+            return self._convs[0](x)
+        parts = [conv(p) for conv, p in zip(self._convs, torch.split(x, self.split, dim=1), strict=True)]
         if not self.equal:  # the reference's remainder split; shuffle the plain way
             y = torch.cat(parts, dim=1)
             b, c, h, w = y.shape
@@ -276,27 +343,41 @@ class FastSplitConv(nn.Module):
 class FastBlock(nn.Module):
     """DMC block: pass half, DCM -> DSC -> GCM on the other half, the GCM writing into the shuffle."""
 
-    def __init__(self, dcm: FastDenseContext | None, convs: nn.ModuleList, gcm: nn.ModuleList | None) -> None:
+    def __init__(
+        self, dcm: FastDenseContext | None, convs: nn.ModuleList, gcm: nn.ModuleList | None, branch0_factor: float = 1.0
+    ) -> None:
         super().__init__()
+        # branch 0's output times this: the passed half at its copy, the worked half inside the GCM
+        # (folded at conversion); without a GCM, at its copy too
+        self.branch0_factor = branch0_factor
         self.dcm = dcm
         self.conv = convs
         self.gcm = gcm
+        self._convs = [c.forward for c in convs]  # no hooks on these: skip Module.__call__
+        self._gcms = [g.forward for g in gcm] if gcm is not None else None
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         passed = [x[:, : x.shape[1] // 2] for x in xs]
         worked = [x[:, x.shape[1] // 2 :] for x in xs]
         if self.dcm is not None:
-            worked = self.dcm(worked)
-        worked = [conv(w) for conv, w in zip(self.conv, worked, strict=True)]
+            worked = self.dcm.forward(worked)
+        worked = [conv(w) for conv, w in zip(self._convs, worked, strict=True)]
         out = []
         for i, (a, b) in enumerate(zip(passed, worked, strict=True)):
+            factor = self.branch0_factor if i == 0 else 1.0
             if _tracing():
-                out.append(interleave([a, self.gcm[i](b) if self.gcm is not None else b]))
+                b = self._gcms[i](b) if self._gcms is not None else b * factor
+                out.append(interleave([a * factor if factor != 1.0 else a, b]))
                 continue
             full, (slot_a, slot_b) = interleaved_buffer(b, 2 * b.shape[1], 2)
-            slot_a.copy_(a)
-            if self.gcm is not None:
-                self.gcm[i](b, out=slot_b)
+            if factor != 1.0:
+                torch.mul(a, factor, out=slot_a)
+            else:
+                slot_a.copy_(a)
+            if self._gcms is not None:
+                self._gcms[i](b, out=slot_b)
+            elif factor != 1.0:
+                torch.mul(b, factor, out=slot_b)
             else:
                 slot_b.copy_(b)
             out.append(full)
@@ -304,32 +385,33 @@ class FastBlock(nn.Module):
 
 
 class FastCrossResolution(nn.Module):
-    """DMC blocks then multi-scale fusion, upsampling by broadcast adds, the branch-0 doubling folded."""
+    """DMC blocks then multi-scale fusion, upsampling by broadcast adds, the branch-0 doublings folded
+    (into the last block's output for row 0, into the paths' last convs for rows i > 0)."""
 
     def __init__(self, layers: nn.Sequential, fuse: nn.ModuleList, up: list[list[bool]]) -> None:
         super().__init__()
         self.layers = layers
         self.fuse_layers = fuse  # [i][j]: None on the diagonal; [i][0] for i > 0 already doubled
         self.up = up  # [i][j]: path j -> i ends with a nearest upsample (j > i)
+        self._blocks = [block.forward for block in layers]  # no hooks on these: skip Module.__call__
+        self._fuse = [list(row) for row in fuse]
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = self.layers(xs)
+        out = xs
+        for block in self._blocks:
+            out = block(out)
         n = len(out)
-        fused0 = out[0] + out[0]
+        inplace = not _tracing()
+        fused0 = out[0]  # already 2 * branch 0: the last block doubled it (see FastBlock.branch0_factor)
         for j in range(1, n):
-            fused0 = add_upsampled_(fused0, self.fuse_layers[0][j](out[j]))
-        fused0 = F.relu(fused0, inplace=not _tracing())
+            fused0 = add_upsampled_(fused0, self._fuse[0][j](out[j]))
+        fused0 = F.relu(fused0, inplace=inplace)
         results = [fused0]
         for i in range(1, n):
-            y = self.fuse_layers[i][0](fused0)
+            y = self._fuse[i][0](fused0)
             for j in range(1, n):
-                if i == j:
-                    y = add_upsampled_(y, out[j])
-                elif self.up[i][j]:
-                    y = add_upsampled_(y, self.fuse_layers[i][j](out[j]))
-                else:
-                    y = add_upsampled_(y, self.fuse_layers[i][j](out[j]))
-            results.append(F.relu(y, inplace=not _tracing()))
+                y = add_upsampled_(y, out[j] if i == j else self._fuse[i][j](out[j]))
+            results.append(F.relu(y, inplace=inplace))
         return results
 
 
@@ -401,4 +483,4 @@ class FastPoseNet(nn.Module):
                 source = branches[j] if j < len(branches) else branches[-1]
                 inputs.append(layer(source) if not isinstance(layer, nn.Identity) else source)
             branches = stage(inputs)
-        return self.head(branches)
+        return self.head(branches).contiguous()

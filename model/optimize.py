@@ -31,7 +31,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, factor: float = 1.0
         scale, shift = _bn_affine(bn)
         weight = weight * scale[:, None, None, None]
         bias = bias * scale + shift
-    fused = nn.Conv2d(
+    fused = fb.FoldedConv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, conv.groups, bias=True, device=conv.weight.device, dtype=dtype,
     )
@@ -111,11 +111,14 @@ def convert_sequential(seq: nn.Sequential, factor: float = 1.0) -> nn.Module:
     return _seq(*out)
 
 
-def convert_global_context(gc: blocks.GlobalContext) -> fb.FastGlobalContext:
+def convert_global_context(gc: blocks.GlobalContext, factor: float = 1.0) -> fb.FastGlobalContext:
+    """``factor`` scales the output (folded into the BatchNorm's scale and shift)."""
     ca = gc.channel_attention
     scale, shift = _bn_affine(gc.bn)
     dtype = gc.bn.weight.dtype
-    return fb.FastGlobalContext(fold_conv_bn(gc.conv_mask, None), _mlp(ca[0], ca[1], ca[3]), scale.to(dtype), shift.to(dtype))
+    return fb.FastGlobalContext(
+        fold_conv_bn(gc.conv_mask, None), _mlp(ca[0], ca[1], ca[3]), (scale * factor).to(dtype), (shift * factor).to(dtype)
+    )
 
 
 def convert_dense_context(dc: blocks.DenseContext) -> fb.FastDenseContext:
@@ -129,10 +132,16 @@ def convert_split_conv(dsc: blocks.DynamicSplitConv, dynamic: str) -> fb.FastSpl
     return fb.FastSplitConv(convs, list(dsc.split_channels))
 
 
-def convert_block(block: DynamicMultiScaleContextBlock, dynamic: str) -> fb.FastBlock:
+def convert_block(block: DynamicMultiScaleContextBlock, dynamic: str, branch0_factor: float = 1.0) -> fb.FastBlock:
+    """``branch0_factor`` scales the block's branch-0 output (both halves), for free."""
     dcm = convert_dense_context(block.dcm) if block.dcm is not None else None
-    gcm = nn.ModuleList(convert_global_context(g) for g in block.gcm) if block.gcm is not None else None
-    return fb.FastBlock(dcm, nn.ModuleList(convert_split_conv(c, dynamic) for c in block.conv), gcm)
+    gcm = (
+        nn.ModuleList(convert_global_context(g, branch0_factor if i == 0 else 1.0) for i, g in enumerate(block.gcm))
+        if block.gcm is not None
+        else None
+    )
+    convs = nn.ModuleList(convert_split_conv(c, dynamic) for c in block.conv)
+    return fb.FastBlock(dcm, convs, gcm, branch0_factor=branch0_factor)
 
 
 def convert_cross_resolution(module: CrossResolutionModule, dynamic: str) -> fb.FastCrossResolution:
@@ -148,7 +157,9 @@ def convert_cross_resolution(module: CrossResolutionModule, dynamic: str) -> fb.
             else:  # the eval-mode reference computes 2 * path(fused0) for j == 0, i > 0
                 row.append(convert_sequential(path, factor=2.0 if j == 0 else 1.0))
         fuse.append(row)
-    layers = nn.Sequential(*(convert_block(b, dynamic) for b in module.layers))
+    # fusion row 0 starts from 2 * (branch 0): the last block writes branch 0 already doubled
+    last = len(module.layers) - 1
+    layers = nn.Sequential(*(convert_block(b, dynamic, 2.0 if k == last else 1.0) for k, b in enumerate(module.layers)))
     return fb.FastCrossResolution(layers, fuse, up)
 
 

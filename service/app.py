@@ -13,12 +13,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from service.admission import Admission
 from service.errors import ERROR_CODES, install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import BodySizeLimit, RequestMetrics
+from service.middleware import AdmissionControl, BodySizeLimit, RequestMetrics
 from service.pool import WorkerPool
 from service.pose_service import PoseService
-from service.routes import demo, health, jobs, models, pose
+from service.routes import demo, error_responses, health, jobs, models, pose
 from service.security import require_api_key
 from service.settings import Settings
 
@@ -36,7 +37,7 @@ Errors always look like `{"error": {"code": "...", "message": "..."}}`. Codes:
 
 def _attach(app: FastAPI, pool: WorkerPool, settings: Settings) -> None:
     app.state.pool = pool
-    app.state.service = PoseService(pool, settings)
+    app.state.service = PoseService(pool, settings, app.state.admission)
     pool.add_observer(app.state.metrics)
     app.state.metrics.watch_pool(pool)
 
@@ -66,20 +67,25 @@ def create_app(settings: Settings | None = None, pool: WorkerPool | None = None)
     app.state.settings = settings
     app.state.api_key = settings.resolved_api_key()
     app.state.metrics = ServiceMetrics()
+    # One in-flight count for POST /v1/pose and (through app.state.service) gRPC Estimate.
+    app.state.admission = Admission(settings.resolved_max_in_flight, settings.retry_after_s)
+    app.state.metrics.watch_admission(app.state.admission)
     app.state.pool = None
     app.state.service = None
     if pool is not None:
         _attach(app, pool, settings)
 
     install_error_handlers(app)
-    secured = [Depends(require_api_key)]
-    app.include_router(pose.router, dependencies=secured)
-    app.include_router(models.router, dependencies=secured)
-    app.include_router(jobs.router, dependencies=secured)
+    secured = {"dependencies": [Depends(require_api_key)], "responses": error_responses("unauthorized")}
+    app.include_router(pose.router, **secured)
+    app.include_router(models.router, **secured)
+    app.include_router(jobs.router, **secured)
     app.include_router(health.router)
     app.include_router(demo.router)  # GET /: the browser demo (public page, not in OpenAPI)
 
     # Base64 JSON is 4/3 of the image, plus the other fields.
+    # Outermost first: RequestMetrics -> AdmissionControl -> BodySizeLimit -> routes.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 64 * 1024)
+    app.add_middleware(AdmissionControl, admission=app.state.admission, routes=frozenset({("POST", "/v1/pose")}))
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app

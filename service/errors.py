@@ -26,7 +26,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "bad_boxes": (422, "A box is malformed, not finite, has no area, lies outside the image, or there are too many."),
     "unknown_model": (404, "No served model has that name."),
     "unauthorized": (401, "Missing or wrong X-API-Key."),
-    "overloaded": (429, "The queue is full; retry after the Retry-After seconds."),
+    "overloaded": (429, "Too many requests in flight, or the queue is full; retry after the Retry-After seconds."),
     "timeout": (504, "No answer within the request deadline."),
     "inference_failed": (500, "The forward pass failed for this batch."),
     "unavailable": (503, "The service is starting or shutting down."),

@@ -44,8 +44,12 @@ T = TypeVar("T")
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> NoReturn:
-    """End the call with the error's gRPC status; the stable code travels in trailing metadata."""
-    await context.abort(status_of(error), error.message, trailing_metadata=((ERROR_CODE_METADATA, error.code),))
+    """End the call with the error's gRPC status; the stable code (and a Retry-After, when the
+    error has one) travel in trailing metadata."""
+    metadata = [(ERROR_CODE_METADATA, error.code)]
+    if "Retry-After" in error.headers:
+        metadata.append(("retry-after", error.headers["Retry-After"]))
+    await context.abort(status_of(error), error.message, trailing_metadata=tuple(metadata))
     raise AssertionError("unreachable")  # context.abort raises
 
 
@@ -88,7 +92,9 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
         try:
             if (denied := self._check_key(context)) is not None:
                 raise denied
-            result = await self._run(request_from_proto(request.image, request.boxes, request.options), self._timeout(context))
+            with self.service.admission.slot("grpc"):  # RESOURCE_EXHAUSTED at once past the in-flight limit
+                pose_request = request_from_proto(request.image, request.boxes, request.options)
+                result = await self._run(pose_request, self._timeout(context))
         except ServiceError as exc:
             self.metrics.observe_call("Estimate", status_of(exc).name, time.perf_counter() - started)
             await abort_with(context, exc)
@@ -102,7 +108,8 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
             await abort_with(context, denied)
         default = self.settings.default_model_name
         models = [model_info(m, m.name == default) for m in self.service.pool.models.values()]
-        return pose_pb2.ListModelsResponse(models=models)
+        failed = dict(getattr(self.service.pool, "failed_models", {}))
+        return pose_pb2.ListModelsResponse(models=models, failed=failed)
 
     async def StreamPose(
         self, request_iterator: AsyncIterator[pose_pb2.StreamRequest], context: grpc.aio.ServicerContext

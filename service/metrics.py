@@ -12,11 +12,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from service.admission import Admission
     from service.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# 1 ms and 2.5 ms buckets so early sheds (answered from the headers) are resolved, not lumped under 5 ms.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -124,6 +126,29 @@ class PoolCollector(Collector):
         yield from gpu_memory_families(self.pool.devices, self.memory_fn)
 
 
+class AdmissionCollector(Collector):
+    """In-flight requests, their limit and the requests shed before being read.
+
+    ``ditepose_admission_rejected`` counts sheds by the in-flight limit (before the body is
+    read); ``ditepose_queue_rejected`` counts the later ones by the queue's crop count. A shed
+    request is in exactly one of them, so their sum is every overload answer."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("ditepose_in_flight_requests", "Pose requests admitted and not yet answered "
+                                "(REST POST /v1/pose and gRPC Estimate)", value=self.admission.in_flight)
+        yield GaugeMetricFamily("ditepose_in_flight_limit", "Most pose requests admitted at once",
+                                value=self.admission.limit)
+        rejected = CounterMetricFamily(
+            "ditepose_admission_rejected", "Pose requests shed before being read because the in-flight limit "
+            "was reached", labels=["transport"])
+        for transport in ("rest", "grpc"):
+            rejected.add_metric([transport], self.admission.rejected[transport])
+        yield rejected
+
+
 class ServiceMetrics:
     """Metric objects of one app; also the pool's :class:`~service.pool.BatchObserver`."""
 
@@ -160,6 +185,10 @@ class ServiceMetrics:
             self.registry.unregister(self._pool_collector)
         self._pool_collector = PoolCollector(pool)
         self.registry.register(self._pool_collector)
+
+    def watch_admission(self, admission: Admission) -> None:
+        """Export the in-flight count and the early sheds of ``admission``."""
+        self.registry.register(AdmissionCollector(admission))
 
     def observe_batch(
         self, model: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool

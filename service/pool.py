@@ -212,10 +212,10 @@ class WorkerPool:
             max_delay_ms=settings.max_delay_ms,
             queue_size=settings.queue_size,
             timeout_s=settings.request_timeout_s,
-            workers_per_device=settings.workers_per_device,
+            workers_per_device=settings.resolved_workers_per_device(),
             precision=settings.precision,
             observer=observer,
-            torch_threads=settings.torch_threads,
+            torch_threads=settings.resolved_torch_threads(),
         )
         pool.failed_models = failed
         return pool

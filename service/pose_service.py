@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
+from service.admission import Admission
 from service.batcher import BatcherError, Overloaded
 from service.errors import ServiceError, from_batcher_error
 from service.images import decode_image, encode_png
@@ -59,11 +60,13 @@ def _ms(seconds: float) -> float:
 
 
 class PoseService:
-    """Stateless per request; holds the pool, the settings and cached pipelines/detectors."""
+    """Stateless per request; holds the pool, the settings, cached pipelines/detectors and the
+    :class:`~service.admission.Admission` count every front-end takes a slot from."""
 
-    def __init__(self, pool: WorkerPool, settings: Settings) -> None:
+    def __init__(self, pool: WorkerPool, settings: Settings, admission: Admission | None = None) -> None:
         self.pool = pool
         self.settings = settings
+        self.admission = admission or Admission(settings.resolved_max_in_flight, settings.retry_after_s)
         self._pipelines: dict[tuple[str, bool, str], TopDownPipeline] = {}
         self._detectors: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -163,8 +166,10 @@ class PoseService:
     def admit(self, request: PoseRequest) -> None:
         """Shed at once when the model's queue is already full: no decode, no crops, no thread hop.
 
-        The batcher still has the final say (it admits by the real crop count); this only keeps
-        a 429 from waiting behind the decoding of requests that cannot be served anyway."""
+        The second of three checks: the in-flight count (:attr:`admission`, taken by the
+        front-ends before reading a request) comes first, the batcher has the final say (it
+        admits by the real crop count); this keeps a 429 from waiting behind the decoding of
+        requests that cannot be served anyway."""
         model = self.resolve_model(request.model)
         batcher = self.pool.batcher(model.name)
         if batcher.depth >= batcher.queue_size:

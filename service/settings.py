@@ -6,6 +6,7 @@ described once (environment, ``.env`` file or constructor arguments in tests).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +58,13 @@ class Settings(BaseSettings):
         default="auto",
         description="'auto' (every CUDA GPU, else the CPU) or a comma list such as 'cuda:0,cuda:1' or 'cpu'.",
     )
-    workers_per_device: int = Field(default=1, ge=1, le=8, description="Inference threads per device.")
+    workers_per_device: int | None = Field(
+        default=None,
+        ge=1,
+        le=8,
+        description="Inference threads per device. None: one per CPU core on a CPU-only host (each with one torch "
+        "thread: many small ops scale better across independent batches than inside one), one per CUDA GPU.",
+    )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="Inference precision; 'auto' = fp16 on CUDA, fp32 on CPU."
     )
@@ -67,6 +74,15 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(
         default=512, ge=1, description="Most crops waiting per model; beyond it requests get 429 at once."
+    )
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most POST /v1/pose and gRPC Estimate requests admitted at once (read, decoded, queued or "
+        "running); past it the next gets 429 / RESOURCE_EXHAUSTED from its headers alone, before its body is "
+        "read. None: len(models) * (queue_size + workers_per_device * max_batch_size) // 2, i.e. as many "
+        "typical requests (one person with the flip test: 2 crops) as full queues plus one running batch per "
+        "worker hold. The queue check (by crops) still has the final say.",
     )
     request_timeout_s: float = Field(
         default=30.0, gt=0, description="Deadline for queue + inference of one request (504 after it)."
@@ -84,9 +100,12 @@ class Settings(BaseSettings):
         default=None, description="Redis for the job queue; None = embedded mode (no jobs broker)."
     )
     torch_threads: int | None = Field(
-        default=None, ge=1, description="torch intra-op threads of each worker thread (None = torch default)."
+        default=None,
+        ge=1,
+        description="torch intra-op threads of each worker thread. None: CPU cores / workers on a CPU-only host, "
+        "torch's default otherwise.",
     )
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429.")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429 (queue full or too many requests in flight).")
 
     @field_validator("devices")
     @classmethod
@@ -109,6 +128,31 @@ class Settings(BaseSettings):
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not one of {names}")
         return self
+
+    @property
+    def resolved_max_in_flight(self) -> int:
+        """``max_in_flight``, or the default derived from the queue and batch sizes."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        crops = self.queue_size + self.resolved_workers_per_device() * self.max_batch_size
+        return max(1, len(self.models) * crops // 2)
+
+    def _cpu_only(self) -> bool:
+        return all(device.startswith("cpu") for device in self.resolved_devices())
+
+    def resolved_workers_per_device(self) -> int:
+        """``workers_per_device``, or one worker per core on a CPU-only host (at most 8), else 1."""
+        if self.workers_per_device is not None:
+            return self.workers_per_device
+        return max(1, min(8, os.cpu_count() or 1)) if self._cpu_only() else 1
+
+    def resolved_torch_threads(self) -> int | None:
+        """``torch_threads``, or the cores shared out among the CPU workers; None keeps torch's default."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        if not self._cpu_only():
+            return None
+        return max(1, (os.cpu_count() or 1) // self.resolved_workers_per_device())
 
     @property
     def default_model_name(self) -> str:

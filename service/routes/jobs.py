@@ -22,6 +22,7 @@ from service.jobs.catalogue import BadName, UnknownName
 from service.jobs.executor import BrokerUnavailable
 from service.jobs.manager import InvalidRequest, JobService, UnknownModel
 from service.jobs.schemas import EvaluateRequest, JobAccepted, JobList, JobResponse, job_response
+from service.routes import error_responses
 
 ERROR_CODES.setdefault("unknown_dataset", (404, "No dataset of that name in the server's evaluation catalogue."))
 ERROR_CODES.setdefault("unknown_job", (404, "No evaluation job with that id."))
@@ -91,9 +92,8 @@ async def _call(fn: Any, *args: Any) -> Any:
 
 
 @router.post("/evaluate", status_code=202, response_model=JobAccepted, summary="Start an offline evaluation job",
-             responses={404: {"description": "unknown_dataset, unknown_model"},
-                        422: {"description": "invalid_request (also: a path instead of a name)"},
-                        503: {"description": "unavailable (job broker / Redis down)"}})
+             responses=error_responses("unknown_dataset", "unknown_model", "too_large", "invalid_request",
+                                       "unavailable"))
 async def evaluate(request: Request, req: EvaluateRequest) -> JSONResponse:
     """Evaluate a served model (or a checkpoint of the server's checkpoint folder) on a named dataset.
     Answers 202 at once; poll the job at `Location`."""
@@ -118,7 +118,8 @@ async def _record(request: Request, job_id: str) -> Any:
     return rec
 
 
-@router.get("/jobs", response_model=JobList, summary="Recent evaluation jobs, newest first")
+@router.get("/jobs", response_model=JobList, summary="Recent evaluation jobs, newest first",
+            responses=error_responses("invalid_request", "unavailable"))
 async def list_jobs(
     request: Request, limit: int | None = Query(None, ge=1, le=1000, description="Default: DITEPOSE_RECENT_JOBS.")
 ) -> JobList:
@@ -127,12 +128,14 @@ async def list_jobs(
     return JobList(jobs=[job_response(r, now) for r in recs])
 
 
-@router.get("/jobs/{job_id}", response_model=JobResponse, summary="State, progress, timings and metrics of a job")
+@router.get("/jobs/{job_id}", response_model=JobResponse, summary="State, progress, timings and metrics of a job",
+            responses=error_responses("unknown_job", "invalid_request", "unavailable"))
 async def get_job(request: Request, job_id: str) -> JobResponse:
     return job_response(await _record(request, job_id), time.time())
 
 
-@router.delete("/jobs/{job_id}", response_model=JobResponse, summary="Cancel a queued or running job")
+@router.delete("/jobs/{job_id}", response_model=JobResponse, summary="Cancel a queued or running job",
+               responses=error_responses("unknown_job", "job_finished", "invalid_request", "unavailable"))
 async def cancel_job(request: Request, job_id: str) -> JobResponse:
     """A queued job is cancelled at once; a running one stops after its current batch
     (`cancel_requested` is true until then)."""
@@ -144,7 +147,8 @@ async def cancel_job(request: Request, job_id: str) -> JobResponse:
 
 
 @router.get("/jobs/{job_id}/predictions", summary="Per-image predictions JSON of a succeeded job",
-            response_class=FileResponse)
+            response_class=FileResponse,
+            responses=error_responses("unknown_job", "not_ready", "invalid_request", "unavailable"))
 async def job_predictions(request: Request, job_id: str) -> FileResponse:
     rec = await _record(request, job_id)
     path = job_service(request.app).predictions_file(rec)

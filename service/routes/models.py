@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.routes import service_of
+from service.routes import error_responses, service_of
 from service.schemas import ModelInfo, ModelsResponse
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-@router.get("/models", response_model=ModelsResponse, summary="Served models and their keypoint layouts")
+@router.get("/models", response_model=ModelsResponse, summary="Served models and their keypoint layouts",
+            responses=error_responses("unavailable"))
 async def list_models(request: Request) -> ModelsResponse:
     """Every served model; `demo_weights: true` means random weights (no checkpoint was found)."""
     service = service_of(request)

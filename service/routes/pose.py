@@ -15,8 +15,8 @@ from starlette.formparsers import MultiPartException
 
 from service.errors import ServiceError
 from service.pose_service import PoseRequest
-from service.routes import service_of
-from service.schemas import ErrorResponse, PoseJsonRequest, PoseOptions, PoseResponse
+from service.routes import error_responses, service_of
+from service.schemas import PoseJsonRequest, PoseOptions, PoseResponse
 
 router = APIRouter(prefix="/v1", tags=["pose"])
 
@@ -36,18 +36,8 @@ _MULTIPART_SCHEMA = {
     },
 }
 
-_ERRORS = {
-    status: {"model": ErrorResponse, "description": desc}
-    for status, desc in (
-        (401, "unauthorized"),
-        (404, "unknown_model"),
-        (413, "too_large"),
-        (415, "not_an_image"),
-        (422, "invalid_request, undecodable, bad_boxes"),
-        (429, "overloaded (see Retry-After)"),
-        (504, "timeout"),
-    )
-}
+_ERRORS = error_responses("unknown_model", "too_large", "not_an_image", "invalid_request", "undecodable", "bad_boxes",
+                          "overloaded", "inference_failed", "unavailable", "timeout")
 
 
 def _invalid(exc: ValidationError) -> ServiceError:

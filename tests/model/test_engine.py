@@ -56,17 +56,41 @@ def test_optimised_fp64_is_the_same_function(reference, dynamic):
     assert (out - golden["heatmaps_eval_fp64"]).abs().max().item() < 1e-10
 
 
-@pytest.mark.parametrize("dynamic", ["fast", "stacked"])
-def test_per_sample_dynamic_kernels_do_not_leak_across_the_batch(reference_dir, dynamic):
+@pytest.mark.parametrize(("dynamic", "channels_last"), [("fast", False), ("fast", True), ("stacked", False)])
+def test_per_sample_dynamic_kernels_do_not_leak_across_the_batch(reference_dir, dynamic, channels_last):
     model = build_model("dite_hrnet_18")
     load_checkpoint(model, reference_dir / CASES["dite_hrnet_18"][0])
     fast = optimize_for_inference(model.double(), dynamic=dynamic)
+    fast.channels_last = channels_last  # batch 3: per-sample convs on big maps, batch-folded on small ones
     golden = torch.load(reference_dir / CASES["dite_hrnet_18"][1], weights_only=True)["input"].double()
     batch = torch.cat([golden, golden[:1].flip(-1)])
     with torch.inference_mode():
         together = fast(batch)
         alone = torch.cat([fast(batch[i : i + 1]) for i in range(3)])
     assert (together - alone).abs().max().item() < 1e-10
+
+
+def test_channels_last_network_stays_channels_last_between_blocks(reference):
+    """A channel slice handed to oneDNN as is comes back NCHW: the whole network would silently
+    leave channels-last, where its depth-wise convs run several times slower."""
+    model, golden = reference
+    fast = optimize_for_inference(model)
+    fast.channels_last = True
+    layouts: list[tuple[str, bool]] = []
+
+    def record(module, inputs, output):
+        for y in output if isinstance(output, list) else [output]:
+            layouts.append((type(module).__name__, y.is_contiguous(memory_format=torch.channels_last)))
+
+    from model.fast_blocks import FastBlock, FastCrossResolution, FastStem
+
+    hooks = [m.register_forward_hook(record) for m in fast.modules() if isinstance(m, FastStem | FastBlock | FastCrossResolution)]
+    with torch.inference_mode():
+        for batch in (1, 2):
+            fast(golden["input"][:batch])
+    for hook in hooks:
+        hook.remove()
+    assert len(layouts) > 20 and all(cl for _, cl in layouts), [name for name, cl in layouts if not cl]
 
 
 def test_conversion_leaves_the_reference_model_untouched(reference):
@@ -115,6 +139,19 @@ def test_engine_owns_a_copy_and_describes_itself(reference_dir):
         model.backbone.stem.conv1.conv.weight.zero_()
     x = torch.randn(2, 3, 64, 64)
     assert engine(x).abs().sum() > 0  # the engine's copy is unaffected
+
+
+def test_batch_buckets_pad_and_split_without_mixing_samples(reference):
+    """A compiled (or CUDA-graphed) engine pads to fixed batch sizes; results must not change."""
+    model, golden = reference
+    plain = InferenceEngine(model)
+    bucketed = InferenceEngine(model, batch_buckets=(2, 4))
+    assert bucketed.describe()["batch_buckets"] == [2, 4] and plain.describe()["batch_buckets"] == []
+    crops = golden["input"][torch.tensor([0, 1, 1, 0, 1])]
+    for n in (1, 3, 5):  # pad 1 -> 2, pad 3 -> 4, split 5 -> 4 + (1 -> 2)
+        assert (bucketed(crops[:n]) - plain(crops[:n])).abs().max().item() < 5e-4  # fp32 rounding only
+    with pytest.raises(ValueError, match="batch_buckets"):
+        InferenceEngine(model, batch_buckets=(0, 4))
 
 
 def test_engine_rejects_bad_arguments_and_inputs():

@@ -115,3 +115,47 @@ def process_rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``GET /metrics`` as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample_delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    """Growth of one counter sample between two :func:`scrape` results (0 when absent)."""
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def histogram_delta(before: dict, after: dict, name: str, **labels: str) -> list[tuple[float, float]]:
+    """Cumulative (upper bound, count) buckets of one histogram series observed between two scrapes."""
+    buckets = []
+    for (sample, sample_labels), value in after.items():
+        found = dict(sample_labels)
+        if sample != f"{name}_bucket" or any(found.get(k) != v for k, v in labels.items()):
+            continue
+        le = found["le"]
+        buckets.append((float(le), value - before.get((sample, sample_labels), 0.0)))
+    return sorted(buckets)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """The q-quantile of cumulative buckets as Prometheus' ``histogram_quantile`` computes it
+    (linear within the bucket holding it; the last finite bound when it falls in +Inf)."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = bound, count
+    return lower_bound

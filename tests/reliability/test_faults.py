@@ -7,12 +7,15 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import torch
 
 import model as models
+from proto.ditepose.v1 import pose_pb2
 from service.app import create_app
+from service.grpc_server import start_grpc_server
 from service.infer import make_infer
 from service.pool import WorkerPool
 from service.registry import load_models
@@ -86,25 +89,48 @@ def test_bad_checkpoints_are_reported_and_the_rest_serve(tiny_ckpt: Path, tmp_pa
     models.save_checkpoint(wrong, models.build_model("dite_hrnet_30", num_joints=17), meta)
     specs = [ModelSpec(name="good", checkpoint=tiny_ckpt), ModelSpec(name="corrupt", checkpoint=corrupt),
              ModelSpec(name="wrong_arch", checkpoint=wrong), ModelSpec(name="missing", checkpoint=tmp_path / "no.pth")]
-    settings = Settings(_env_file=None, models=specs, devices="cpu", grpc_enabled=False, max_delay_ms=1.0)
+    settings = Settings(_env_file=None, models=specs, devices="cpu", grpc_port=0, max_delay_ms=1.0)
     image = encode(figure_image())
-    with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=60) as client:
-        listing = client.get("/v1/models").json()
-        assert [m["name"] for m in listing["models"]] == ["good"]
-        failed = listing["failed"]
-        assert set(failed) == {"corrupt", "wrong_arch", "missing"}
-        assert "not found" in failed["missing"]
-        assert failed["wrong_arch"] and failed["corrupt"]
-        ready = client.get("/readyz")
-        assert ready.status_code == 200
-        assert ready.json()["models"]["good"] == "loaded"
-        assert ready.json()["models"]["corrupt"].startswith("failed: ")
-        assert post_pose(client, image, boxes=BOX, model="good").status_code == 200
-        refused = post_pose(client, image, boxes=BOX, model="wrong_arch")
-        assert_error_shape(refused, 503)
-        assert "wrong_arch" in refused.json()["error"]["message"]
+    pool = WorkerPool.from_settings(settings).start()
+    app = create_app(settings, pool=pool)
+    grpc_server = start_grpc_server(settings, pool, app.state.service)
+    try:
+        with channel(grpc_server) as ch:
+            grpc_listing = stub(ch).ListModels(pose_pb2.ListModelsRequest(), timeout=10)
+            with pytest.raises(grpc.RpcError) as refused_rpc:
+                stub(ch).Estimate(pose_pb2.EstimateRequest(image=encode(figure_image()), options=pose_pb2.PoseOptions(
+                    model="corrupt")), timeout=30)
+        with serve(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            listing = _check_rest_listing(client, image)
+    finally:
+        grpc_server.stop(grace=1.0)
+        pool.stop()
+    failed = listing["failed"]
+    assert [m.name for m in grpc_listing.models] == ["good"]
+    assert dict(grpc_listing.failed) == failed  # gRPC ListModels says the same as REST GET /v1/models
+    assert refused_rpc.value.code() == grpc.StatusCode.UNAVAILABLE and "corrupt" in refused_rpc.value.details()
     record("faults", "bad checkpoints among good (corrupt, wrong arch, missing)", injected=3, requests_lost=0,
-           detail="; ".join(f"{k}: {v.replace(str(tmp_path), '<tmp>')[:160]}" for k, v in sorted(failed.items())))
+           detail="; ".join(f"{k}: {v.replace(str(tmp_path), '<tmp>')[:160]}" for k, v in sorted(failed.items()))
+           + "; gRPC ListModels lists the same failures")
+
+
+def _check_rest_listing(client: httpx.Client, image: bytes) -> dict:
+    """REST GET /v1/models and /readyz report the failures; the good model serves, a failed one is 503."""
+    listing = client.get("/v1/models").json()
+    assert [m["name"] for m in listing["models"]] == ["good"]
+    failed = listing["failed"]
+    assert set(failed) == {"corrupt", "wrong_arch", "missing"}
+    assert "not found" in failed["missing"]
+    assert failed["wrong_arch"] and failed["corrupt"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["models"]["good"] == "loaded"
+    assert ready.json()["models"]["corrupt"].startswith("failed: ")
+    assert post_pose(client, image, boxes=BOX, model="good").status_code == 200
+    refused = post_pose(client, image, boxes=BOX, model="wrong_arch")
+    assert_error_shape(refused, 503)
+    assert "wrong_arch" in refused.json()["error"]["message"]
+    return listing
 
 
 def test_only_bad_checkpoints_fail_startup_with_the_reason(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import re
 import struct
 import time
 import zlib
@@ -142,8 +143,9 @@ def test_too_large(small_server):
 
 
 def test_queue_full_answers_429_at_once():
-    """A one-crop-per-batch worker with a 2-crop queue: concurrent requests overflow it."""
-    with start_server(max_batch_size=1, queue_size=2, max_delay_ms=0) as live:
+    """A one-crop-per-batch worker with a 2-crop queue: concurrent requests overflow it. The in-flight
+    limit is raised so that the queue's check sheds here (test_admission.py covers the earlier one)."""
+    with start_server(max_batch_size=1, queue_size=2, max_delay_ms=0, max_in_flight=6) as live:
         boxes = [[200, 40, 240, 400], [100, 40, 200, 300]]  # 2 persons + flips = 4 crops each
 
         def call(_: int) -> tuple[int, float, dict, str | None]:
@@ -167,6 +169,8 @@ def test_queue_full_answers_429_at_once():
         with live.client() as client:
             metrics = client.get("/metrics").text
         assert 'ditepose_http_requests_total{method="POST",route="/v1/pose",status="429"}' in metrics
+        queue_rejected = re.search(r'ditepose_queue_rejected_total\{model="[^"]+"\} ([0-9.e+]+)', metrics)
+        assert queue_rejected and float(queue_rejected.group(1)) == len(rejected), metrics
 
 
 def test_deadline_gives_504():
