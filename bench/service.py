@@ -7,9 +7,11 @@ mean batch size, the worker's busy share and the CPU time per request of the ser
 (all threads; ``loop`` = its event-loop thread alone) and of the client. Interleaved with the
 load (in rounds, so that on a shared machine both see the same background load), with the
 server idle, it times the bare infer callable the workers use at batch size = concurrency
-(capped by max_batch_size) in this process: ``ratio`` is the service's req/s over the
+(capped by max_batch_size) in this process, laid out as the service's workers are (streams x
+torch threads, resolved from the same settings): ``ratio`` is the service's req/s over the
 engine's crops/s, the share of raw model throughput the service keeps (1 request = 1 crop:
-flip test off unless ``--flip``).
+flip test off unless ``--flip``). ``ratio_1_stream`` compares with one stream on torch's
+default threads instead (the layout before CPU hosts got one single-threaded worker per core).
 
 By default two models are measured in one run: the shipped demo checkpoint (128x96 input,
 a cheap network, so the per-request overhead weighs most) and a Dite-HRNet-18 at the
@@ -86,8 +88,11 @@ def _get(url: str) -> str:
 class _Engine:
     """The workers' infer callable (same weights, same factory) on the service's own crops.
 
-    Real crops of the test image, not random tensors: random inputs can run far slower or
-    faster (denormals), which would make the ratio meaningless.
+    Timed in the service's own worker layout (``streams`` threads sharing one infer callable,
+    each with ``threads`` torch threads, as the pool resolves them from the same settings), and
+    also as one stream with torch's default threads. Real crops of the test image, not random
+    tensors: random inputs can run far slower or faster (denormals), which would make the ratio
+    meaningless.
     """
 
     def __init__(self, checkpoint: Path, flip: bool) -> None:
@@ -95,8 +100,12 @@ class _Engine:
         from service.images import decode_image
         from service.infer import make_infer
         from service.registry import load_model
-        from service.settings import ModelSpec
+        from service.settings import ModelSpec, Settings
 
+        settings = Settings(_env_file=REPO_ROOT / ".env", models=[ModelSpec(name="bench", checkpoint=checkpoint)])
+        self.streams = settings.resolved_workers_per_device()
+        self.threads = settings.resolved_torch_threads() or torch.get_num_threads()
+        self.default_threads = torch.get_num_threads()
         loaded = load_model(ModelSpec(name="bench", checkpoint=checkpoint))
         self.input_size = loaded.input_size
         self.infer = make_infer(loaded.module, "cuda:0" if torch.cuda.is_available() else "cpu")
@@ -104,25 +113,32 @@ class _Engine:
         pipe = TopDownPipeline(loaded.input_size, loaded.spec, flip_test=flip)
         self.one = pipe.prepare(decode_image(jpeg, 10**8, 10**8), [box]).crops
 
-    def run(self, batch: int, min_s: float) -> tuple[float, float, float]:
-        """(crops, seconds, CPU seconds) of forward passes at ``batch`` crops for at least ``min_s``."""
+    def run(self, batch: int, min_s: float, streams: int, threads: int) -> tuple[float, float, float]:
+        """(crops, seconds, CPU seconds) of ``streams`` threads running forward passes at ``batch``
+        crops at once for at least ``min_s``."""
         crops = self.one.repeat(batch, 1, 1, 1).contiguous()
-        result: list[float] = []
+        counts = [0] * streams
+        marks: list[float] = []
+        barrier = threading.Barrier(streams)
 
-        def measure() -> None:
+        def measure(index: int) -> None:
+            # On threads of their own, as in the worker pool: torch's CPU threading differs between
+            # the main thread and others; thread counts are set per thread, as the workers do.
+            torch.set_num_threads(threads)
             self.infer(crops)  # warm-up
-            runs, started, cpu = 0, time.perf_counter(), time.process_time()
-            while runs < 2 or time.perf_counter() - started < min_s:
+            if barrier.wait() == 0:
+                marks.extend([time.perf_counter(), time.process_time()])
+            barrier.wait()
+            while counts[index] < 2 * batch or time.perf_counter() - marks[0] < min_s:
                 self.infer(crops)
-                runs += 1
-            result.extend([batch * runs, time.perf_counter() - started, time.process_time() - cpu])
+                counts[index] += batch
 
-        # On a thread of its own, as in the worker pool: torch's CPU threading differs
-        # between the main thread and others, and the comparison must be like for like.
-        thread = threading.Thread(target=measure)
-        thread.start()
-        thread.join()
-        return result[0], result[1], result[2]
+        workers = [threading.Thread(target=measure, args=(i,)) for i in range(streams)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return sum(counts), time.perf_counter() - marks[0], time.process_time() - marks[1]
 
 
 def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: bool) -> subprocess.Popen:
@@ -155,11 +171,13 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
     """One concurrency level in ``rounds`` load chunks, each preceded (and the last one followed)
     by an engine chunk: on a shared machine, interleaving makes both sides see the same load."""
     asyncio.run(run_level("127.0.0.1", port, request, concurrency, 2 * concurrency))  # warm-up, not counted
-    engine_runs: list[tuple[float, float, float]] = []  # (crops, seconds, cpu seconds)
+    engine_runs: list[tuple[float, float, float]] = []  # (crops, seconds, cpu seconds), service layout
+    single_runs: list[tuple[float, float, float]] = []  # one stream, torch's default threads
     run, delta, server_cpu, loop_cpu = LevelResult(), dict.fromkeys(_metric_sums(""), 0.0), 0.0, 0.0
     for index in range(rounds):
         if engine is not None:
-            engine_runs.append(engine.run(batch, engine_s))
+            engine_runs.append(engine.run(batch, engine_s, engine.streams, engine.threads))
+            single_runs.append(engine.run(batch, engine_s / 2, 1, engine.default_threads))
         chunk = requests // rounds + (1 if index < requests % rounds else 0)
         before, cpu_before = _metric_sums(_get(f"http://127.0.0.1:{port}/metrics")), proc_cpu.read()
         run.merge(asyncio.run(run_level("127.0.0.1", port, request, concurrency, chunk)))
@@ -169,7 +187,8 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
         server_cpu += cpu_after[0] - cpu_before[0]
         loop_cpu += cpu_after[1] - cpu_before[1]
     if engine is not None:
-        engine_runs.append(engine.run(batch, engine_s))
+        engine_runs.append(engine.run(batch, engine_s, engine.streams, engine.threads))
+        single_runs.append(engine.run(batch, engine_s / 2, 1, engine.default_threads))
     ok = len(run.latencies_s)
     lat_ms = sorted(x * 1000 for x in run.latencies_s)
     batches = delta["batch_size_count"]
@@ -191,12 +210,16 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
         "client_cpu_ms_per_req": round(1000 * run.client_cpu_s / requests, 2),
         "server_stages_mean_ms": {s: round(run.stage_sums_ms[s] / ok, 2) for s in STAGES} if ok else None,
     }
-    if engine_runs:
+    if engine is not None:
         crops, seconds, cpu = (sum(r[i] for r in engine_runs) for i in range(3))
         rate = crops / seconds
-        level.update(engine_batch=batch, engine_req_per_s=round(rate, 3),
+        single = sum(r[0] for r in single_runs) / sum(r[1] for r in single_runs)
+        level.update(engine_batch=batch, engine_layout=f"{engine.streams} x {engine.threads} threads",
+                     engine_req_per_s=round(rate, 3),
                      engine_req_per_s_chunks=[round(r[0] / r[1], 2) for r in engine_runs],
-                     engine_cpu_ms_per_crop=round(1000 * cpu / crops, 2), ratio=round(level["req_per_s"] / rate, 3))
+                     engine_cpu_ms_per_crop=round(1000 * cpu / crops, 2), ratio=round(level["req_per_s"] / rate, 3),
+                     engine_1_stream_req_per_s=round(single, 3),
+                     ratio_1_stream=round(level["req_per_s"] / single, 3))
     return level
 
 
@@ -231,12 +254,13 @@ def _print(run: dict) -> None:
     w, h = run["input_wh"]
     print(f"{run['arch']} {h}x{w} ({run['checkpoint']})")
     print(f"{'conc':>5} {'reqs':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'batch':>6} "
-          f"{'busy':>5} {'srv cpu':>8} {'loop':>6} {'client':>7} {'engine/s':>9} {'ratio':>6}")
+          f"{'busy':>5} {'srv cpu':>8} {'loop':>6} {'client':>7} {'engine/s':>9} {'ratio':>6} {'1-str/s':>8} {'ratio':>6}")
     for r in run["levels"]:
         print(f"{r['concurrency']:>5} {r['requests']:>5} {r['req_per_s']:>8.2f} {r['p50_ms'] or 0:>8.1f} "
               f"{r['p99_ms'] or 0:>8.1f} {sum(r['errors'].values()):>7} {r['mean_batch'] or 0:>6.2f} "
               f"{r['worker_busy']:>5.2f} {r['server_cpu_ms_per_req']:>8.2f} {r['server_loop_cpu_ms_per_req']:>6.2f} "
-              f"{r['client_cpu_ms_per_req']:>7.2f} {r.get('engine_req_per_s', 0):>9.2f} {r.get('ratio', 0):>6.2f}")
+              f"{r['client_cpu_ms_per_req']:>7.2f} {r.get('engine_req_per_s', 0):>9.2f} {r.get('ratio', 0):>6.2f} "
+              f"{r.get('engine_1_stream_req_per_s', 0):>8.2f} {r.get('ratio_1_stream', 0):>6.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,10 @@ arrived and none is announced, see :meth:`DynamicBatcher.announce`), and at the 
 Quietness is counted from the moment the worker is free, not from the arrival of the oldest
 chunk: under saturation the crops that queued while the previous batch ran would otherwise
 leave at once in a half batch, and the service settles into alternating half batches (the
-network is slower per crop at batch 16 than at 32). The queue is bounded (in crops):
+network is slower per crop at batch 16 than at 32). With several workers (e.g. one
+single-threaded worker per CPU core) the crops are shared instead: a free worker goes as soon
+as its fair share of the crops in the system (queued, announced, running) is queued while
+others run, and free workers split a large backlog between them. The queue is bounded (in crops):
 a submission that does not fit raises :class:`Overloaded` at once instead of queueing, and
 every submission has a deadline, so a caller never waits forever even if no worker runs.
 
@@ -29,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+SPLIT_MIN = 4  # crops per worker below which a backlog is not split among free workers
 
 
 class BatcherError(RuntimeError):
@@ -86,6 +91,7 @@ class Batch:
     batcher: DynamicBatcher
     items: list[_Item]
     queued_s: float  # how long the oldest item waited
+    _done: bool = field(default=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -105,10 +111,21 @@ class Batch:
         for item in self.items:
             _set_result(item.future, heatmaps[start : start + item.size])
             start += item.size
+        self._finished()
 
     def fail(self, exc: BaseException) -> None:
         for item in self.items:
             _set_exception(item.future, exc)
+        self._finished()
+
+    def _finished(self) -> None:
+        """No longer running: free workers re-evaluate their fair share (see ``_due_in``)."""
+        with self.batcher.condition:
+            if not self._done:
+                self._done = True
+                self.batcher._running -= self.size
+                self.batcher._running_batches -= 1
+                self.batcher.condition.notify_all()
 
 
 def _set_result(future: concurrent.futures.Future, value: object) -> None:
@@ -156,6 +173,9 @@ class DynamicBatcher:
         self._pending = 0  # crops queued, not yet taken by a worker
         self._incoming = 0  # announced submissions not yet queued (see announce)
         self._last_arrival = 0.0
+        self._running = 0  # crops in batches that workers run now
+        self._running_batches = 0
+        self._free_workers = 0  # workers waiting in wait_for_batch on this batcher
         self._closed = False
         self.rejected = 0
         self.expired = 0
@@ -297,17 +317,31 @@ class DynamicBatcher:
             return None
         if self._pending >= self.max_batch_size:
             return 0.0
+        if self._running:
+            # Other workers are busy: once this worker's fair share of the crops in the system
+            # is queued, go (two workers at c/2 each beat one at c and an idle one).
+            workers = self._free_workers + self._running_batches
+            share = -(-(self._pending + self._incoming + self._running) // max(workers, 1))
+            if self._pending >= min(share, self.max_batch_size):
+                return 0.0
         due = max(self._items[0].enqueued, free_since) + self.max_fill_s
         if not self._incoming:  # nothing on its way: wait only for max_delay of quiet
             due = min(due, max(self._last_arrival, free_since) + self.max_delay_s)
         return max(0.0, due - now)
 
     def _take(self, now: float) -> Batch | None:
-        """Pop up to ``max_batch_size`` crops (lock held); None if every item was cancelled."""
+        """Pop up to ``max_batch_size`` crops (lock held); None if every item was cancelled.
+
+        With several workers free, a large backlog is shared: this worker takes its part
+        (at least ``SPLIT_MIN`` crops each) and leaves the rest to the others."""
+        limit = self.max_batch_size
+        if self._free_workers > 1 and self._pending >= SPLIT_MIN * self._free_workers:
+            limit = min(limit, -(-self._pending // self._free_workers))
         taken: list[_Item] = []
         total = 0
         oldest = self._items[0].enqueued if self._items else now
-        while self._items and total + self._items[0].size <= self.max_batch_size:
+        while self._items and (not taken or total + self._items[0].size <= limit) and \
+                total + self._items[0].size <= self.max_batch_size:
             item = self._items.popleft()
             self._pending -= item.size
             if item.deadline <= now and not item.future.cancelled():
@@ -318,7 +352,11 @@ class DynamicBatcher:
                 continue  # the caller gave up
             taken.append(item)
             total += item.size
-        return Batch(self, taken, now - oldest) if taken else None
+        if not taken:
+            return None
+        self._running += total
+        self._running_batches += 1
+        return Batch(self, taken, now - oldest)
 
     def next_batch(self, timeout_s: float) -> Batch | None:
         """Wait up to ``timeout_s`` for a batch of this batcher alone."""
@@ -348,21 +386,34 @@ def wait_for_batch(
     start = next(_rotation) % len(batchers)
     order = list(batchers[start:]) + list(batchers[:start])
     with condition:
-        while True:
-            now = time.monotonic()
-            wait = give_up - now
-            if wait <= 0:
-                return None
-            for batcher in order:
+        for batcher in batchers:
+            batcher._free_workers += 1
+        try:
+            return _wait_locked(order, condition, give_up, free_since)
+        finally:
+            for batcher in batchers:
+                batcher._free_workers -= 1
+
+
+def _wait_locked(
+    order: Sequence[DynamicBatcher], condition: threading.Condition, give_up: float, free_since: float
+) -> Batch | None:
+    """The waiting loop of :func:`wait_for_batch` (condition held)."""
+    while True:
+        now = time.monotonic()
+        wait = give_up - now
+        if wait <= 0:
+            return None
+        for batcher in order:
+            due = batcher._due_in(now, free_since)
+            if due is None:
+                continue
+            if due <= 0:
+                batch = batcher._take(now)
+                if batch is not None:
+                    return batch
                 due = batcher._due_in(now, free_since)
                 if due is None:
                     continue
-                if due <= 0:
-                    batch = batcher._take(now)
-                    if batch is not None:
-                        return batch
-                    due = batcher._due_in(now, free_since)
-                    if due is None:
-                        continue
-                wait = min(wait, max(due, 1e-4))
-            condition.wait(wait)
+            wait = min(wait, max(due, 1e-4))
+        condition.wait(wait)

@@ -76,3 +76,51 @@ def test_zero_delay_never_waits_and_empty_submissions_settle():
     arrival = batcher.announce()
     assert asyncio.run(batcher.submit(_crops(0), 1, arrival)).shape[0] == 0
     assert arrival.settled
+
+
+def _free_worker(batcher: DynamicBatcher, out: list, free: float, wait_s: float = 2.0) -> threading.Thread:
+    thread = threading.Thread(target=lambda: out.append(wait_for_batch([batcher], wait_s, free_since=free)))
+    thread.start()
+    return thread
+
+
+def test_free_workers_share_a_large_backlog_and_keep_small_batches_whole():
+    batcher = DynamicBatcher("m", max_batch_size=32, max_delay_ms=20, queue_size=100)
+    got: list = []
+    threads = [_free_worker(batcher, got, time.monotonic()) for _ in range(2)]
+    while batcher._free_workers < 2:
+        time.sleep(0.001)
+    for _ in range(32):  # 32 one-person requests, both workers free: 16 each, run at once
+        batcher._enqueue(_crops(1), 5)
+    for thread in threads:
+        thread.join(5)
+    assert sorted(b.size for b in got) == [16, 16]
+    for batch in got:
+        batch.complete(torch.zeros(batch.size, 1, 2, 2))
+    got.clear()
+    batcher._enqueue(_crops(1), 5)
+    batcher._enqueue(_crops(1), 5)  # too small to split: one batch of 2
+    threads = [_free_worker(batcher, got, time.monotonic(), 0.3) for _ in range(2)]
+    for thread in threads:
+        thread.join(5)
+    assert [b.size for b in got if b is not None] == [2]
+
+
+def test_a_free_worker_goes_with_its_fair_share_while_another_runs():
+    batcher = DynamicBatcher("m", max_batch_size=32, max_delay_ms=5, max_fill_ms=5000, queue_size=100)
+    batcher._enqueue(_crops(8), 5)
+    running = batcher.next_batch(1.0)  # another worker runs 8 crops
+    assert running.size == 8
+    batcher._enqueue(_crops(4), 5)
+    arrivals = [batcher.announce() for _ in range(4)]  # share = (4 queued + 4 coming + 8 running) / 2 = 8
+    started = time.monotonic()
+    assert wait_for_batch([batcher], 0.1, free_since=started) is None
+    for arrival in arrivals:
+        batcher._enqueue(_crops(1), 5, arrival)  # 8 queued: the share is here, go at once
+    batch = wait_for_batch([batcher], 1.0)
+    assert batch is not None and batch.size == 8 and time.monotonic() - started < 1.0
+    running.complete(torch.zeros(8, 1, 2, 2))
+    assert batcher._running == 8 and batcher._running_batches == 1
+    batch.fail(RuntimeError("x"))
+    batch.fail(RuntimeError("again"))  # counted once
+    assert batcher._running == 0 and batcher._running_batches == 0
