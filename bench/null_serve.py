@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = WorkerPool(
         loaded, ["cpu"], max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_delay_ms,
         queue_size=settings.queue_size, timeout_s=settings.request_timeout_s, infer_factory=zero_infer_factory,
+        workers_per_device=settings.resolved_workers_per_device(), torch_threads=settings.resolved_torch_threads(),
     ).start()
     try:
         uvicorn.run(create_app(settings, pool=pool), host=settings.host, port=settings.port, log_level="warning")
