@@ -70,6 +70,22 @@ def peak_rss_delta_mb(fn: Callable[[], object]) -> float | None:
     return None if before is None or peak is None else max(0, peak - before) / 1024
 
 
+def cpu_seconds(fn: object) -> float:
+    """CPU time of this process plus that of ``fn``'s engine processes (Linux /proc), in seconds."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for engine in getattr(fn, "fns", []):
+        pid = getattr(engine, "pid", None)
+        if pid is None:
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
+
+
 class Streams:
     """Run ``fn`` (or one of ``fns`` per stream) on ``streams`` Python threads at once, each with
     ``threads`` intra-op threads."""
@@ -137,8 +153,11 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
 
 
 def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, input_hw: tuple[int, int],
-               with_onnx: bool, with_compile: bool, tmp: Path, streams: int, only: list[str] | None = None) -> list[dict]:
+               with_onnx: bool, with_compile: bool, tmp: Path, streams: int, only: list[str] | None = None,
+               quick: bool = False) -> list[dict]:
     paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams)
+    if quick:  # the default engine and the worker layouts only
+        only = only or ["fast dyn, CL", "streams", "processes"]
     if only:
         eager = "eager (authors' graph)"
         paths = {k: v for k, v in paths.items() if k == eager or any(part in k for part in only)}
@@ -161,14 +180,14 @@ def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, inpu
         cpu: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(rounds):
             for name, fn in paths.items():
-                start, start_cpu = time.perf_counter(), time.process_time()
+                start, start_cpu = time.perf_counter(), cpu_seconds(fn)
                 for _ in range(calls):
                     fn(x)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 per_batch = getattr(fn, "streams", 1) * calls
                 times[name].append((time.perf_counter() - start) / per_batch)
-                cpu[name].append((time.process_time() - start_cpu) / per_batch)
+                cpu[name].append((cpu_seconds(fn) - start_cpu) / per_batch)
         eager = "eager (authors' graph)"
         eager_ms = statistics.median(times[eager]) * 1000
         eager_cpu = statistics.median(cpu[eager]) * 1000
@@ -232,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         for arch in archs:
             rows += bench_arch(arch, args.device, batch_sizes, rounds, input_hw,
                                with_onnx=not args.no_onnx and not args.quick, with_compile=args.compile,
-                               tmp=Path(tmp), streams=args.streams, only=args.paths)
+                               tmp=Path(tmp), streams=args.streams, only=args.paths, quick=args.quick)
             result = {  # written after every arch, so a long run that is stopped keeps its rows
                 "device": args.device if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "input_hw": list(input_hw),
