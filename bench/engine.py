@@ -154,7 +154,7 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
 
 def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, input_hw: tuple[int, int],
                with_onnx: bool, with_compile: bool, tmp: Path, streams: int, only: list[str] | None = None,
-               quick: bool = False) -> list[dict]:
+               quick: bool = False, block_calls: int | None = None) -> list[dict]:
     paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams)
     if quick:  # the default engine and the worker layouts only
         only = only or ["fast dyn, CL", "streams", "processes"]
@@ -164,7 +164,7 @@ def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, inpu
     rows = []
     for bs in batch_sizes:
         x = bench_input(bs, input_hw)
-        calls = max(2, 16 // bs)  # a block: >= 2 calls and about 16 images
+        calls = block_calls or max(2, 16 // bs)  # a block: >= 2 calls and about 16 images
         memory: dict[str, float | None] = {}
         for name, fn in paths.items():  # warm-up (compile, graph capture), then memory
             fn(x)
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", nargs="+", default=None,
                         help="only paths whose name contains one of these (the eager baseline always runs)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--calls", type=int, default=None, help="calls per path per round (default: ~16 images)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--streams", type=int, default=os.cpu_count() or 1,
                         help="also time N streams x 1 thread on CPU (1: don't)")
@@ -251,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         for arch in archs:
             rows += bench_arch(arch, args.device, batch_sizes, rounds, input_hw,
                                with_onnx=not args.no_onnx and not args.quick, with_compile=args.compile,
-                               tmp=Path(tmp), streams=args.streams, only=args.paths, quick=args.quick)
+                               tmp=Path(tmp), streams=args.streams, only=args.paths, quick=args.quick,
+                               block_calls=args.calls)
             result = {  # written after every arch, so a long run that is stopped keeps its rows
                 "device": args.device if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "input_hw": list(input_hw),
