@@ -8,7 +8,8 @@ machine slows every path alike. Run it on a quiet machine: with both cores conte
 barriers make the many-small-op eager graph collapse far more than the optimised paths, which
 would flatter the speed-ups (``load_average_at_end`` is recorded for that reason).
 
-"N streams x T threads" paths run N batches at once on N Python threads, each with T intra-op
+"N streams x T threads" paths run N batches at once on N Python threads (and "N processes" paths
+on N child processes, one engine each, so that they share no GIL), each with T intra-op
 threads, as the service does with ``DITEPOSE_WORKERS_PER_DEVICE=N DITEPOSE_TORCH_THREADS=T``: one
 call of such a path is N batches, and img/s counts all of them. The eager graph is timed that way
 too, so the gain of the layout can be told from the gain of the optimised network.
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import build_model, load_checkpoint
 from model.engine import InferenceEngine
+from model.process_engine import ProcessEngine
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
 REFERENCE_WEIGHTS = {"dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", 17), "dite_hrnet_30": ("dite_hrnet_30_mpii_random.pth", 16)}
@@ -68,15 +70,33 @@ def peak_rss_delta_mb(fn: Callable[[], object]) -> float | None:
     return None if before is None or peak is None else max(0, peak - before) / 1024
 
 
-class Streams:
-    """Run ``fn`` on ``streams`` Python threads at once (each with ``threads`` intra-op threads)."""
+def cpu_seconds(fn: object) -> float:
+    """CPU time of this process plus that of ``fn``'s engine processes (Linux /proc), in seconds."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for engine in getattr(fn, "fns", []):
+        pid = getattr(engine, "pid", None)
+        if pid is None:
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], streams: int, threads: int) -> None:
-        self.fn, self.streams = fn, streams
+
+class Streams:
+    """Run ``fn`` (or one of ``fns`` per stream) on ``streams`` Python threads at once, each with
+    ``threads`` intra-op threads."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor] | list, streams: int, threads: int) -> None:
+        self.fns = fn if isinstance(fn, list) else [fn] * streams
+        self.streams = streams
         self.pool = ThreadPoolExecutor(streams, initializer=torch.set_num_threads, initargs=(threads,))
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.pool.map(self.fn, [x] * self.streams))
+        return list(self.pool.map(lambda fn: fn(x), self.fns))
 
 
 def reference_model(arch: str) -> torch.nn.Module:
@@ -119,6 +139,9 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
     elif streams > 1:
         paths[f"eager, {streams} streams x 1 thread"] = Streams(eager, streams, 1)
         paths[f"fast CL, {streams} streams x 1 thread"] = Streams(fast_cl, streams, 1)
+        # the same with each stream's engine in a child process: no GIL shared (DITEPOSE_WORKER_PROCESSES)
+        engines = [ProcessEngine(model_cpu, threads=1) for _ in range(streams)]
+        paths[f"fast CL, {streams} processes x 1 thread"] = Streams(engines, streams, 1)
     if with_compile:
         paths["fast CL + torch.compile"] = InferenceEngine(model_cpu, device, compile=True, channels_last=True)
     if with_onnx and device == "cpu":
@@ -130,12 +153,18 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
 
 
 def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, input_hw: tuple[int, int],
-               with_onnx: bool, with_compile: bool, tmp: Path, streams: int) -> list[dict]:
+               with_onnx: bool, with_compile: bool, tmp: Path, streams: int, only: list[str] | None = None,
+               quick: bool = False, block_calls: int | None = None) -> list[dict]:
     paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams)
+    if quick:  # the default engine and the worker layouts only
+        only = only or ["fast dyn, CL", "streams", "processes"]
+    if only:
+        eager = "eager (authors' graph)"
+        paths = {k: v for k, v in paths.items() if k == eager or any(part in k for part in only)}
     rows = []
     for bs in batch_sizes:
         x = bench_input(bs, input_hw)
-        calls = max(2, 16 // bs)  # a block: >= 2 calls and about 16 images
+        calls = block_calls or max(2, 16 // bs)  # a block: >= 2 calls and about 16 images
         memory: dict[str, float | None] = {}
         for name, fn in paths.items():  # warm-up (compile, graph capture), then memory
             fn(x)
@@ -151,14 +180,14 @@ def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, inpu
         cpu: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(rounds):
             for name, fn in paths.items():
-                start, start_cpu = time.perf_counter(), time.process_time()
+                start, start_cpu = time.perf_counter(), cpu_seconds(fn)
                 for _ in range(calls):
                     fn(x)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 per_batch = getattr(fn, "streams", 1) * calls
                 times[name].append((time.perf_counter() - start) / per_batch)
-                cpu[name].append((time.process_time() - start_cpu) / per_batch)
+                cpu[name].append((cpu_seconds(fn) - start_cpu) / per_batch)
         eager = "eager (authors' graph)"
         eager_ms = statistics.median(times[eager]) * 1000
         eager_cpu = statistics.median(cpu[eager]) * 1000
@@ -195,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--paths", nargs="+", default=None,
+                        help="only paths whose name contains one of these (the eager baseline always runs)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--calls", type=int, default=None, help="calls per path per round (default: ~16 images)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--streams", type=int, default=os.cpu_count() or 1,
                         help="also time N streams x 1 thread on CPU (1: don't)")
@@ -207,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_sizes, rounds = ([1, 64] if cuda else [1, 8]), args.rounds or 3
     else:
         batch_sizes, rounds = ([1, 64, 256] if cuda else [1, 8, 32]), args.rounds or 5
+    batch_sizes = args.batch_sizes or batch_sizes
     input_hw = (256, 192)
     print(f"{'arch':<14} {'path':<24} {'batch':>5} {'ms/batch':>10} {'img/s':>9} {'speedup':>8} {'cpu ms':>9}"
           f" {'cpu spd':>8} {'peakMB':>8}")
@@ -218,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         for arch in archs:
             rows += bench_arch(arch, args.device, batch_sizes, rounds, input_hw,
                                with_onnx=not args.no_onnx and not args.quick, with_compile=args.compile,
-                               tmp=Path(tmp), streams=args.streams)
+                               tmp=Path(tmp), streams=args.streams, only=args.paths, quick=args.quick,
+                               block_calls=args.calls)
             result = {  # written after every arch, so a long run that is stopped keeps its rows
                 "device": args.device if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "input_hw": list(input_hw),

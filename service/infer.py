@@ -45,9 +45,18 @@ class TorchInfer:
             return out.float().cpu()
 
 
-def make_infer(module: nn.Module, device: str, precision: str = "auto") -> InferFn:
-    """Build the infer callable of ``module`` on ``device`` (the module is copied off the CPU)."""
+def make_infer(
+    module: nn.Module, device: str, precision: str = "auto", process: bool = False, threads: int | None = None
+) -> InferFn:
+    """Build the infer callable of ``module`` on ``device`` (the module is copied off the CPU).
+
+    ``process``: on CPU, the optimised engine runs in a child process (``model.process_engine``)
+    with ``threads`` torch threads (default 1)."""
     precision = resolve_precision(precision, device)
+    if process and device.startswith("cpu"):
+        from model.process_engine import ProcessEngine
+
+        return ProcessEngine(module, threads=threads or 1)
     if not device.startswith("cpu"):
         module = copy.deepcopy(module)
     try:

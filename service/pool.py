@@ -166,6 +166,7 @@ class WorkerPool:
         precision: str = "auto",
         observer: BatchObserver | None = None,
         torch_threads: int | None = None,
+        worker_processes: bool = False,
     ) -> None:
         if not models:
             raise ValueError("a worker pool needs at least one model")
@@ -176,8 +177,12 @@ class WorkerPool:
         self.workers_per_device = workers_per_device
         self.precision = precision
         self.torch_threads = torch_threads
+        # CPU workers each get their own engine process (a process runs one batch at a time)
+        self.worker_processes = worker_processes
         self.observers: list[BatchObserver] = [observer] if observer is not None else []
-        self._infer_factory = infer_factory or (lambda m, device: make_infer(m.module, device, precision))
+        self._infer_factory = infer_factory or (
+            lambda m, device: make_infer(m.module, device, precision, process=worker_processes, threads=torch_threads)
+        )
         self.condition = threading.Condition()
         self.batchers: dict[str, DynamicBatcher] = {
             name: DynamicBatcher(
@@ -216,6 +221,7 @@ class WorkerPool:
             precision=settings.precision,
             observer=observer,
             torch_threads=settings.resolved_torch_threads(),
+            worker_processes=settings.worker_processes,
         )
         pool.failed_models = failed
         return pool
@@ -227,8 +233,11 @@ class WorkerPool:
         if self.stopped:
             raise RuntimeError("a stopped pool cannot be restarted")
         for device in self.devices:
+            per_worker = self.worker_processes and device.startswith("cpu")
             infers = {name: self._infer_factory(m, device) for name, m in self.models.items()}
             for index in range(self.workers_per_device):
+                if per_worker and index > 0:
+                    infers = {name: self._infer_factory(m, device) for name, m in self.models.items()}
                 self.workers.append(self._new_worker(f"{device}/{index}", device, infers))
         for worker in self.workers:
             worker.start()
@@ -271,6 +280,13 @@ class WorkerPool:
         deadline = time.monotonic() + timeout_s
         for worker in self.workers:
             worker.join(max(0.0, deadline - time.monotonic()))
+        closed: set[int] = set()
+        for worker in self.workers:  # engine processes (worker_processes) end with the pool
+            for infer in worker.infers.values():
+                close = getattr(infer, "close", None)
+                if close is not None and id(infer) not in closed:
+                    closed.add(id(infer))
+                    close()
 
     def __enter__(self) -> WorkerPool:
         return self.start()

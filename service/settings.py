@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         description="torch intra-op threads of each worker thread. None: CPU cores / workers on a CPU-only host, "
         "torch's default otherwise.",
     )
+    worker_processes: bool = Field(
+        default=False,
+        description="Run each CPU worker's network in a child process of its own (spawned at start, restarted if "
+        "it dies): the HTTP side and the other workers no longer share the GIL with it. Faster on multi-core "
+        "CPUs at small batches; costs a few seconds of start-up and one model copy per worker.",
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429 (queue full or too many requests in flight).")
 
     @field_validator("devices")
