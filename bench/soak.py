@@ -2,7 +2,7 @@
 
 ``python -m bench.soak [--duration 300] [--rest-clients 4] [--streams 2] [--bad-clients 1] [--checkpoint PATH]``
 
-Starts the real server (REST + gRPC, one CPU worker) as a child process with a small random-weight
+Starts the real server (REST + gRPC, the default CPU worker layout) as a child process with a small random-weight
 Dite-HRNet-18 (64x64 input unless ``--checkpoint``), drives it from client threads for
 ``--duration`` seconds and records throughput, latency percentiles per traffic kind, answers by
 status code, and the server's RSS over time. gRPC frame latency is the gap between consecutive

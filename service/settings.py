@@ -70,7 +70,11 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(default=32, ge=1, description="Most crops one forward pass takes.")
     max_delay_ms: float = Field(
-        default=5.0, ge=0, description="How long a worker waits for more crops before running a partial batch."
+        default=5.0,
+        ge=0,
+        description="A free worker runs a partial batch once no crop has arrived (and none is being decoded) for "
+        "this long, counted from when it became free; at most 10x this after it became free. With several "
+        "workers, one goes as soon as its fair share of the waiting crops is queued.",
     )
     queue_size: int = Field(
         default=512, ge=1, description="Most crops waiting per model; beyond it requests get 429 at once."
