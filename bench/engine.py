@@ -71,19 +71,9 @@ def peak_rss_delta_mb(fn: Callable[[], object]) -> float | None:
 
 
 def cpu_seconds(fn: object) -> float:
-    """CPU time of this process plus that of ``fn``'s engine processes (Linux /proc), in seconds."""
-    total = time.process_time()
-    tick = os.sysconf("SC_CLK_TCK")
-    for engine in getattr(fn, "fns", []):
-        pid = getattr(engine, "pid", None)
-        if pid is None:
-            continue
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    return total
+    """CPU time of this process plus that of ``fn``'s engine processes, in seconds."""
+    return time.process_time() + sum(engine.cpu_seconds() for engine in getattr(fn, "fns", [])
+                                     if isinstance(engine, ProcessEngine))
 
 
 class Streams:

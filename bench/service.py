@@ -12,6 +12,8 @@ torch threads, resolved from the same settings): ``ratio`` is the service's req/
 engine's crops/s, the share of raw model throughput the service keeps (1 request = 1 crop:
 flip test off unless ``--flip``). ``ratio_1_stream`` compares with one stream on torch's
 default threads instead (the layout before CPU hosts got one single-threaded worker per core).
+With ``DITEPOSE_WORKER_PROCESSES=true`` in the environment the server runs its workers' engines in
+child processes and the engine is timed the same way (one engine process per stream).
 
 By default two models are measured in one run: the shipped demo checkpoint (128x96 input,
 a cheap network, so the per-request overhead weighs most) and a Dite-HRNet-18 at the
@@ -109,6 +111,12 @@ class _Engine:
         loaded = load_model(ModelSpec(name="bench", checkpoint=checkpoint))
         self.input_size = loaded.input_size
         self.infer = make_infer(loaded.module, "cuda:0" if torch.cuda.is_available() else "cpu")
+        # DITEPOSE_WORKER_PROCESSES: the workers' engines run in child processes, one per worker
+        self.processes = settings.worker_processes and not torch.cuda.is_available()
+        self.stream_infers = (
+            [make_infer(loaded.module, "cpu", process=True, threads=self.threads) for _ in range(self.streams)]
+            if self.processes else [self.infer] * self.streams
+        )
         jpeg, box = test_jpeg()
         pipe = TopDownPipeline(loaded.input_size, loaded.spec, flip_test=flip)
         self.one = pipe.prepare(decode_image(jpeg, 10**8, 10**8), [box]).crops
@@ -120,17 +128,21 @@ class _Engine:
         counts = [0] * streams
         marks: list[float] = []
         barrier = threading.Barrier(streams)
+        infers = self.stream_infers if streams == self.streams else [self.infer] * streams
+
+        def cpu_now() -> float:  # this process and the engine processes (if any)
+            return time.process_time() + sum(getattr(i, "cpu_seconds", lambda: 0.0)() for i in set(infers))
 
         def measure(index: int) -> None:
             # On threads of their own, as in the worker pool: torch's CPU threading differs between
             # the main thread and others; thread counts are set per thread, as the workers do.
             torch.set_num_threads(threads)
-            self.infer(crops)  # warm-up
+            infers[index](crops)  # warm-up
             if barrier.wait() == 0:
-                marks.extend([time.perf_counter(), time.process_time()])
+                marks.extend([time.perf_counter(), cpu_now()])
             barrier.wait()
             while counts[index] < 2 * batch or time.perf_counter() - marks[0] < min_s:
-                self.infer(crops)
+                infers[index](crops)
                 counts[index] += batch
 
         workers = [threading.Thread(target=measure, args=(i,)) for i in range(streams)]
@@ -138,7 +150,7 @@ class _Engine:
             worker.start()
         for worker in workers:
             worker.join()
-        return sum(counts), time.perf_counter() - marks[0], time.process_time() - marks[1]
+        return sum(counts), time.perf_counter() - marks[0], cpu_now() - marks[1]
 
 
 def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: bool) -> subprocess.Popen:
@@ -214,7 +226,8 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
         crops, seconds, cpu = (sum(r[i] for r in engine_runs) for i in range(3))
         rate = crops / seconds
         single = sum(r[0] for r in single_runs) / sum(r[1] for r in single_runs)
-        level.update(engine_batch=batch, engine_layout=f"{engine.streams} x {engine.threads} threads",
+        kind = "processes" if engine.processes else "streams"
+        level.update(engine_batch=batch, engine_layout=f"{engine.streams} {kind} x {engine.threads} threads",
                      engine_req_per_s=round(rate, 3),
                      engine_req_per_s_chunks=[round(r[0] / r[1], 2) for r in engine_runs],
                      engine_cpu_ms_per_crop=round(1000 * cpu / crops, 2), ratio=round(level["req_per_s"] / rate, 3),

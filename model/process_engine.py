@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import threading
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,6 +103,16 @@ class ProcessEngine:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the current child has used so far; 0.0 if unknown (Linux /proc)."""
+        if self.pid is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
