@@ -340,6 +340,16 @@ class FastSplitConv(nn.Module):
         return interleave(parts)
 
 
+def write_scaled(slot: torch.Tensor, x: torch.Tensor, factor: float) -> None:
+    """``slot[...] = x * factor`` in one pass (a copy when the factor is 1 or under mixed dtypes)."""
+    if factor == 1.0:
+        slot.copy_(x)
+    elif x.dtype == slot.dtype:
+        torch.mul(x, factor, out=slot)
+    else:  # autocast: ``out=`` may not down-cast
+        slot.copy_(x).mul_(factor)
+
+
 class FastBlock(nn.Module):
     """DMC block: pass half, DCM -> DSC -> GCM on the other half, the GCM writing into the shuffle."""
 
@@ -370,16 +380,11 @@ class FastBlock(nn.Module):
                 out.append(interleave([a * factor if factor != 1.0 else a, b]))
                 continue
             full, (slot_a, slot_b) = interleaved_buffer(b, 2 * b.shape[1], 2)
-            if factor != 1.0:
-                torch.mul(a, factor, out=slot_a)
-            else:
-                slot_a.copy_(a)
+            write_scaled(slot_a, a, factor)
             if self._gcms is not None:
                 self._gcms[i](b, out=slot_b)
-            elif factor != 1.0:
-                torch.mul(b, factor, out=slot_b)
             else:
-                slot_b.copy_(b)
+                write_scaled(slot_b, b, factor)
             out.append(full)
         return out
 
