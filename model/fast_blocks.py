@@ -3,13 +3,19 @@
 Same function as ``model.blocks`` in eval mode, arranged for speed on small tensors:
 
 * every BatchNorm is folded into the convolution (or kernel bank, or channel scale) before it;
-* the attention MLPs run as ``F.linear`` on pooled vectors instead of 1x1 convs on 1x1 maps;
+* channels-last end to end when ``FastPoseNet.channels_last`` (the engine's default): oneDNN's
+  NCHW depth-wise convs are many times slower; channel slices get canonical strides before a
+  conv, 1x1 convs are GEMMs over the pixels;
+* the attention MLPs run as ``addmm`` on pooled vectors instead of 1x1 convs on 1x1 maps;
 * a dynamic 1x1 conv is a batched matmul with the per-sample [Cout, Cin] kernel; a dynamic
-  depth-wise conv keeps the authors' batch-folded grouped conv (measured fastest here);
+  depth-wise conv is the authors' batch-folded grouped conv, or on channels-last CPU maps one
+  oneDNN call per sample (measured fastest on large maps);
 * ``channel_shuffle(cat(a, b))`` is one strided copy into an interleaved buffer, and the last
-  elementwise op before it writes straight into its slot;
+  elementwise op before it writes straight into its slot (scaled there when the fusion needs it);
 * nearest upsampling before an add or a multiply is a broadcast over a 6-D view: the
   upsampled tensor is never materialised.
+
+Layout helpers live in ``model.fast_ops``.
 
 None of these modules has trainable state or a training mode: convert, then call.
 """
@@ -21,6 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.dite_hrnet import iterative_refine
+from model.fast_ops import (
+    add_upsampled_,
+    attention_pool,
+    interleave,
+    interleaved_buffer,
+    is_channels_last,
+    keep_channels_last,
+    spatial_logits,
+    tracing,
+    upsampled_view,
+    write_scaled,
+)
 
 DYNAMIC_MODES = ("grouped", "fast", "stacked")
 
@@ -28,105 +46,6 @@ DYNAMIC_MODES = ("grouped", "fast", "stacked")
 # at least this large (oneDNN's NHWC depth-wise kernel is fast per sample but slow on the
 # batch-folded [1, B*C, H, W] tensor), as the batch-folded NCHW conv on smaller maps.
 PER_SAMPLE_MIN_PIXELS = 2048
-
-
-def _tracing() -> bool:
-    """Exporters get out-of-place ops (stack, broadcast add) instead of writes into views."""
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-
-
-def interleave(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``channel_shuffle(cat(parts), len(parts))`` for equal parts, in one copy."""
-    if _tracing():
-        b, c, h, w = parts[0].shape
-        return torch.stack(parts, dim=2).reshape(b, c * len(parts), h, w)
-    full, slots = interleaved_buffer(parts[0], parts[0].shape[1] * len(parts), len(parts))
-    for slot, part in zip(slots, parts, strict=True):
-        slot.copy_(part)
-    return full
-
-
-def interleaved_buffer(
-    like: torch.Tensor, channels: int, groups: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """An empty [B, channels, H, W] tensor whose channel ``c * groups + g`` is slot ``g``'s channel ``c``.
-
-    Writing group ``g`` into ``slots[g]`` is ``channel_shuffle(cat(groups), groups)`` in one copy.
-    The buffer follows ``like``'s memory format (NCHW or channels-last).
-    """
-    batch, _, height, width = like.shape
-    per = channels // groups
-    if is_channels_last(like):
-        buf = like.new_empty(batch, height, width, per, groups)
-        full = buf.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        return full, [buf[..., g].permute(0, 3, 1, 2) for g in range(groups)]
-    buf = like.new_empty(batch, per, groups, height, width)
-    return buf.view(batch, channels, height, width), [buf[:, :, g] for g in range(groups)]
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """True for a 4-D tensor whose channels are innermost in memory (channels-last, or a channel
-    slice of one), unless it is also plain contiguous (then both layouts are the same)."""
-    # (called several hundred times per forward pass, so only the cheapest checks: 4-D callers only)
-    return x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
-
-
-def spatial_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """A 1-output 1x1 conv as a matmul: [B, H*W] (row-major spatial order) in either layout.
-
-    mkldnn runs a one-channel 1x1 conv at batch 32 about 10x slower than this matmul.
-    """
-    batch, channels, height, width = x.shape
-    if is_channels_last(x):
-        return torch.matmul(x.permute(0, 2, 3, 1).reshape(batch, height * width, channels), weight) + bias
-    return torch.matmul(weight, x.reshape(batch, channels, height * width)) + bias
-
-
-def attention_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum_hw x[b, c, hw] * mask[b, hw] -> [B, C] in either layout."""
-    batch, channels, height, width = x.shape
-    if is_channels_last(x):
-        flat = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        return torch.bmm(mask[:, None, :], flat).view(batch, channels)
-    return torch.bmm(x.reshape(batch, channels, height * width), mask[:, :, None]).view(batch, channels)
-
-
-def upsampled_view(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """6-D views so that ``a op b`` equals ``target op nearest_upsample(source)`` without materialising it."""
-    batch, channels, height, width = target.shape
-    fy, fx = height // source.shape[-2], width // source.shape[-1]
-    return (
-        target.view(batch, channels, source.shape[-2], fy, source.shape[-1], fx),
-        source[:, :, :, None, :, None],
-    )
-
-
-def add_upsampled_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``target += nearest_upsample(source)`` in place (integer factors)."""
-    if target.shape[-2:] == source.shape[-2:]:
-        return target + source if _tracing() else target.add_(source)
-    big, small = upsampled_view(target, source)
-    if _tracing():
-        return (big + small).reshape(target.shape)
-    big.add_(small)
-    return target
-
-
-def keep_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with canonical channels-last strides when its channels are innermost.
-
-    oneDNN runs a conv (and returns its output) in NCHW unless the input's strides are exactly
-    channels-last; a channel slice, or a batch of one with an odd batch stride, would silently
-    take the whole network out of channels-last, where its depth-wise convs are much slower."""
-    if not is_channels_last(x):
-        return x
-    _, channels, height, width = x.shape
-    canonical = (channels * height * width, 1, width * channels, channels)
-    if x.stride() == canonical:
-        return x
-    if x.is_contiguous(memory_format=torch.channels_last):  # only a size-1 dim's stride differs
-        return x.as_strided(x.shape, canonical)
-    return x.contiguous(memory_format=torch.channels_last)
 
 
 class FoldedConv2d(nn.Conv2d):
@@ -140,7 +59,7 @@ class FoldedConv2d(nn.Conv2d):
         self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and self.padding == (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pointwise and is_channels_last(x) and not _tracing():
+        if self.pointwise and is_channels_last(x) and not tracing():
             out = F.linear(x.permute(0, 2, 3, 1), self.weight.view(self.out_channels, self.in_channels), self.bias)
             return out.permute(0, 3, 1, 2)
         return super().forward(keep_channels_last(x))
@@ -340,16 +259,6 @@ class FastSplitConv(nn.Module):
         return interleave(parts)
 
 
-def write_scaled(slot: torch.Tensor, x: torch.Tensor, factor: float) -> None:
-    """``slot[...] = x * factor`` in one pass (a copy when the factor is 1 or under mixed dtypes)."""
-    if factor == 1.0:
-        slot.copy_(x)
-    elif x.dtype == slot.dtype:
-        torch.mul(x, factor, out=slot)
-    else:  # autocast: ``out=`` may not down-cast
-        slot.copy_(x).mul_(factor)
-
-
 class FastBlock(nn.Module):
     """DMC block: pass half, DCM -> DSC -> GCM on the other half, the GCM writing into the shuffle."""
 
@@ -375,7 +284,7 @@ class FastBlock(nn.Module):
         out = []
         for i, (a, b) in enumerate(zip(passed, worked, strict=True)):
             factor = self.branch0_factor if i == 0 else 1.0
-            if _tracing():
+            if tracing():
                 b = self._gcms[i](b) if self._gcms is not None else b * factor
                 out.append(interleave([a * factor if factor != 1.0 else a, b]))
                 continue
@@ -406,7 +315,7 @@ class FastCrossResolution(nn.Module):
         for block in self._blocks:
             out = block(out)
         n = len(out)
-        inplace = not _tracing()
+        inplace = not tracing()
         fused0 = out[0]  # already 2 * branch 0: the last block doubled it (see FastBlock.branch0_factor)
         for j in range(1, n):
             fused0 = add_upsampled_(fused0, self._fuse[0][j](out[j]))
