@@ -153,7 +153,7 @@ def test_overload_sheds_fast_and_recovers(tiny_ckpt: Path, tmp_path: Path) -> No
            slowest_ms=round(slowest * 1000, 1), rss_before_mb=round(rss_before, 1), rss_max_mb=round(max(rss), 1),
            idle_latency_before_ms=round(before * 1000, 1), idle_latency_after_ms=round(after * 1000, 1),
            load_average=_load_average(),
-           detail="server: a `ditepose serve` process (REST+gRPC, 1 CPU worker, in-flight limit "
+           detail="server: a `ditepose serve` process (REST+gRPC, default CPU workers, in-flight limit "
                   f"{IN_FLIGHT_LIMIT}); clients: {CLIENTS} asyncio tasks in the test process (served_*, shed_*: "
                   "include their own event-loop queueing) and one lone sequential client in its own process "
                   "(lone_*: connect to answer); server_*: the server's own histogram on /metrics, headers in "
