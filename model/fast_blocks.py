@@ -143,37 +143,34 @@ class FastDynamicConv(nn.Module):
         elif is_channels_last(x):
             out = self._conv_channels_last(x, weights)
         else:
-            out = F.conv2d(
-                x.reshape(1, batch * channels, height, width),
-                weights.view(batch * self.out_channels, self.in_per_group, *self.kernel_size),
-                self.bias.repeat(batch),
-                stride=self.stride,
-                padding=self.padding,
-                groups=self.groups * batch,
-            )
-            out = out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
+            out = self._conv_folded(x, weights)
         return F.relu(out, inplace=True) if self.relu else out
 
-    def _conv_channels_last(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Per-sample kernels on a channels-last batch; the result stays channels-last."""
+    def _conv_folded(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The authors' per-sample kernels: the batch folded into the groups of one NCHW conv."""
         batch, channels, height, width = x.shape
-        x = keep_channels_last(x)
-        kernels = weights.view(batch, self.out_channels, self.in_per_group, *self.kernel_size)
-        conv = dict(stride=self.stride, padding=self.padding, groups=self.groups)
-        if batch == 1:
-            return F.conv2d(x, kernels[0], self.bias, **conv)
-        if height * width >= PER_SAMPLE_MIN_PIXELS and x.device.type == "cpu":  # one kernel launch per sample on CUDA: no
-            return torch.cat([F.conv2d(x[i : i + 1], kernels[i], self.bias, **conv) for i in range(batch)])
         out = F.conv2d(
-            x.contiguous().view(1, batch * channels, height, width),
-            kernels.view(batch * self.out_channels, self.in_per_group, *self.kernel_size),
+            x.reshape(1, batch * channels, height, width),
+            weights.view(batch * self.out_channels, self.in_per_group, *self.kernel_size),
             self.bias.repeat(batch),
             stride=self.stride,
             padding=self.padding,
             groups=self.groups * batch,
         )
-        out = out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
-        return out.contiguous(memory_format=torch.channels_last)
+        return out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
+
+    def _conv_channels_last(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Per-sample kernels on a channels-last batch; the result stays channels-last."""
+        batch, _, height, width = x.shape
+        per_sample = height * width >= PER_SAMPLE_MIN_PIXELS and x.device.type == "cpu"  # CUDA: a launch each
+        if batch > 1 and not per_sample:  # the folded conv copies to NCHW anyway
+            return self._conv_folded(x, weights).contiguous(memory_format=torch.channels_last)
+        x = keep_channels_last(x)
+        kernels = weights.view(batch, self.out_channels, self.in_per_group, *self.kernel_size)
+        conv = dict(stride=self.stride, padding=self.padding, groups=self.groups)
+        if batch == 1:
+            return F.conv2d(x, kernels[0], self.bias, **conv)
+        return torch.cat([F.conv2d(x[i : i + 1], kernels[i], self.bias, **conv) for i in range(batch)])
 
 
 class FastGlobalContext(nn.Module):
