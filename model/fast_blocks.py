@@ -299,11 +299,12 @@ class FastCrossResolution(nn.Module):
     """DMC blocks then multi-scale fusion, upsampling by broadcast adds, the branch-0 doublings folded
     (into the last block's output for row 0, into the paths' last convs for rows i > 0)."""
 
-    def __init__(self, layers: nn.Sequential, fuse: nn.ModuleList, up: list[list[bool]]) -> None:
+    def __init__(self, layers: nn.Sequential, fuse: nn.ModuleList) -> None:
         super().__init__()
         self.layers = layers
-        self.fuse_layers = fuse  # [i][j]: None on the diagonal; [i][0] for i > 0 already doubled
-        self.up = up  # [i][j]: path j -> i ends with a nearest upsample (j > i)
+        # [i][j]: Identity on the diagonal; [i][0] for i > 0 already doubled; paths j > i end with a
+        # nearest upsample, done by ``add_upsampled_`` from the shapes
+        self.fuse_layers = fuse
         self._blocks = [block.forward for block in layers]  # no hooks on these: skip Module.__call__
         self._fuse = [list(row) for row in fuse]
 

@@ -147,7 +147,6 @@ def convert_block(block: DynamicMultiScaleContextBlock, dynamic: str, branch0_fa
 def convert_cross_resolution(module: CrossResolutionModule, dynamic: str) -> fb.FastCrossResolution:
     n = module.num_branches
     fuse = nn.ModuleList()
-    up = [[j > i for j in range(n)] for i in range(n)]
     for i in range(n):
         row = nn.ModuleList()
         for j in range(n):
@@ -160,7 +159,7 @@ def convert_cross_resolution(module: CrossResolutionModule, dynamic: str) -> fb.
     # fusion row 0 starts from 2 * (branch 0): the last block writes branch 0 already doubled
     last = len(module.layers) - 1
     layers = nn.Sequential(*(convert_block(b, dynamic, 2.0 if k == last else 1.0) for k, b in enumerate(module.layers)))
-    return fb.FastCrossResolution(layers, fuse, up)
+    return fb.FastCrossResolution(layers, fuse)
 
 
 def convert_backbone(backbone: DiteHRNet, final: nn.Conv2d, dynamic: str) -> tuple[nn.Module, ...]:
