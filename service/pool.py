@@ -177,7 +177,6 @@ class WorkerPool:
         self.workers_per_device = workers_per_device
         self.precision = precision
         self.torch_threads = torch_threads
-        # CPU workers each get their own engine process (a process runs one batch at a time)
         self.worker_processes = worker_processes
         self.observers: list[BatchObserver] = [observer] if observer is not None else []
         self._infer_factory = infer_factory or (
@@ -233,11 +232,13 @@ class WorkerPool:
         if self.stopped:
             raise RuntimeError("a stopped pool cannot be restarted")
         for device in self.devices:
-            per_worker = self.worker_processes and device.startswith("cpu")
-            infers = {name: self._infer_factory(m, device) for name, m in self.models.items()}
+            def build(device: str = device) -> dict[str, InferFn]:
+                return {name: self._infer_factory(m, device) for name, m in self.models.items()}
+
+            # the workers of a device share its engines, except engine processes (one batch at a time)
+            shared = None if self.worker_processes and device.startswith("cpu") else build()
             for index in range(self.workers_per_device):
-                if per_worker and index > 0:
-                    infers = {name: self._infer_factory(m, device) for name, m in self.models.items()}
+                infers = shared if shared is not None else build()
                 self.workers.append(self._new_worker(f"{device}/{index}", device, infers))
         for worker in self.workers:
             worker.start()
