@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -33,6 +34,9 @@ def test_each_worker_has_its_own_engine_process_and_a_killed_one_comes_back(load
         got = pool.batcher("m").submit_sync(crops, timeout_s=60)
         assert (got - expected).abs().max().item() < 1e-5
         os.kill(engines[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10  # dead before the next batch (a kill racing a batch fails it)
+        while engines[0].alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
         for _ in range(4):  # whichever worker takes them, every request is answered
             got = pool.batcher("m").submit_sync(crops, timeout_s=60)
             assert (got - expected).abs().max().item() < 1e-5
