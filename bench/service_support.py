@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-_TICK = os.sysconf("SC_CLK_TCK")
+from model.process_engine import stat_cpu_seconds
 
 
 def free_port() -> int:
@@ -31,12 +30,6 @@ def test_jpeg() -> tuple[bytes, list[float]]:
     return buf.tobytes(), [230.0, 50.0, 180.0, 390.0]
 
 
-def _stat_cpu_s(path: Path) -> float:
-    """utime + stime (seconds) from a /proc .../stat file."""
-    fields = path.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
 class ProcCpu:
     """CPU seconds of a process (all threads) and of its main thread (the asyncio loop of uvicorn)."""
 
@@ -44,4 +37,4 @@ class ProcCpu:
         self.proc = Path(f"/proc/{pid}")
 
     def read(self) -> tuple[float, float]:
-        return _stat_cpu_s(self.proc / "stat"), _stat_cpu_s(self.proc / "task" / self.proc.name / "stat")
+        return stat_cpu_seconds(self.proc / "stat"), stat_cpu_seconds(self.proc / "task" / self.proc.name / "stat")

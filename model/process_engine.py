@@ -29,6 +29,12 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def stat_cpu_seconds(path: Path) -> float:
+    """utime + stime, in seconds, from a Linux ``/proc/<pid>[/task/<tid>]/stat`` file."""
+    fields = path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class EngineProcessDied(RuntimeError):
     """The child process ended while (or before) running a batch."""
 
@@ -105,14 +111,11 @@ class ProcessEngine:
         return self._process.pid if self._process is not None else None
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) the current child has used so far; 0.0 if unknown (Linux /proc)."""
-        if self.pid is None:
-            return 0.0
+        """CPU time (user + system) the current child has used so far; 0.0 if unknown."""
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return stat_cpu_seconds(Path(f"/proc/{self.pid}/stat")) if self.pid is not None else 0.0
         except OSError:
             return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
