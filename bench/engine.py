@@ -39,11 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.shared import shared_file
 from model import build_model, load_checkpoint
 from model.engine import InferenceEngine
 from model.process_engine import ProcessEngine
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
 REFERENCE_WEIGHTS = {"dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", 17), "dite_hrnet_30": ("dite_hrnet_30_mpii_random.pth", 16)}
 REFERENCE_INPUT = "dite_hrnet_18_coco_golden_io.pt"
 
@@ -92,14 +92,16 @@ class Streams:
 def reference_model(arch: str) -> torch.nn.Module:
     name, joints = REFERENCE_WEIGHTS.get(arch, ("", 17))
     model = build_model(arch, num_joints=joints)
-    if name and (REFERENCE / name).is_file():
-        load_checkpoint(model, REFERENCE / name)
+    weights = shared_file("fixtures", "reference", name) if name else None
+    if weights is not None:
+        load_checkpoint(model, weights)
     return model.eval()
 
 
 def bench_input(batch: int, input_hw: tuple[int, int]) -> torch.Tensor:
-    if (REFERENCE / REFERENCE_INPUT).is_file() and tuple(input_hw) == (256, 192):
-        crops = torch.load(REFERENCE / REFERENCE_INPUT, weights_only=True)["input"]
+    golden = shared_file("fixtures", "reference", REFERENCE_INPUT)
+    if golden is not None and tuple(input_hw) == (256, 192):
+        crops = torch.load(golden, weights_only=True)["input"]
         return crops[torch.arange(batch) % len(crops)].contiguous()
     return torch.randn(batch, 3, *input_hw, generator=torch.Generator().manual_seed(0))
 

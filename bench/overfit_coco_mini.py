@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.shared import shared_file  # noqa: E402
 from model import build_model  # noqa: E402
 from training.augment import AugmentConfig  # noqa: E402
 from training.datasets import CocoKeypointDataset  # noqa: E402
@@ -28,10 +29,10 @@ from training.loss import JointsMSELoss  # noqa: E402
 
 
 def find_coco_mini() -> Path:
-    for base in (ROOT.parent / "shared", Path("/work/shared")):
-        if (base / "data" / "coco-mini").is_dir():
-            return base / "data" / "coco-mini"
-    raise FileNotFoundError("coco-mini not found in ../shared/data or /work/shared/data")
+    found = shared_file("data", "coco-mini")
+    if found is None:
+        raise FileNotFoundError("coco-mini not found in ../shared/data or /work/shared/data")
+    return found
 
 
 class Cached(torch.utils.data.Dataset):

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import STAGES, LevelResult, pose_request, run_level  # noqa: E402
 from bench.service_support import ProcCpu, free_port, test_jpeg  # noqa: E402
+from bench.shared import shared_file  # noqa: E402
 
 
 def _default_checkpoints(workdir: Path) -> list[Path]:
@@ -59,11 +60,9 @@ def _default_checkpoints(workdir: Path) -> list[Path]:
     demo = model.default_checkpoint_path()
     if demo is not None:
         found.append(Path(demo))
-    for shared in (REPO_ROOT.parent / "shared", Path("/work/shared")):
-        ref = shared / "fixtures" / "reference" / "dite_hrnet_18_coco_random.pth"
-        if ref.is_file() and tuple(model.load_pose_model(ref)[1].input_size) == (192, 256):
-            found.append(ref)
-            break
+    ref = shared_file("fixtures", "reference", "dite_hrnet_18_coco_random.pth")
+    if ref is not None and tuple(model.load_pose_model(ref)[1].input_size) == (192, 256):
+        found.append(ref)
     else:
         path = workdir / "dite_hrnet_18_coco_256x192_random.pth"
         meta = model.CheckpointMeta("dite_hrnet_18", "coco", 17, input_size=(192, 256),

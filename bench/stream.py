@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -26,15 +27,18 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # also run as a script: python bench/stream.py
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.shared import shared_file  # noqa: E402
 
 
 def _checkpoint(arg: str | None, tmp: Path, input_size: tuple[int, int]) -> Path:
     if arg:
         return Path(arg)
-    for shared in (REPO_ROOT.parent / "shared", Path("/work/shared")):
-        ref = shared / "fixtures" / "reference" / "dite_hrnet_18_coco_random.pth"
-        if ref.is_file() and input_size == (192, 256):
-            return ref
+    ref = shared_file("fixtures", "reference", "dite_hrnet_18_coco_random.pth")
+    if ref is not None and input_size == (192, 256):
+        return ref
     import model as models
 
     module = models.build_model("dite_hrnet_18", num_joints=17).eval()
