@@ -106,53 +106,60 @@ def bench_input(batch: int, input_hw: tuple[int, int]) -> torch.Tensor:
     return torch.randn(batch, 3, *input_hw, generator=torch.Generator().manual_seed(0))
 
 
+EAGER = "eager (authors' graph)"
+
+
 def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bool, with_compile: bool,
-                tmp: Path, streams: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+                tmp: Path, streams: int, only: list[str] | None = None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The timed paths by name; with ``only``, just those whose name contains one of its parts
+    (and the eager baseline): the others are not even built (engine processes take seconds)."""
     model = reference_model(arch)
-    paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def eager(x: torch.Tensor, model: torch.nn.Module = model) -> torch.Tensor:
         with torch.inference_mode():
             return model(x.to(device)).cpu()
 
     model.to(device)
-    paths["eager (authors' graph)"] = eager
     model_cpu = reference_model(arch)
     model_cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-    paths["fused BN, grouped dyn"] = InferenceEngine(model_cpu, device, fuse_bn=True, dynamic="grouped",
-                                                     channels_last=False)
-    paths["fused, stacked dyn"] = InferenceEngine(model_cpu, device, dynamic="stacked", channels_last=False)
-    paths["fused, fast dyn"] = InferenceEngine(model_cpu, device, dynamic="fast", channels_last=False)
     fast_cl = InferenceEngine(model_cpu, device, dynamic="fast", channels_last=True)
-    paths["fused, fast dyn, CL"] = fast_cl
+    factories: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]] = {
+        EAGER: lambda: eager,
+        "fused BN, grouped dyn": lambda: InferenceEngine(model_cpu, device, dynamic="grouped", channels_last=False),
+        "fused, stacked dyn": lambda: InferenceEngine(model_cpu, device, dynamic="stacked", channels_last=False),
+        "fused, fast dyn": lambda: InferenceEngine(model_cpu, device, dynamic="fast", channels_last=False),
+        "fused, fast dyn, CL": lambda: fast_cl,
+    }
     if device.startswith("cuda"):
-        paths["fast, fp16"] = InferenceEngine(model_cpu, device, precision="fp16")
-        paths["fast, fp16, graphs"] = InferenceEngine(model_cpu, device, precision="fp16", cuda_graphs=True)
+        factories["fast, fp16"] = lambda: InferenceEngine(model_cpu, device, precision="fp16")
+        factories["fast, fp16, graphs"] = lambda: InferenceEngine(model_cpu, device, precision="fp16", cuda_graphs=True)
     elif streams > 1:
-        paths[f"eager, {streams} streams x 1 thread"] = Streams(eager, streams, 1)
-        paths[f"fast CL, {streams} streams x 1 thread"] = Streams(fast_cl, streams, 1)
+        factories[f"eager, {streams} streams x 1 thread"] = lambda: Streams(eager, streams, 1)
+        factories[f"fast CL, {streams} streams x 1 thread"] = lambda: Streams(fast_cl, streams, 1)
         # the same with each stream's engine in a child process: no GIL shared (DITEPOSE_WORKER_PROCESSES)
-        engines = [ProcessEngine(model_cpu, threads=1) for _ in range(streams)]
-        paths[f"fast CL, {streams} processes x 1 thread"] = Streams(engines, streams, 1)
+        factories[f"fast CL, {streams} processes x 1 thread"] = lambda: Streams(
+            [ProcessEngine(model_cpu, threads=1) for _ in range(streams)], streams, 1)
     if with_compile:
-        paths["fast CL + torch.compile"] = InferenceEngine(model_cpu, device, compile=True, channels_last=True)
+        factories["fast CL + torch.compile"] = lambda: InferenceEngine(model_cpu, device, compile=True,
+                                                                       channels_last=True)
     if with_onnx and device == "cpu":
-        from model.export import OnnxEngine, export_onnx
+        def onnx() -> Callable[[torch.Tensor], torch.Tensor]:
+            from model.export import OnnxEngine, export_onnx
 
-        onnx_path = export_onnx(model_cpu, tmp / f"{arch}.onnx", input_hw)
-        paths["onnxruntime (stacked)"] = OnnxEngine(onnx_path, num_threads=torch.get_num_threads())
-    return paths
+            onnx_path = export_onnx(model_cpu, tmp / f"{arch}.onnx", input_hw)
+            return OnnxEngine(onnx_path, num_threads=torch.get_num_threads())
+
+        factories["onnxruntime (stacked)"] = onnx
+    return {name: make() for name, make in factories.items()
+            if not only or name == EAGER or any(part in name for part in only)}
 
 
 def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, input_hw: tuple[int, int],
                with_onnx: bool, with_compile: bool, tmp: Path, streams: int, only: list[str] | None = None,
                quick: bool = False, block_calls: int | None = None) -> list[dict]:
-    paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams)
     if quick:  # the default engine and the worker layouts only
         only = only or ["fast dyn, CL", "streams", "processes"]
-    if only:
-        eager = "eager (authors' graph)"
-        paths = {k: v for k, v in paths.items() if k == eager or any(part in k for part in only)}
+    paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams, only)
     rows = []
     for bs in batch_sizes:
         x = bench_input(bs, input_hw)
@@ -180,9 +187,8 @@ def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, inpu
                 per_batch = getattr(fn, "streams", 1) * calls
                 times[name].append((time.perf_counter() - start) / per_batch)
                 cpu[name].append((cpu_seconds(fn) - start_cpu) / per_batch)
-        eager = "eager (authors' graph)"
-        eager_ms = statistics.median(times[eager]) * 1000
-        eager_cpu = statistics.median(cpu[eager]) * 1000
+        eager_ms = statistics.median(times[EAGER]) * 1000
+        eager_cpu = statistics.median(cpu[EAGER]) * 1000
         for name, samples in times.items():
             ms = statistics.median(samples) * 1000
             cpu_ms = statistics.median(cpu[name]) * 1000
