@@ -40,9 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import shared_file
-from model import build_model, load_checkpoint
-from model.engine import InferenceEngine
-from model.process_engine import ProcessEngine
+from ditepose.model import build_model, load_checkpoint
+from ditepose.model.engine import InferenceEngine
+from ditepose.model.process_engine import ProcessEngine
 
 REFERENCE_WEIGHTS = {"dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", 17), "dite_hrnet_30": ("dite_hrnet_30_mpii_random.pth", 16)}
 REFERENCE_INPUT = "dite_hrnet_18_coco_golden_io.pt"
@@ -144,7 +144,7 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
                                                                        channels_last=True)
     if with_onnx and device == "cpu":
         def onnx() -> Callable[[torch.Tensor], torch.Tensor]:
-            from model.export import OnnxEngine, export_onnx
+            from ditepose.model.export import OnnxEngine, export_onnx
 
             onnx_path = export_onnx(model_cpu, tmp / f"{arch}.onnx", input_hw)
             return OnnxEngine(onnx_path, num_threads=torch.get_num_threads())

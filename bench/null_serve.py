@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from service.registry import LoadedModel
+from ditepose.service.core.model_loader import LoadedModel
 
 
 def zero_infer_factory(model: LoadedModel, device: str):
@@ -31,10 +31,10 @@ def zero_infer_factory(model: LoadedModel, device: str):
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from service.app import create_app
-    from service.pool import WorkerPool
-    from service.registry import load_models_isolated
-    from service.settings import Settings
+    from ditepose.service.batching.pool import WorkerPool
+    from ditepose.service.core.model_loader import load_models_isolated
+    from ditepose.service.core.settings import Settings
+    from ditepose.service.http.app import create_app
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8000)

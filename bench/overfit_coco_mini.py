@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.shared import shared_file  # noqa: E402
-from model import build_model  # noqa: E402
-from training.augment import AugmentConfig  # noqa: E402
-from training.datasets import CocoKeypointDataset  # noqa: E402
-from training.evaluate import predict, score  # noqa: E402
-from training.loss import JointsMSELoss  # noqa: E402
+from ditepose.model import build_model  # noqa: E402
+from ditepose.training.augment import AugmentConfig  # noqa: E402
+from ditepose.training.datasets import CocoKeypointDataset  # noqa: E402
+from ditepose.training.evaluate import predict, score  # noqa: E402
+from ditepose.training.loss import JointsMSELoss  # noqa: E402
 
 
 def find_coco_mini() -> Path:

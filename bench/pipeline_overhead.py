@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.pipeline import TopDownPipeline
+from ditepose.model.pipeline import TopDownPipeline
 
 
 def measure(persons: int, repeat: int, flip: bool, decoder: str, normalize_on_cpu: bool = True) -> dict:

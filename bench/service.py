@@ -54,8 +54,7 @@ from bench.shared import shared_file  # noqa: E402
 
 def _default_checkpoints(workdir: Path) -> list[Path]:
     """The demo checkpoint (128x96) and a Dite-HRNet-18 at the paper's 256x192."""
-    import model
-
+    from ditepose import model
     found = []
     demo = model.default_checkpoint_path()
     if demo is not None:
@@ -97,11 +96,11 @@ class _Engine:
     """
 
     def __init__(self, checkpoint: Path, flip: bool) -> None:
-        from model.pipeline import TopDownPipeline
-        from service.images import decode_image
-        from service.infer import make_infer
-        from service.registry import load_model
-        from service.settings import ModelSpec, Settings
+        from ditepose.model.pipeline import TopDownPipeline
+        from ditepose.service.batching.infer import make_infer
+        from ditepose.service.core.images import decode_image
+        from ditepose.service.core.model_loader import load_model
+        from ditepose.service.core.settings import ModelSpec, Settings
 
         settings = Settings(_env_file=REPO_ROOT / ".env", models=[ModelSpec(name="bench", checkpoint=checkpoint)])
         self.streams = settings.resolved_workers_per_device()
@@ -161,7 +160,7 @@ def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: boo
     if null_network:
         cmd = [sys.executable, "-m", "bench.null_serve", "--port", str(port)]
     else:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--no-grpc"]
+        cmd = [sys.executable, "-m", "ditepose", "serve", "--port", str(port), "--no-grpc"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -255,8 +254,7 @@ def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
     finally:
         proc.terminate()
         proc.wait(30)
-    import model
-
+    from ditepose import model
     meta = model.load_pose_model(checkpoint)[1]
     return {"checkpoint": str(checkpoint), "arch": meta.arch, "input_wh": list(meta.input_size),
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "levels": levels}

@@ -63,7 +63,7 @@ class Tally:
 def _tiny_checkpoint(path: Path) -> Path:
     import torch
 
-    import model as models
+    from ditepose import model as models
 
     torch.manual_seed(0)
     meta = models.CheckpointMeta(arch="dite_hrnet_18", dataset="coco", num_joints=17, input_size=(64, 64))
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     import grpc
     import httpx
 
-    from proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
+    from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
 
     good, bad = _images()
     box = "[[110,25,100,205]]"
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT), "DITEPOSE_QUEUE_SIZE": str(args.queue_size),
            "DITEPOSE_REQUEST_TIMEOUT_S": str(args.timeout), "DITEPOSE_MAX_DELAY_MS": "2"}
     log_file = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--grpc-port",
+    server = subprocess.Popen([sys.executable, "-m", "ditepose", "serve", "--port", str(port), "--grpc-port",
                                str(grpc_port), "--devices", "cpu", "--model", f"tiny={checkpoint}"],
                               cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

@@ -39,7 +39,7 @@ def _checkpoint(arg: str | None, tmp: Path, input_size: tuple[int, int]) -> Path
     ref = shared_file("fixtures", "reference", "dite_hrnet_18_coco_random.pth")
     if ref is not None and input_size == (192, 256):
         return ref
-    import model as models
+    from ditepose import model as models
 
     module = models.build_model("dite_hrnet_18", num_joints=17).eval()
     meta = models.CheckpointMeta(arch="dite_hrnet_18", dataset="coco", num_joints=17, input_size=input_size)
@@ -84,7 +84,7 @@ def engine_throughput(infer, batch: int, size: tuple[int, int], seconds: float) 
 def run_streams(port: int, frames: list, streams: int, max_in_flight: int, flip: bool) -> dict:
     import grpc
 
-    from proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
+    from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
 
     latencies: list[float] = []
     server_ms: list[float] = []
@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         args.frames, args.engine_seconds = 20, 3.0
     width, height = (int(v) for v in args.input.lower().split("x"))
 
-    from service.grpc_server import start_grpc_server
-    from service.pool import WorkerPool
-    from service.settings import ModelSpec, Settings
+    from ditepose.service.batching.pool import WorkerPool
+    from ditepose.service.core.settings import ModelSpec, Settings
+    from ditepose.service.grpc.server import start_grpc_server
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = _checkpoint(args.checkpoint, Path(tmp), (width, height))

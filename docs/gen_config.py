@@ -40,8 +40,8 @@ class SettingsSource:
 
 
 SOURCES = (
-    SettingsSource("service.settings", "Settings", "`ditepose serve` (REST, gRPC, inference pool)"),
-    SettingsSource("service.jobs.config", "JobSettings", "`ditepose worker` and the API's `/v1/evaluate` routes"),
+    SettingsSource("ditepose.service.core.settings", "Settings", "`ditepose serve` (REST, gRPC, inference pool)"),
+    SettingsSource("ditepose.service.jobs.config", "JobSettings", "`ditepose worker` and the API's `/v1/evaluate` routes"),
 )
 
 

@@ -1,11 +1,11 @@
 """Dite-HRNet networks, checkpoint I/O and the top-down pose pipeline."""
 
-from model.checkpoint import CheckpointMeta, load_checkpoint, load_pose_model, save_checkpoint
-from model.defaults import default_checkpoint_path
-from model.dite_hrnet import DiteHRNetConfig, TopDownPoseNet
-from model.keypoints import COCO, MPII, KeypointSpec, get_keypoint_spec
-from model.registry import build_model, get_config, list_models
-from model.transforms import get_affine_transform
+from ditepose.model.checkpoint import CheckpointMeta, load_checkpoint, load_pose_model, save_checkpoint
+from ditepose.model.defaults import default_checkpoint_path
+from ditepose.model.dite_hrnet import DiteHRNetConfig, TopDownPoseNet
+from ditepose.model.keypoints import COCO, MPII, KeypointSpec, get_keypoint_spec
+from ditepose.model.registry import build_model, get_config, list_models
+from ditepose.model.transforms import get_affine_transform
 
 __all__ = [
     "COCO",

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.keypoints import spec_for_num_joints
-from model.registry import build_model, get_config
+from ditepose.model.keypoints import spec_for_num_joints
+from ditepose.model.registry import build_model, get_config
 
 FORMAT = "ditepose/1"
 DEFAULT_INPUT_SIZE = {"coco": (192, 256), "mpii": (256, 256)}

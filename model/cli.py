@@ -16,8 +16,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def _model_info(args: argparse.Namespace) -> int:
-    from model.complexity import count_macs, count_parameters
-    from model.registry import build_model
+    from ditepose.model.complexity import count_macs, count_parameters
+    from ditepose.model.registry import build_model
 
     module = build_model(args.arch, num_joints=args.joints)
     width, height = args.input
@@ -43,9 +43,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     import torch
 
-    from model.checkpoint import load_pose_model
-    from model.export import export_onnx, max_abs_diff_vs_torch
-    from model.registry import build_model, list_models
+    from ditepose.model.checkpoint import load_pose_model
+    from ditepose.model.export import export_onnx, max_abs_diff_vs_torch
+    from ditepose.model.registry import build_model, list_models
 
     if args.source in list_models():
         module = build_model(args.source, num_joints=args.joints).eval()
@@ -100,9 +100,9 @@ def _boxes_for(boxes: list | dict | None, image_path: str) -> list | None:
 def _build_estimator(args: argparse.Namespace):  # -> PoseEstimator (heavy import kept lazy)
     import torch
 
-    from model.detectors import build_detector
-    from model.keypoints import COCO
-    from model.pipeline import PoseEstimator, TopDownPipeline
+    from ditepose.model.detectors import build_detector
+    from ditepose.model.keypoints import COCO
+    from ditepose.model.pipeline import PoseEstimator, TopDownPipeline
 
     detector_kw = {}
     if args.detector == "torchvision":
@@ -112,7 +112,7 @@ def _build_estimator(args: argparse.Namespace):  # -> PoseEstimator (heavy impor
     detector = build_detector(args.detector, **detector_kw)
     flip = not args.no_flip
     if args.random_weights:
-        from model.registry import build_model
+        from ditepose.model.registry import build_model
 
         torch.manual_seed(0)
         module = build_model(args.arch, num_joints=COCO.num_joints)
@@ -120,8 +120,7 @@ def _build_estimator(args: argparse.Namespace):  # -> PoseEstimator (heavy impor
         return PoseEstimator(module, pipeline, detector=detector, nms_thr=args.nms)
     checkpoint = args.checkpoint
     if checkpoint is None:
-        import model
-
+        from ditepose import model
         default = getattr(model, "default_checkpoint_path", lambda: None)()
         if default is None:
             raise FileNotFoundError(
@@ -151,7 +150,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     import cv2
 
-    from model.draw import draw_poses
+    from ditepose.model.draw import draw_poses
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
@@ -193,7 +192,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from model.registry import list_models
+    from ditepose.model.registry import list_models
 
     info = subparsers.add_parser("model-info", help="print parameters and multiply-accumulates of a variant")
     info.add_argument("arch", nargs="?", default="dite_hrnet_18", choices=list_models())

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from model.transforms import PIXEL_STD
+from ditepose.model.transforms import PIXEL_STD
 
 DECODERS = ("default", "dark", "argmax")
 _DECODER_ALIASES = {"default": "default", "dark": "dark", "unbiased": "dark", "argmax": "argmax", "none": "argmax"}

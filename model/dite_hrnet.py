@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.blocks import (
+from ditepose.model.blocks import (
     ConvNorm,
     DenseContext,
     DepthwiseSeparable,

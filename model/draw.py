@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from model.keypoints import KeypointSpec
+from ditepose.model.keypoints import KeypointSpec
 
 Color = tuple[int, int, int]  # RGB
 

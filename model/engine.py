@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.fast_blocks import FastPoseNet
+from ditepose.model.fast_blocks import FastPoseNet
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class InferenceEngine:
         dynamic: str = "fast",
         batch_buckets: tuple[int, ...] | None = None,
     ) -> None:
-        from model.dite_hrnet import TopDownPoseNet
-        from model.optimize import optimize_for_inference
+        from ditepose.model.dite_hrnet import TopDownPoseNet
+        from ditepose.model.optimize import optimize_for_inference
 
         self.device = _parse_device(device)
         if precision not in PRECISIONS:

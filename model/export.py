@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.dite_hrnet import TopDownPoseNet
-from model.optimize import optimize_for_inference
+from ditepose.model.dite_hrnet import TopDownPoseNet
+from ditepose.model.optimize import optimize_for_inference
 
 OPSET = 17
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.dite_hrnet import iterative_refine
-from model.fast_ops import (
+from ditepose.model.dite_hrnet import iterative_refine
+from ditepose.model.fast_ops import (
     add_upsampled_,
     attention_pool,
     interleave,

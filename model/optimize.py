@@ -9,9 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model import blocks
-from model import fast_blocks as fb
-from model.dite_hrnet import CrossResolutionModule, DiteHRNet, DynamicMultiScaleContextBlock, TopDownPoseNet
+from ditepose.model import blocks
+from ditepose.model import fast_blocks as fb
+from ditepose.model.dite_hrnet import (
+    CrossResolutionModule,
+    DiteHRNet,
+    DynamicMultiScaleContextBlock,
+    TopDownPoseNet,
+)
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 import torch
 
-from model.codec import decode_heatmaps, flip_test_merge, normalize_decoder
-from model.keypoints import COCO, KeypointSpec
-from model.oks import oks_nms as _oks_nms_indices
-from model.transforms import PIXEL_STD, box_to_center_scale, get_affine_transform
+from ditepose.model.codec import decode_heatmaps, flip_test_merge, normalize_decoder
+from ditepose.model.keypoints import COCO, KeypointSpec
+from ditepose.model.oks import oks_nms as _oks_nms_indices
+from ditepose.model.transforms import PIXEL_STD, box_to_center_scale, get_affine_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -275,8 +275,8 @@ class PoseEstimator:
         batch_size: int = 32,
     ) -> PoseEstimator:
         """Load one of our (or the authors') checkpoints; input size and joints come from its metadata."""
-        from model.checkpoint import load_pose_model
-        from model.keypoints import get_keypoint_spec, spec_for_num_joints
+        from ditepose.model.checkpoint import load_pose_model
+        from ditepose.model.keypoints import get_keypoint_spec, spec_for_num_joints
 
         module, meta = load_pose_model(path, map_location=device)
         try:

@@ -41,7 +41,7 @@ class EngineProcessDied(RuntimeError):
 
 def _child_main(conn: Connection, module_bytes: bytes, engine_kwargs: dict[str, Any], threads: int) -> None:
     torch.set_num_threads(threads)
-    from model.engine import InferenceEngine
+    from ditepose.model.engine import InferenceEngine
 
     module = pickle.loads(module_bytes)
     engine = InferenceEngine(module, "cpu", **engine_kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from model.dite_hrnet import DiteHRNetConfig, TopDownPoseNet
+from ditepose.model.dite_hrnet import DiteHRNetConfig, TopDownPoseNet
 
 VARIANTS: dict[str, DiteHRNetConfig] = {
     "dite_hrnet_18": DiteHRNetConfig(name="dite_hrnet_18", num_modules=(2, 4, 2)),

@@ -1,31 +1,31 @@
-"""Run REST (and gRPC, when its module is present) over one shared worker pool."""
+"""Run REST and gRPC over one shared worker pool: the composition root of ``ditepose serve``."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any
 
-from service.settings import Settings
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.pose_service import PoseService
+from ditepose.service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def _start_grpc(settings: Settings, pool: Any, service: Any, registry: Any = None) -> Any | None:
-    """Start gRPC on the same pool if ``service.grpc_server`` exists (a later addition)."""
-    if not settings.grpc_enabled or importlib.util.find_spec("service.grpc_server") is None:
+def _start_grpc(settings: Settings, pool: WorkerPool, service: PoseService, registry: Any = None) -> Any | None:
+    """Start gRPC on the same pool and service as REST (unless disabled)."""
+    if not settings.grpc_enabled:
         return None
-    from service import grpc_server
+    from ditepose.service.grpc.server import start_grpc_server
 
-    return grpc_server.start_grpc_server(settings, pool, service, registry)
+    return start_grpc_server(settings, pool, service, registry)
 
 
 def run_servers(settings: Settings) -> None:
     """Load models once, start the workers, serve REST (blocking) and gRPC beside it."""
     import uvicorn
 
-    from service.app import create_app
-    from service.pool import WorkerPool
+    from ditepose.service.http.app import create_app
 
     pool = WorkerPool.from_settings(settings).start()
     grpc_server = None

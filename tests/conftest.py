@@ -47,8 +47,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def python_cmd(*args: str) -> list[str]:
-    """``python -m service.cli ARGS`` with this interpreter: the ``ditepose`` command, from this checkout."""
-    return [sys.executable, "-m", "service.cli", *args]
+    """``python -m ditepose ARGS`` with this interpreter: the ``ditepose`` command, from this checkout."""
+    return [sys.executable, "-m", "ditepose", *args]
 
 
 def stop_process_group(proc, grace_s: float = 20.0) -> None:

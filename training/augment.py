@@ -14,8 +14,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from model.codec import encode_heatmaps
-from model.transforms import PIXEL_STD, affine_transform_points, get_affine_transform
+from ditepose.model.codec import encode_heatmaps
+from ditepose.model.transforms import PIXEL_STD, affine_transform_points, get_affine_transform
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

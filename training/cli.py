@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from training.config import TrainConfig
+    from ditepose.training.config import TrainConfig
 
 
 def _parse_hw(text: str) -> tuple[int, int]:
@@ -21,7 +21,7 @@ def _parse_hw(text: str) -> tuple[int, int]:
 
 
 def _resolve_config(name: str, dataset: str | None) -> TrainConfig:
-    from training.config import get_config
+    from ditepose.training.config import get_config
 
     if name in ("dite_hrnet_18", "dite_hrnet_30"):  # a bare variant: its paper recipe for the dataset
         ds = dataset or "coco"
@@ -33,8 +33,8 @@ def _resolve_config(name: str, dataset: str | None) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.augment import AugmentConfig
-    from training.trainer import Trainer, cleanup_distributed
+    from ditepose.training.augment import AugmentConfig
+    from ditepose.training.trainer import Trainer, cleanup_distributed
 
     cfg = _resolve_config(args.config, args.dataset)
     overrides = {
@@ -69,10 +69,10 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from model import load_pose_model
-    from training.data_layout import find_split
-    from training.datasets import CocoKeypointDataset, MpiiKeypointDataset
-    from training.evaluate import predict, score
+    from ditepose.model import load_pose_model
+    from ditepose.training.data_layout import find_split
+    from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset
+    from ditepose.training.evaluate import predict, score
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_pose_model(args.checkpoint, map_location=device)
@@ -96,7 +96,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     table = score(ds, preds, gt)
     plots: list[str] = []
     if args.plots:
-        from training.eval_breakdown import write_evaluation_plots
+        from ditepose.training.eval_breakdown import write_evaluation_plots
 
         coco_gt = ds.coco if meta.dataset == "coco" else None
         plots = [str(p) for p in write_evaluation_plots(args.plots, meta.dataset, preds, table, coco_gt=coco_gt)]
@@ -106,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from training.synth import synthesize
+    from ditepose.training.synth import synthesize
 
     ann = synthesize(args.format, args.out, args.num_images, seed=args.seed, split=args.split)
     written = [str(ann)]

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from model.keypoints import COCO
-from model.oks import oks_nms
+from ditepose.model.keypoints import COCO
+from ditepose.model.oks import oks_nms
 
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.augment import AugmentConfig
+from ditepose.training.augment import AugmentConfig
 
 DATASET_JOINTS = {"coco": 17, "mpii": 16}
 

@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from model.keypoints import COCO, MPII, KeypointSpec
-from model.transforms import PIXEL_STD, box_to_center_scale
-from training.augment import AugmentConfig, apply_pipeline
+from ditepose.model.keypoints import COCO, MPII, KeypointSpec
+from ditepose.model.transforms import PIXEL_STD, box_to_center_scale
+from ditepose.training.augment import AugmentConfig, apply_pipeline
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from model.keypoints import COCO, KeypointSpec
-from model.oks import coco_oks
+from ditepose.model.keypoints import COCO, KeypointSpec
+from ditepose.model.oks import coco_oks
 
 _EPS = np.spacing(1)
 MPII_GROUPS = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle")
@@ -130,7 +130,7 @@ def write_evaluation_plots(
     ``per_joint.png`` (accuracy at keypoint similarity 0.5) and ``oks_hist.png``.
     MPII: ``per_joint.png`` from the PCKh table's joint groups (Head ... Ankle).
     """
-    from training.plots import plot_oks_histogram, plot_per_joint
+    from ditepose.training.plots import plot_oks_histogram, plot_per_joint
 
     out = Path(out_dir)
     if dataset == "coco":

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from model.codec import decode_heatmaps, flip_test_merge
-from training.coco_eval import evaluate_coco
-from training.datasets import CocoKeypointDataset, MpiiKeypointDataset, TopDownDataset
-from training.mpii_eval import evaluate_mpii
+from ditepose.model.codec import decode_heatmaps, flip_test_merge
+from ditepose.training.coco_eval import evaluate_coco
+from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset, TopDownDataset
+from ditepose.training.mpii_eval import evaluate_mpii
 
 
 @torch.no_grad()

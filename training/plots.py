@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from model.draw import JOINT_COLORS, joint_side
+from ditepose.model.draw import JOINT_COLORS, joint_side
 
 Row = dict[str, Any]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.mpii_eval import save_mpii_gt
+from ditepose.training.mpii_eval import save_mpii_gt
 
 # Named body points; COCO and MPII read their joints from these.
 COCO_POINTS = ("nose", "leye", "reye", "lear", "rear", "lsho", "rsho", "lelb", "relb",
@@ -177,7 +177,7 @@ def _image_size(rng: np.random.Generator) -> tuple[int, int]:
 
 def write_coco(out: Path, num_images: int, seed: int, split: str = "train") -> Path:
     """COCO keypoint json at ``out/annotations/person_keypoints_{split}.json``, images in ``out/{split}/``."""
-    from model.keypoints import COCO
+    from ditepose.model.keypoints import COCO
 
     (out / split).mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)

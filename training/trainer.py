@@ -24,13 +24,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from model import CheckpointMeta, build_model, save_checkpoint
-from training.config import TrainConfig
-from training.data_layout import find_split
-from training.datasets import CocoKeypointDataset, MpiiKeypointDataset, TopDownDataset
-from training.evaluate import predict, primary_metric, score
-from training.logs import MetricsLogger
-from training.loss import JointsMSELoss
+from ditepose.model import CheckpointMeta, build_model, save_checkpoint
+from ditepose.training.config import TrainConfig
+from ditepose.training.data_layout import find_split
+from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset, TopDownDataset
+from ditepose.training.evaluate import predict, primary_metric, score
+from ditepose.training.logs import MetricsLogger
+from ditepose.training.loss import JointsMSELoss
 
 STATE_FILE = "latest_state.pt"
 
@@ -260,7 +260,7 @@ class Trainer:
     def _write_plots(self) -> None:
         """Loss and AP/PCKh curves as PNG next to the logs; a plotting failure never fails training."""
         try:
-            from training.plots import plot_training_curves
+            from ditepose.training.plots import plot_training_curves
 
             plot_training_curves(self.work_dir, self.work_dir / "plots")
         except Exception as exc:  # matplotlib missing or an empty log: the checkpoints matter more

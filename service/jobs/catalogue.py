@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from service.jobs.config import DatasetSpec, JobSettings
+from ditepose.service.jobs.config import DatasetSpec, JobSettings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
@@ -32,7 +32,7 @@ def ensure_demo_dataset(folder: Path) -> DatasetSpec:
         import shutil
         import tempfile
 
-        from training.synth import synthesize
+        from ditepose.training.synth import synthesize
 
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init
 
-from service.jobs.config import JobSettings
+from ditepose.service.jobs.config import JobSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ class _WorkerContext:
     """Per-process store and metrics of a worker (built lazily: after the prefork fork)."""
 
     def __init__(self, settings: JobSettings) -> None:
-        from service.jobs.metrics import JobMetrics
-        from service.jobs.records import RedisJobStore
+        from ditepose.service.jobs.metrics import JobMetrics
+        from ditepose.service.jobs.records import RedisJobStore
 
         assert settings.redis_url is not None
         self.store = RedisJobStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
@@ -87,7 +87,7 @@ def make_celery(settings: JobSettings) -> Celery:
     def evaluate(self: Any, job_id: str) -> str:
         import redis
 
-        from service.jobs.evaluation import run_job
+        from ditepose.service.jobs.evaluation import run_job
 
         ctx = context()
         try:

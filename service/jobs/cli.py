@@ -33,14 +33,14 @@ def _worker(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
     if args.metrics_port is not None:
-        from service.jobs.metrics import enable_multiprocess_metrics, serve_worker_metrics
+        from ditepose.service.jobs.metrics import enable_multiprocess_metrics, serve_worker_metrics
 
         enable_multiprocess_metrics()  # before any metric object exists
         serve_worker_metrics(args.metrics_port, args.metrics_host)
         _sample_gpu_memory(args.pool)
 
-    from service.jobs.celery_app import make_celery
-    from service.jobs.config import JobSettings
+    from ditepose.service.jobs.celery_app import make_celery
+    from ditepose.service.jobs.config import JobSettings
 
     settings = JobSettings()
     if settings.torch_threads:
@@ -72,7 +72,7 @@ def _sample_gpu_memory(pool: str) -> None:
     """
     from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
-    from service.metrics import start_gpu_memory_sampler
+    from ditepose.service.core.metrics import start_gpu_memory_sampler
 
     def _start(**_: object) -> None:
         start_gpu_memory_sampler()

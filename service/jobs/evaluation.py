@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.jobs.lease import Lease, LeaseLost
-from service.jobs.records import JobStore, atomic_write_text
-from service.jobs.samples import EvalSet, ImageSample, load_eval_set
+from ditepose.service.jobs.lease import Lease, LeaseLost
+from ditepose.service.jobs.records import JobStore, atomic_write_text
+from ditepose.service.jobs.samples import EvalSet, ImageSample, load_eval_set
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ def predictions_path(jobs_dir: Path, job_id: str) -> Path:
 
 def load_job_model(ref: dict[str, Any]) -> JobModel:
     """Our checkpoint format (metadata inside) or the authors' mmpose layout with the plan's arch/dataset."""
-    import model as models
-    from model.checkpoint import DEFAULT_INPUT_SIZE
-    from model.keypoints import get_keypoint_spec
+    from ditepose import model as models
+    from ditepose.model.checkpoint import DEFAULT_INPUT_SIZE
+    from ditepose.model.keypoints import get_keypoint_spec
 
     override = tuple(ref["input_size"]) if ref.get("input_size") else None
     path = ref.get("checkpoint") or models.default_checkpoint_path()
@@ -89,7 +89,7 @@ def load_job_model(ref: dict[str, Any]) -> JobModel:
 
 def make_infer(module: torch.nn.Module, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The service's engine factory (``model.engine.InferenceEngine`` when present), always fp32."""
-    from service.infer import make_infer as service_make_infer
+    from ditepose.service.batching.infer import make_infer as service_make_infer
 
     return service_make_infer(module, device, "fp32")
 
@@ -162,12 +162,12 @@ def score_predictions(eval_set: EvalSet, images: list[dict[str, Any]]) -> dict[s
     """COCO AP table or MPII PCKh table, by training's metric code."""
     persons = [(img["image_id"], p) for img in images for p in img["persons"]]
     if eval_set.format == "coco":
-        from training.coco_eval import evaluate_coco
+        from ditepose.training.coco_eval import evaluate_coco
 
         preds = [{"image_id": image_id, "keypoints": np.asarray(p["keypoints"]), "box_score": p["box_score"],
                   "area": p["area"], "bbox_id": p["id"]} for image_id, p in persons]
         return evaluate_coco(preds, eval_set.coco, img_ids=eval_set.img_ids)
-    from training.mpii_eval import evaluate_mpii
+    from ditepose.training.mpii_eval import evaluate_mpii
 
     ordered = sorted((p for _, p in persons), key=lambda p: p["id"])
     return evaluate_mpii(np.stack([np.asarray(p["keypoints"])[:, :2] for p in ordered]), eval_set.mpii_gt)
@@ -175,8 +175,8 @@ def score_predictions(eval_set: EvalSet, images: list[dict[str, Any]]) -> dict[s
 
 def evaluate_plan(plan: dict[str, Any], out_file: Path, between_batches: Progress, device: str = "auto") -> dict:
     """Run one resolved request end to end; returns the job result (metrics, counts, timings)."""
-    from model.keypoints import get_keypoint_spec
-    from model.pipeline import TopDownPipeline
+    from ditepose.model.keypoints import get_keypoint_spec
+    from ditepose.model.pipeline import TopDownPipeline
 
     t0 = time.perf_counter()
     opts, dataset = plan["options"], plan["dataset"]

@@ -10,9 +10,9 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-from service.jobs.config import JobSettings
-from service.jobs.evaluation import run_job
-from service.jobs.records import JobStore
+from ditepose.service.jobs.config import JobSettings
+from ditepose.service.jobs.evaluation import run_job
+from ditepose.service.jobs.records import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,13 @@ class CeleryExecutor:
     mode = "celery"
 
     def __init__(self, settings: JobSettings) -> None:
-        from service.jobs.celery_app import make_celery
+        from ditepose.service.jobs.celery_app import make_celery
 
         self.settings = settings
         self.app = make_celery(settings)
 
     def submit(self, job_id: str) -> None:
-        from service.jobs.celery_app import TASK_NAME
+        from ditepose.service.jobs.celery_app import TASK_NAME
 
         try:
             self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=self.settings.job_queue, retry=False)

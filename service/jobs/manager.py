@@ -8,12 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from service.jobs.catalogue import Catalogue, UnknownName
-from service.jobs.config import JobSettings
-from service.jobs.executor import BrokerUnavailable, Executor, make_executor
-from service.jobs.metrics import JobMetrics
-from service.jobs.records import JobRecord, JobStore, make_store
-from service.jobs.schemas import EvaluateRequest
+from ditepose.service.jobs.catalogue import Catalogue, UnknownName
+from ditepose.service.jobs.config import JobSettings
+from ditepose.service.jobs.executor import BrokerUnavailable, Executor, make_executor
+from ditepose.service.jobs.metrics import JobMetrics
+from ditepose.service.jobs.records import JobRecord, JobStore, make_store
+from ditepose.service.jobs.schemas import EvaluateRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

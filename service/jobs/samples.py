@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from model.transforms import PIXEL_STD
+from ditepose.model.transforms import PIXEL_STD
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.jobs.records import JobRecord
+from ditepose.service.jobs.records import JobRecord
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 

@@ -1,6 +1,6 @@
 """Start, without Docker, exactly the processes docker-compose.yml starts, on loopback ports.
 
-Each service's command runs as compose gives it (``ditepose`` becomes ``python -m service.cli``
+Each service's command runs as compose gives it (``ditepose`` becomes ``python -m ditepose``
 from this checkout); its ``DITEPOSE_*`` environment (image ENV, then compose ``environment``)
 is kept, with container paths (volumes, configs, secrets) mapped to host folders and the
 ``redis`` host name to the test's redis-server. Ports and bind addresses are the only flags changed.
@@ -142,7 +142,7 @@ class Stack:
     def service_argv(self, name: str) -> list[str]:
         argv = [str(a) for a in services()[name]["command"]]
         assert argv[0] == "ditepose", argv
-        out = [sys.executable, "-m", "service.cli"]
+        out = [sys.executable, "-m", "ditepose"]
         ports = self.ports.setdefault(name, {})
         args = argv[1:]
         i = 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import tomllib
@@ -11,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.cli import build_parser
-from service.settings import Settings
+from ditepose.cli import build_parser
+from ditepose.service.core.settings import Settings
+from ditepose.service.http.app import create_app
 from tests.conftest import REPO_ROOT
 from tests.deploy.compose_support import (
     CPU_OVERRIDE,
@@ -31,10 +30,6 @@ from tests.deploy.compose_support import (
     urls_in,
 )
 
-HAS_JOBS = importlib.util.find_spec("service.jobs") is not None
-requires_jobs = pytest.mark.skipif(
-    not HAS_JOBS, reason="the evaluation jobs (service.jobs, `ditepose worker`) are not on this branch yet"
-)
 EXPECTED_SERVICES = {"redis", "api", "worker", "prometheus", "grafana"}
 OUR_SERVICES = ("api", "worker")
 # Host folders an operator fills (checkpoints, datasets); Docker creates them when missing.
@@ -69,7 +64,6 @@ def test_the_whole_system_is_there_and_every_service_has_a_healthcheck():
         assert service.get("restart") == "unless-stopped", name
 
 
-@requires_jobs
 def test_ditepose_services_run_real_subcommands_with_valid_flags():
     parser = build_parser()
     commands = subcommands()
@@ -84,7 +78,6 @@ def test_ditepose_services_run_real_subcommands_with_valid_flags():
     assert flag_value(ditepose_args(services()["api"]), "--host") == "0.0.0.0"
 
 
-@requires_jobs
 def test_every_ditepose_variable_is_a_settings_field_and_validates(monkeypatch: pytest.MonkeyPatch):
     known = gen_config().env_vars()
     for name in OUR_SERVICES:
@@ -172,7 +165,6 @@ def test_cpu_override_drops_gpu_reservations_and_uses_the_cpu_image():
         assert "cuda" in services()[name]["build"]["dockerfile"]
 
 
-@requires_jobs
 def test_files_the_compose_file_mounts_exist():
     doc = load_yaml(REPO_ROOT / "docker-compose.yml")
     for name, service in services().items():
@@ -186,7 +178,7 @@ def test_files_the_compose_file_mounts_exist():
         for entry in doc[section].values():
             assert (REPO_ROOT / entry["file"]).is_file(), entry
     datasets = json.loads((REPO_ROOT / doc["configs"]["datasets"]["file"]).read_text())
-    from service.jobs.config import DatasetSpec
+    from ditepose.service.jobs.config import DatasetSpec
 
     for spec in datasets.values():
         DatasetSpec.model_validate(spec)
@@ -254,12 +246,11 @@ def exported_metric_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
         assert client.get("/healthz").status_code == 200
         text = client.get("/metrics").text
     names = _exported_names(text)
-    if HAS_JOBS:
-        from service.jobs.metrics import JobMetrics
+    from ditepose.service.jobs.metrics import JobMetrics
 
-        registry = CollectorRegistry()
-        JobMetrics(registry)
-        names |= _exported_names(generate_latest(registry).decode())
+    registry = CollectorRegistry()
+    JobMetrics(registry)
+    names |= _exported_names(generate_latest(registry).decode())
     return names
 
 
@@ -267,8 +258,6 @@ def test_dashboard_queries_only_metrics_that_are_exported(exported_metric_names:
     used = dashboard_metric_names()
     assert len(used) >= 15
     missing = sorted(used - exported_metric_names)
-    if not HAS_JOBS:  # checked by test_dashboard_job_panels_use_exported_job_metrics once jobs landed
-        missing = [m for m in missing if not m.startswith(("ditepose_job_", "ditepose_jobs_"))]
     assert not missing, f"the dashboard queries metrics nobody exports: {missing}"
     # The panels the operator's guide promises.
     for needed in ("ditepose_http_requests_total", "ditepose_http_request_duration_seconds_bucket",
@@ -286,7 +275,6 @@ def test_pins_of_the_images_match_pyproject():
             assert f"{package}=={pins[package]}" in text, f"{dockerfile.name}: {package} pin differs"
 
 
-@requires_jobs
 def test_dashboard_job_panels_use_exported_job_metrics(exported_metric_names: set[str]):
     job_metrics = {m for m in dashboard_metric_names() if m.startswith(("ditepose_job_", "ditepose_jobs_"))}
     assert len(job_metrics) >= 5
@@ -297,8 +285,6 @@ def test_operators_guide_names_real_metrics_files_and_commands(exported_metric_n
     guide = (REPO_ROOT / "docs" / "operations.md").read_text()
     names = set(re.findall(r"\b(ditepose_[a-z0-9_]+[a-z0-9])\b", guide))
     assert len(names) >= 15
-    if not HAS_JOBS:
-        names = {n for n in names if not n.startswith(("ditepose_job_", "ditepose_jobs_"))}
     unknown = sorted(n for n in names if n not in exported_metric_names and f"{n}_bucket" not in exported_metric_names)
     assert not unknown, f"docs/operations.md names metrics nobody exports: {unknown}"
     for link in re.findall(r"\]\(([^)#]+)\)", guide):
@@ -306,8 +292,7 @@ def test_operators_guide_names_real_metrics_files_and_commands(exported_metric_n
             assert (REPO_ROOT / "docs" / link).resolve().exists(), link
     known = set(gen_config().env_vars())
     for variable in set(re.findall(r"\b(DITEPOSE_[A-Z0-9_]+)\b", guide)):
-        assert variable in known or not HAS_JOBS, variable
+        assert variable in known, variable
     commands = subcommands()
     for command in set(re.findall(r"`ditepose ([a-z-]+)", guide)):
-        # worker and train come with the jobs and training branches
-        assert command in commands or (command in ("worker", "train") and not HAS_JOBS), command
+        assert command in commands, command

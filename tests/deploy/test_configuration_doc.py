@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from service.settings import ModelSpec, Settings
+from ditepose.service.core.settings import ModelSpec, Settings
 from tests.conftest import REPO_ROOT, subprocess_env
 from tests.deploy.compose_support import gen_config
 
@@ -56,11 +56,11 @@ def test_every_settings_class_and_variable_in_the_code_is_documented():
     for package in ("model", "training", "service", "proto"):
         for path in sorted((REPO_ROOT / package).rglob("*.py")):
             text = path.read_text()
-            module = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+            module = ".".join(("ditepose", *path.relative_to(REPO_ROOT).with_suffix("").parts))
             for match in re.finditer(r"class (\w+)\(BaseSettings\):(?:(?!\nclass ).)*?env_prefix=\"DITEPOSE_\"",
                                      text, re.S):
                 assert (module, match.group(1)) in sources, f"{module}.{match.group(1)} is not in gen_config.SOURCES"
                 found.add((module, match.group(1)))
             for variable in re.findall(r"\b(DITEPOSE_[A-Z][A-Z0-9_]*)\b", text):
                 assert variable in known, f"{path}: {variable} is no settings field"
-    assert ("service.settings", "Settings") in found
+    assert ("ditepose.service.core.settings", "Settings") in found

@@ -10,7 +10,8 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import (
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.metrics import (
     GpuMemory,
     GpuMemoryGauges,
     PoolCollector,
@@ -19,8 +20,7 @@ from service.metrics import (
     gpu_memory_families,
     start_gpu_memory_sampler,
 )
-from service.pool import WorkerPool
-from service.registry import LoadedModel
+from ditepose.service.core.model_loader import LoadedModel
 
 GPU_FAMILIES = {f"ditepose_gpu_memory_{n}_bytes" for n in ("allocated", "reserved", "peak_allocated", "total")}
 

@@ -7,7 +7,6 @@ The dataset is the shipped catalogue's ``coco-val`` entry, with /data holding th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.cli import build_parser
+from ditepose.cli import build_parser
 from tests.conftest import REPO_ROOT
 from tests.deploy.compose_support import DASHBOARD_FILE, PROMETHEUS_FILE, compose, load_yaml, services
 from tests.deploy.stack_support import Mounts, Stack, wait_for
@@ -59,8 +58,7 @@ def _tiny_checkpoint(models_dir: Path) -> str:
     """An operator's checkpoint in /models, small input so the job is quick."""
     import torch
 
-    import model
-
+    from ditepose import model
     models_dir.mkdir(parents=True)
     torch.manual_seed(0)
     net = model.build_model("dite_hrnet_18", num_joints=17)
@@ -199,7 +197,6 @@ def test_prometheus_targets_serve_the_dashboard_metrics(stack: Stack, client: ht
     assert used - may_be_empty <= series, sorted(used - may_be_empty - series)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("service.grpc_server") is None, reason="gRPC is not on this branch yet")
 def test_grpc_serves_beside_rest(stack: Stack, api_key: str) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

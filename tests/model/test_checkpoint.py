@@ -7,8 +7,8 @@ import subprocess
 import pytest
 import torch
 
-from model import CheckpointMeta, build_model, load_checkpoint, load_pose_model, save_checkpoint
-from model.checkpoint import CheckpointError
+from ditepose.model import CheckpointMeta, build_model, load_checkpoint, load_pose_model, save_checkpoint
+from ditepose.model.checkpoint import CheckpointError
 from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
 
 

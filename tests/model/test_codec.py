@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.codec import decode_heatmaps, encode_heatmaps, flip_back, flip_test_merge
-from model.keypoints import COCO
-from model.transforms import get_affine_transform
+from ditepose.model.codec import decode_heatmaps, encode_heatmaps, flip_back, flip_test_merge
+from ditepose.model.keypoints import COCO
+from ditepose.model.transforms import get_affine_transform
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from model import default_checkpoint_path, load_pose_model
+from ditepose.model import default_checkpoint_path, load_pose_model
 
 
 def test_demo_checkpoint_is_shipped_with_its_metadata():
@@ -17,7 +17,7 @@ def test_demo_checkpoint_is_shipped_with_its_metadata():
 
 
 def test_demo_checkpoint_finds_held_out_synthetic_people(tmp_path, capsys):
-    from service.cli import main
+    from ditepose.cli import main
 
     assert main(["synth", "--format", "coco", "--out", str(tmp_path), "--num-images", "12", "--seed", "7",
                  "--split", "val"]) == 0

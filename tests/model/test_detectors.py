@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from model.detectors import (
+from ditepose.model.detectors import (
     HogPersonDetector,
     PersonDetector,
     TorchvisionDetector,

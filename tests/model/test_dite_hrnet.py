@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from model import build_model, get_config, load_checkpoint
-from model.complexity import count_parameters
+from ditepose.model import build_model, get_config, load_checkpoint
+from ditepose.model.complexity import count_parameters
 
 CASES = {
     "dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", "dite_hrnet_18_coco_golden_io.pt", 17, 1_186_933),

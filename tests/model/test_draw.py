@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.draw import PALETTE, draw_poses, limb_color, plan_drawing
-from model.keypoints import COCO
-from model.pipeline import PersonPose
+from ditepose.model.draw import PALETTE, draw_poses, limb_color, plan_drawing
+from ditepose.model.keypoints import COCO
+from ditepose.model.pipeline import PersonPose
 
 
 def _person(score_low: tuple[int, ...] = ()) -> PersonPose:

@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from model.draw import JOINT_COLORS, draw_poses, limb_color, plan_drawing
-from model.keypoints import COCO, MPII, KeypointSpec
-from model.pipeline import PersonPose
+from ditepose.model.draw import JOINT_COLORS, draw_poses, limb_color, plan_drawing
+from ditepose.model.keypoints import COCO, MPII, KeypointSpec
+from ditepose.model.pipeline import PersonPose
 
 
 def _random_person(spec: KeypointSpec, rng: np.random.Generator, size: int = 400) -> PersonPose:

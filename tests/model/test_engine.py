@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import build_model, load_checkpoint
-from model.engine import InferenceEngine
-from model.fast_blocks import FastPoseNet
-from model.optimize import optimize_for_inference
+from ditepose.model import build_model, load_checkpoint
+from ditepose.model.engine import InferenceEngine
+from ditepose.model.fast_blocks import FastPoseNet
+from ditepose.model.optimize import optimize_for_inference
 
 CASES = {
     "dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", "dite_hrnet_18_coco_golden_io.pt", 17),
@@ -82,7 +82,7 @@ def test_channels_last_network_stays_channels_last_between_blocks(reference):
         for y in output if isinstance(output, list) else [output]:
             layouts.append((type(module).__name__, y.is_contiguous(memory_format=torch.channels_last)))
 
-    from model.fast_blocks import FastBlock, FastCrossResolution, FastStem
+    from ditepose.model.fast_blocks import FastBlock, FastCrossResolution, FastStem
 
     hooks = [m.register_forward_hook(record) for m in fast.modules() if isinstance(m, FastStem | FastBlock | FastCrossResolution)]
     with torch.inference_mode():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.keypoints import COCO
-from model.oks import coco_oks, oks_matrix, oks_nms
+from ditepose.model.keypoints import COCO
+from ditepose.model.oks import coco_oks, oks_matrix, oks_nms
 
 
 def _pose(rng: np.random.Generator) -> np.ndarray:

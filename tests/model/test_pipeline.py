@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.keypoints import COCO, MPII
-from model.pipeline import (
+from ditepose.model.keypoints import COCO, MPII
+from ditepose.model.pipeline import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PersonPose,
@@ -16,7 +16,7 @@ from model.pipeline import (
     normalize_crops,
     oks_nms,
 )
-from model.transforms import affine_transform_points, get_affine_transform
+from ditepose.model.transforms import affine_transform_points, get_affine_transform
 
 W_IN, H_IN = 192, 256
 W_HM, H_HM = 48, 64
@@ -29,7 +29,7 @@ def _image(h: int = 480, w: int = 640) -> np.ndarray:
 
 def _stick_figures() -> np.ndarray:
     """A 640x480 picture with three drawn stick figures in the boxes the tests use."""
-    from model.draw import draw_poses
+    from ditepose.model.draw import draw_poses
 
     img = np.full((480, 640, 3), 90, np.uint8)
     img[:, :, 1] = np.linspace(40, 200, 640, dtype=np.uint8)[None]
@@ -190,7 +190,7 @@ def test_oks_nms_drops_duplicates() -> None:
 
 
 def test_estimator_with_random_dite_hrnet() -> None:
-    from model import build_model
+    from ditepose.model import build_model
 
     torch.manual_seed(0)
     net = build_model("dite_hrnet_18", num_joints=17)

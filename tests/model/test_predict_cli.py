@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cv2
 
-from model.keypoints import COCO
+from ditepose.model.keypoints import COCO
 from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
 
 IMAGE = "000000397133.jpg"  # 640x427, one standing person annotated at (388, 69, 109, 277)

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from model import build_model, load_checkpoint
-from model.engine import InferenceEngine
-from model.process_engine import EngineProcessDied, ProcessEngine
+from ditepose.model import build_model, load_checkpoint
+from ditepose.model.engine import InferenceEngine
+from ditepose.model.process_engine import EngineProcessDied, ProcessEngine
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ import httpx
 import pytest
 import torch
 
-import model as models
-from proto.ditepose.v1 import pose_pb2
-from service.app import create_app
-from service.grpc_server import start_grpc_server
-from service.infer import make_infer
-from service.pool import WorkerPool
-from service.registry import load_models
-from service.settings import ModelSpec, Settings
+from ditepose import model as models
+from ditepose.proto.ditepose.v1 import pose_pb2
+from ditepose.service.batching.infer import make_infer
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.model_loader import load_models
+from ditepose.service.core.settings import ModelSpec, Settings
+from ditepose.service.grpc.server import start_grpc_server
+from ditepose.service.http.app import create_app
 from tests.reliability.support import assert_error_shape, record, serve, wait_until
 from tests.service.conftest import encode, figure_image, post_pose
 from tests.service.grpc_support import (

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from proto.ditepose.v1 import pose_pb2
-from service.settings import ModelSpec, Settings
+from ditepose.proto.ditepose.v1 import pose_pb2
+from ditepose.service.core.settings import ModelSpec, Settings
 from tests.reliability.support import assert_error_shape, record, serve
 from tests.service.conftest import encode, figure_image, post_pose
 from tests.service.grpc_support import channel, config_message, frame_message, running_services, stub

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.settings import ModelSpec
+from ditepose.service.core.settings import ModelSpec
 from tests.reliability.support import record
 from tests.service import jobs_support
 from tests.service.conftest import start_server

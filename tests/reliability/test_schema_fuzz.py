@@ -22,8 +22,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from service.app import create_app  # noqa: E402
-from service.settings import ModelSpec, Settings  # noqa: E402
+from ditepose.service.core.settings import ModelSpec, Settings  # noqa: E402
+from ditepose.service.http.app import create_app  # noqa: E402
 from tests.reliability.support import record, serve  # noqa: E402
 
 KEY = "fuzz-key-0123456789"

@@ -15,8 +15,8 @@ import grpc
 import httpx
 import pytest
 
-from proto.ditepose.v1 import pose_pb2
-from service.settings import ModelSpec, Settings
+from ditepose.proto.ditepose.v1 import pose_pb2
+from ditepose.service.core.settings import ModelSpec, Settings
 from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
 from tests.reliability.support import assert_error_shape, record, serve
 from tests.service.conftest import encode, figure_image, post_pose
@@ -37,7 +37,7 @@ def services(tiny_ckpt: Path) -> Iterator[tuple]:
 
 
 def test_key_is_compared_in_constant_time() -> None:
-    for path in ("service/security.py", "service/grpc_server.py"):
+    for path in ("service/http/security.py", "service/grpc/server.py"):
         source = (REPO_ROOT / path).read_text()
         assert "hmac.compare_digest" in source, path
         assert not re.search(r"(key|api_key)\s*[!=]=\s*(self\.)?(expected|api_key)", source), path

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import uvicorn
 
-from service.app import create_app
-from service.settings import ModelSpec, Settings
+from ditepose.service.core.settings import ModelSpec, Settings
+from ditepose.service.http.app import create_app
 
 COCO_IMAGE = "000000217285.jpg"  # 640x427, several people
 COCO_BOXES = [[261.96, 162.16, 107.47, 252.37], [510.82, 168.47, 73.07, 258.53], [376.37, 210.25, 98.39, 212.07]]

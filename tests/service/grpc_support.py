@@ -17,12 +17,12 @@ import grpc
 import numpy as np
 import torch
 
-import model as models
-from proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
-from service.app import create_app
-from service.grpc_server import GrpcServer, start_grpc_server
-from service.pool import WorkerPool
-from service.settings import ModelSpec, Settings
+from ditepose import model as models
+from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.settings import ModelSpec, Settings
+from ditepose.service.grpc.server import GrpcServer, start_grpc_server
+from ditepose.service.http.app import create_app
 
 
 def tiny_checkpoint(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
@@ -49,12 +49,12 @@ def running_services(
     """
     factory = None
     if wrap_infer is not None:
-        from service.infer import make_infer
+        from ditepose.service.batching.infer import make_infer
 
         def factory(m, device):  # type: ignore[no-redef]
             return wrap_infer(make_infer(m.module, device, settings.precision))
 
-    from service.registry import load_models
+    from ditepose.service.core.model_loader import load_models
 
     pool = WorkerPool(
         load_models(settings.models),

@@ -124,7 +124,7 @@ class TinyEval:
 def tiny_eval(tmp_path_factory: pytest.TempPathFactory, coco_mini: Path) -> TinyEval:
     import torch
 
-    import model as models
+    from ditepose import model as models
 
     root = tmp_path_factory.mktemp("tiny_eval")
     full = coco_mini / "annotations" / "person_keypoints_val2017.json"
@@ -144,7 +144,7 @@ def tiny_eval(tmp_path_factory: pytest.TempPathFactory, coco_mini: Path) -> Tiny
 
 
 class WorkerProcess:
-    """``python -m service.cli worker`` in its own process group (so SIGKILL takes its pool children too)."""
+    """``python -m ditepose worker`` in its own process group (so SIGKILL takes its pool children too)."""
 
     def __init__(self, env: dict[str, str], log_file: Path, *args: str) -> None:
         self.log_file = log_file
@@ -173,9 +173,9 @@ class WorkerProcess:
 def direct_evaluation(tiny: TinyEval, ann_file: Path, max_people: int | None = None
                       ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """What ``ditepose evaluate`` computes for the tiny checkpoint (training's predict + score)."""
-    import model as models
-    from training.datasets import CocoKeypointDataset
-    from training.evaluate import predict, score
+    from ditepose import model as models
+    from ditepose.training.datasets import CocoKeypointDataset
+    from ditepose.training.evaluate import predict, score
 
     module, meta = models.load_pose_model(tiny.checkpoint_dir / tiny.checkpoint)
     dataset = CocoKeypointDataset(ann_file, tiny.img_dir, tuple(meta.input_size), train=False, max_people=max_people)

@@ -18,12 +18,12 @@ import httpx
 import pytest
 import torch
 
-from proto.ditepose.v1 import pose_pb2
-from service.admission import Admission
-from service.errors import ServiceError
-from service.grpc_convert import ERROR_CODE_METADATA
-from service.middleware import AdmissionControl
-from service.settings import ModelSpec, Settings
+from ditepose.proto.ditepose.v1 import pose_pb2
+from ditepose.service.core.admission import Admission
+from ditepose.service.core.errors import ServiceError
+from ditepose.service.core.settings import ModelSpec, Settings
+from ditepose.service.grpc.convert import ERROR_CODE_METADATA
+from ditepose.service.http.middleware import AdmissionControl
 from tests.reliability.support import serve, wait_until
 from tests.service.conftest import assert_error, encode, figure_image, post_pose
 from tests.service.grpc_support import channel, make_settings, running_services, stub, tiny_checkpoint

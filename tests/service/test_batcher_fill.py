@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from service.batcher import DynamicBatcher, wait_for_batch
+from ditepose.service.batching.batcher import DynamicBatcher, wait_for_batch
 
 
 def _crops(n: int) -> torch.Tensor:

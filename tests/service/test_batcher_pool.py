@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.batcher import (
+from ditepose.service.batching.batcher import (
     BatcherClosed,
     DeadlineExceeded,
     DynamicBatcher,
@@ -19,8 +19,8 @@ from service.batcher import (
     Overloaded,
     wait_for_batch,
 )
-from service.pool import WorkerPool
-from service.registry import LoadedModel
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.model_loader import LoadedModel
 
 
 class _Scale(nn.Module):

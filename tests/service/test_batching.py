@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from model.transforms import PIXEL_STD, box_to_center_scale
+from ditepose.model.transforms import PIXEL_STD, box_to_center_scale
 from tests.service.conftest import encode, figure_image, post_pose
 
 

@@ -1,6 +1,6 @@
 """``ditepose serve`` starts gRPC next to REST; ``ditepose stream`` writes JSON lines and a video.
 
-Both commands run as real subprocesses (``python -m service.cli``) against a tiny checkpoint.
+Both commands run as real subprocesses (``python -m ditepose``) against a tiny checkpoint.
 """
 
 from __future__ import annotations

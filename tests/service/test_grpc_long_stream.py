@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proto.ditepose.v1 import pose_pb2
+from ditepose.proto.ditepose.v1 import pose_pb2
 from tests.service.grpc_support import (
     channel,
     config_message,

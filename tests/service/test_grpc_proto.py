@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proto.generate import GENERATED, generate
+from ditepose.proto.generate import GENERATED, generate
 from tests.conftest import REPO_ROOT
 
 
@@ -18,7 +18,7 @@ def test_generated_stubs_are_current(tmp_path: Path) -> None:
 
 
 def test_stubs_import_from_repo_packages() -> None:
-    from proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
+    from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
 
     assert pose_pb2.DESCRIPTOR.package == "ditepose.v1"
     assert hasattr(pose_pb2_grpc, "PoseServiceStub")

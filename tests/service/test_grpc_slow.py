@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from proto.ditepose.v1 import pose_pb2
-from service.grpc_convert import ERROR_CODE_METADATA
+from ditepose.proto.ditepose.v1 import pose_pb2
+from ditepose.service.grpc.convert import ERROR_CODE_METADATA
 from tests.service.grpc_support import (
     channel,
     config_message,

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from proto.ditepose.v1 import pose_pb2
-from service.grpc_convert import ERROR_CODE_METADATA, keypoints_array
+from ditepose.proto.ditepose.v1 import pose_pb2
+from ditepose.service.grpc.convert import ERROR_CODE_METADATA, keypoints_array
 from tests.service.grpc_support import (
     channel,
     config_message,

@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.keypoints import COCO
-from service.smoothing import KeypointSmoother, OneEuroConfig, OneEuroFilter
-from service.tracking import PoseTracker, TrackerConfig, greedy_assignment, iou_matrix, optimal_assignment
+from ditepose.model.keypoints import COCO
+from ditepose.service.video.smoothing import KeypointSmoother, OneEuroConfig, OneEuroFilter
+from ditepose.service.video.tracking import (
+    PoseTracker,
+    TrackerConfig,
+    greedy_assignment,
+    iou_matrix,
+    optimal_assignment,
+)
 
 
 def _pose(box: list[float], rng: np.random.Generator | None = None) -> np.ndarray:

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proto.ditepose.v1 import pose_pb2
-from service.grpc_convert import ERROR_CODE_METADATA, person_dict
+from ditepose.proto.ditepose.v1 import pose_pb2
+from ditepose.service.grpc.convert import ERROR_CODE_METADATA, person_dict
 from tests.service.grpc_support import channel, jpeg, make_settings, running_services, stub
 
 COCO_IMAGE = "000000217285.jpg"

@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service.jobs.config import JobSettings
-from service.jobs.manager import JobService
-from service.jobs.schemas import EvaluateRequest
-from service.settings import ModelSpec
+from ditepose.service.core.settings import ModelSpec
+from ditepose.service.jobs.config import JobSettings
+from ditepose.service.jobs.manager import JobService
+from ditepose.service.jobs.schemas import EvaluateRequest
 from tests.service import jobs_support
 from tests.service.conftest import LiveServer, assert_error, start_server
 from tests.service.jobs_support import (

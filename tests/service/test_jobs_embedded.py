@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.jobs.config import JobSettings
-from service.jobs.evaluation import predictions_path, run_job
-from service.jobs.manager import JobService, UnknownModel
-from service.jobs.metrics import JobMetrics
-from service.jobs.records import JobRecord, LocalJobStore
-from service.jobs.schemas import EvaluateRequest
+from ditepose.service.jobs.config import JobSettings
+from ditepose.service.jobs.evaluation import predictions_path, run_job
+from ditepose.service.jobs.manager import JobService, UnknownModel
+from ditepose.service.jobs.metrics import JobMetrics
+from ditepose.service.jobs.records import JobRecord, LocalJobStore
+from ditepose.service.jobs.schemas import EvaluateRequest
 from tests.service import jobs_support
 from tests.service.jobs_support import TinyEval, direct_evaluation, wait_for
 
@@ -135,8 +135,8 @@ def _tiny_mpii(tiny: TinyEval, root: Path) -> dict[str, str]:
     over each box, head boxes as large as the person (so PCKh is far from 0 even for random weights)."""
     import torch
 
-    import model as models
-    from training.mpii_eval import save_mpii_gt
+    from ditepose import model as models
+    from ditepose.training.mpii_eval import save_mpii_gt
 
     ann = json.loads(tiny.ann_file.read_text())
     files = {i["id"]: i["file_name"] for i in ann["images"]}
@@ -161,9 +161,9 @@ def _tiny_mpii(tiny: TinyEval, root: Path) -> dict[str, str]:
 
 
 def test_mpii_job_matches_direct_pckh(tiny_eval: TinyEval, tmp_path: Path) -> None:
-    import model as models
-    from training.datasets import MpiiKeypointDataset
-    from training.evaluate import predict, score
+    from ditepose import model as models
+    from ditepose.training.datasets import MpiiKeypointDataset
+    from ditepose.training.evaluate import predict, score
 
     dataset = _tiny_mpii(tiny_eval, tmp_path)
     store = LocalJobStore()
@@ -201,7 +201,7 @@ def test_soft_time_limit_and_attempt_limit_fail_the_job(tiny_eval: TinyEval, tmp
 
 def test_embedded_mode_through_the_api(tiny_eval: TinyEval, tmp_path: Path, reference_dir: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.settings import ModelSpec
+    from ditepose.service.core.settings import ModelSpec
     from tests.service.conftest import start_server
 
     monkeypatch.delenv("DITEPOSE_REDIS_URL", raising=False)
@@ -238,8 +238,8 @@ def test_closing_the_embedded_executor_cancels_unfinished_jobs(tiny_eval: TinyEv
 
 
 def test_max_images_scores_a_subset_like_training_does(tiny_eval: TinyEval, tmp_path: Path) -> None:
-    from service.jobs.config import DatasetSpec
-    from service.jobs.manager import InvalidRequest
+    from ditepose.service.jobs.config import DatasetSpec
+    from ditepose.service.jobs.manager import InvalidRequest
 
     service = _service(tiny_eval, tmp_path)
     try:

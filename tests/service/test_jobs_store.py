@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs.catalogue import BadName, Catalogue, UnknownName
-from service.jobs.config import DatasetSpec, JobSettings
-from service.jobs.records import JobRecord, LocalJobStore, RedisJobStore
+from ditepose.service.jobs.catalogue import BadName, Catalogue, UnknownName
+from ditepose.service.jobs.config import DatasetSpec, JobSettings
+from ditepose.service.jobs.records import JobRecord, LocalJobStore, RedisJobStore
 from tests.service import jobs_support
 from tests.service.jobs_support import RedisServer
 

@@ -7,9 +7,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from model.draw import draw_poses
-from model.keypoints import COCO
-from model.pipeline import PersonPose
+from ditepose.model.draw import draw_poses
+from ditepose.model.keypoints import COCO
+from ditepose.model.pipeline import PersonPose
 from tests.service.conftest import COCO_BOXES, post_pose
 
 

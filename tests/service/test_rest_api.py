@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import model
-from model.engine import InferenceEngine
-from model.pipeline import PoseEstimator, TopDownPipeline
-from model.transforms import PIXEL_STD, box_to_center_scale
-from service.images import decode_image
+from ditepose import model
+from ditepose.model.engine import InferenceEngine
+from ditepose.model.pipeline import PoseEstimator, TopDownPipeline
+from ditepose.model.transforms import PIXEL_STD, box_to_center_scale
+from ditepose.service.core.images import decode_image
 from tests.service.conftest import COCO_BOXES, encode, figure_image, post_pose
 
 

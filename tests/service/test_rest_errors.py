@@ -117,8 +117,7 @@ def test_api_key(small_server):
     with small_server.client(headers={"X-API-Key": "s3cret"}) as client:
         assert post_pose(client, JPEG, boxes=BOX).status_code == 200
         models = client.get("/v1/models").json()["models"]
-    import model
-
+    from ditepose import model
     assert models[0]["demo_weights"] is (model.default_checkpoint_path() is None)
 
 
@@ -182,8 +181,8 @@ def test_deadline_gives_504():
 
 def test_unavailable_before_startup():
     """Without its lifespan (models not loaded yet) the app says so instead of crashing."""
-    from service.app import create_app
-    from service.settings import Settings
+    from ditepose.service.core.settings import Settings
+    from ditepose.service.http.app import create_app
 
     app = create_app(Settings(_env_file=None))
 

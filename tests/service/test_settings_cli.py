@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.commands import parse_model_arg
-from service.settings import Settings
+from ditepose.service.cli import parse_model_arg
+from ditepose.service.core.settings import Settings
 from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
 from tests.service.conftest import encode, figure_image
 
@@ -87,8 +87,8 @@ def test_model_input_size_comes_from_checkpoint_or_override(reference_dir) -> No
     """An authors' checkpoint carries no input size: the dataset default applies unless the spec names one."""
     import pytest as _pytest
 
-    from service.registry import load_model
-    from service.settings import ModelSpec
+    from ditepose.service.core.model_loader import load_model
+    from ditepose.service.core.settings import ModelSpec
 
     ckpt = reference_dir / "dite_hrnet_18_coco_random.pth"
     assert load_model(ModelSpec(name="a", checkpoint=ckpt)).input_size == (192, 256)

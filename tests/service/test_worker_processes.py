@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from model import build_model
-from model.engine import InferenceEngine
-from service.pool import WorkerPool
-from service.registry import LoadedModel
-from service.settings import Settings
+from ditepose.model import build_model
+from ditepose.model.engine import InferenceEngine
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.model_loader import LoadedModel
+from ditepose.service.core.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.keypoints import COCO, MPII
-from training.augment import AugmentConfig, apply_pipeline, fliplr_joints, half_body_box
-from training.datasets import CocoKeypointDataset, MpiiKeypointDataset
-from training.synth import synthesize
+from ditepose.model.keypoints import COCO, MPII
+from ditepose.training.augment import AugmentConfig, apply_pipeline, fliplr_joints, half_body_box
+from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset
+from ditepose.training.synth import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_targets_peak_at_the_joints(synth_coco: Path) -> None:
                              (192, 256), train=False)
     rec, sample = ds.records[0], ds[0]
     assert sample["input"].shape == (3, 256, 192) and sample["target"].shape == (17, 64, 48)
-    from model.transforms import affine_transform_points, get_affine_transform
+    from ditepose.model.transforms import affine_transform_points, get_affine_transform
 
     trans = get_affine_transform(rec["center"], rec["scale"], 0, (192, 256))
     for j in range(17):
@@ -142,8 +142,8 @@ def test_coco_mini_loading_and_detection_boxes(coco_mini: Path, tmp_path: Path) 
 
 def test_encoded_targets_decode_back_to_high_ap(coco_mini: Path) -> None:
     """Dataset crop -> Gaussian targets -> mmpose decoding -> AP: the training and scoring paths agree."""
-    from model.codec import decode_heatmaps
-    from training.coco_eval import evaluate_coco
+    from ditepose.model.codec import decode_heatmaps
+    from ditepose.training.coco_eval import evaluate_coco
 
     ann = coco_mini / "annotations" / "person_keypoints_train2017.json"
     ds = CocoKeypointDataset(ann, coco_mini / "train2017", (192, 256), train=False, max_people=30)
@@ -158,7 +158,7 @@ def test_encoded_targets_decode_back_to_high_ap(coco_mini: Path) -> None:
 
 
 def test_render_many_images_labels_stay_consistent() -> None:
-    from training.synth import render_image
+    from ditepose.training.synth import render_image
 
     for seed in range(60):
         rng = np.random.default_rng(seed)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.keypoints import COCO
-from training.coco_eval import STAT_NAMES, evaluate_coco, gt_as_predictions, rescore_and_nms
-from training.mpii_eval import evaluate_mpii, save_mpii_gt
+from ditepose.model.keypoints import COCO
+from ditepose.training.coco_eval import STAT_NAMES, evaluate_coco, gt_as_predictions, rescore_and_nms
+from ditepose.training.mpii_eval import evaluate_mpii, save_mpii_gt
 
 
 @pytest.fixture(scope="module")

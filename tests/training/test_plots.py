@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.keypoints import COCO
-from training.eval_breakdown import coco_breakdown, write_evaluation_plots
-from training.plots import (
+from ditepose.model.keypoints import COCO
+from ditepose.training.eval_breakdown import coco_breakdown, write_evaluation_plots
+from ditepose.training.plots import (
     plot_loss,
     plot_metric_curves,
     plot_oks_histogram,

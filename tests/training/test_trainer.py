@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import load_pose_model
-from training.config import get_config, list_configs
-from training.loss import JointsMSELoss
-from training.synth import synthesize
-from training.trainer import Trainer, lr_at
+from ditepose.model import load_pose_model
+from ditepose.training.config import get_config, list_configs
+from ditepose.training.loss import JointsMSELoss
+from ditepose.training.synth import synthesize
+from ditepose.training.trainer import Trainer, lr_at
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = {"num_modules": (1, 1, 1), "num_blocks": (1, 1, 1),
@@ -102,7 +102,7 @@ def _run(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 300
 
 
 def test_cli_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from service.cli import main
+    from ditepose.cli import main
 
     data, work = tmp_path / "data", tmp_path / "work"
     assert main(["synth", "--format", "coco", "--out", str(data), "--num-images", "3", "--val-images", "2",
@@ -128,7 +128,7 @@ def test_cli_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(synth_data: Path, tmp_path: Path) -> None:
     work = tmp_path / "ddp"
-    r = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "service.cli",
+    r = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ditepose",
              "train", "dite_hrnet_18", "--data", str(synth_data), "--work-dir", str(work), "--epochs", "1",
              "--batch-size", "2", "--input", "64x64", "--workers", "0", "--max-iters", "2", "--eval-every", "0",
              "--log-every", "1", "--quiet", "--device", "cpu", "--model-overrides", json.dumps(TINY),

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.ditepose.v1 import pose_pb2 as proto_dot_ditepose_dot_v1_dot_pose__pb2
+from ditepose.proto.ditepose.v1 import pose_pb2 as ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/ditepose/v1/pose_pb2_grpc.py depends on'
+        + ' but the generated code in ditepose/proto/ditepose/v1/pose_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class PoseServiceStub:
         """
         self.Estimate = channel.unary_unary(
                 '/ditepose.v1.PoseService/Estimate',
-                request_serializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateRequest.SerializeToString,
-                response_deserializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateResponse.FromString,
+                request_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateRequest.SerializeToString,
+                response_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateResponse.FromString,
                 _registered_method=True)
         self.StreamPose = channel.stream_stream(
                 '/ditepose.v1.PoseService/StreamPose',
-                request_serializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamRequest.SerializeToString,
-                response_deserializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamResult.FromString,
+                request_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamRequest.SerializeToString,
+                response_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamResult.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/ditepose.v1.PoseService/ListModels',
-                request_serializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsResponse.FromString,
+                request_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
 
 
@@ -79,18 +79,18 @@ def add_PoseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Estimate': grpc.unary_unary_rpc_method_handler(
                     servicer.Estimate,
-                    request_deserializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateRequest.FromString,
-                    response_serializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateResponse.SerializeToString,
+                    request_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateRequest.FromString,
+                    response_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateResponse.SerializeToString,
             ),
             'StreamPose': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamPose,
-                    request_deserializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamRequest.FromString,
-                    response_serializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamResult.SerializeToString,
+                    request_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamRequest.FromString,
+                    response_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamResult.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsRequest.FromString,
-                    response_serializer=proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsRequest.FromString,
+                    response_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -118,8 +118,8 @@ class PoseService:
             request,
             target,
             '/ditepose.v1.PoseService/Estimate',
-            proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateRequest.SerializeToString,
-            proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateResponse.FromString,
+            ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateRequest.SerializeToString,
+            ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.EstimateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -145,8 +145,8 @@ class PoseService:
             request_iterator,
             target,
             '/ditepose.v1.PoseService/StreamPose',
-            proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamRequest.SerializeToString,
-            proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamResult.FromString,
+            ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamRequest.SerializeToString,
+            ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.StreamResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -172,8 +172,8 @@ class PoseService:
             request,
             target,
             '/ditepose.v1.PoseService/ListModels',
-            proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsRequest.SerializeToString,
-            proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsResponse.FromString,
+            ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsRequest.SerializeToString,
+            ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

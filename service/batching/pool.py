@@ -1,0 +1,315 @@
+"""Worker threads, one or more per device, each serving every model through its batcher.
+
+REST, gRPC and job workers share one :class:`WorkerPool`: they submit crops to
+``pool.batcher(model_name)`` and the workers run the batches. A worker whose forward pass
+raises fails only that batch (its callers get :class:`~service.batcher.InferenceFailed`)
+and keeps serving. A worker thread that dies anyway (a fault below Python's ``Exception``,
+e.g. ``SystemExit`` from a native extension wrapper) first fails its in-flight batch, then
+the pool's supervisor replaces it with a fresh thread on the same device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ditepose.service.batching.batcher import Batch, DynamicBatcher, InferenceFailed, wait_for_batch
+from ditepose.service.batching.infer import InferFn, make_infer
+from ditepose.service.core.model_loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+InferFactory = Callable[[LoadedModel, str], InferFn]
+
+WORKER_STATES = ("starting", "idle", "busy", "stopped", "dead")
+
+
+class BatchObserver(Protocol):
+    """Receives one call per batch run (used for Prometheus metrics)."""
+
+    def observe_batch(
+        self, model: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool
+    ) -> None: ...
+
+
+@dataclass
+class WorkerStatus:
+    """A snapshot of one worker for /readyz and /metrics."""
+
+    name: str
+    device: str
+    state: str
+    alive: bool
+    batches: int
+    crops: int
+    errors: int
+    last_error: str | None
+
+
+class Worker:
+    """One inference thread on one device, holding an infer callable per model."""
+
+    def __init__(
+        self,
+        name: str,
+        device: str,
+        infers: dict[str, InferFn],
+        batchers: Sequence[DynamicBatcher],
+        observers: list[BatchObserver] | None = None,
+        poll_s: float = 0.1,
+        torch_threads: int | None = None,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.infers = infers
+        self.batchers = list(batchers)
+        self.observers = observers if observers is not None else []
+        self.poll_s = poll_s
+        self.torch_threads = torch_threads
+        self.state = "starting"
+        self.batches = 0
+        self.crops = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"ditepose-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(
+            self.name, self.device, self.state, self.alive, self.batches, self.crops, self.errors, self.last_error
+        )
+
+    def _run(self) -> None:
+        try:
+            if self.torch_threads:
+                import torch
+
+                # OpenMP thread counts are per calling thread: set it where inference runs.
+                torch.set_num_threads(self.torch_threads)
+            self.state = "idle"
+            free_since = time.monotonic()
+            while not self._stop.is_set():
+                batch = wait_for_batch(self.batchers, self.poll_s, free_since)
+                if batch is not None:
+                    self.state = "busy"
+                    self._run_batch(batch)
+                    self.state = "idle"
+                    free_since = time.monotonic()
+            self.state = "stopped"
+        except BaseException as exc:  # pragma: no cover - a bug in the loop itself
+            self.state = "dead"
+            self.last_error = repr(exc)
+            log.exception("worker %s died", self.name)
+            raise
+
+    def _run_batch(self, batch: Batch) -> None:
+        model = batch.batcher.name
+        size = batch.size
+        started = time.perf_counter()
+        ok = True
+        try:
+            heatmaps = self.infers[model](batch.tensor())
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # The thread is about to die: its callers get an error now, not silence until the deadline.
+                self.errors += 1
+                batch.fail(InferenceFailed(f"worker {self.name} crashed: {type(exc).__name__}: {exc}"))
+                raise
+            ok = False
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("worker %s: batch of %d crops for %s failed: %s", self.name, size, model, exc)
+            batch.fail(InferenceFailed(f"inference failed on {self.device}: {type(exc).__name__}: {exc}"))
+        else:
+            batch.complete(heatmaps)
+        infer_s = time.perf_counter() - started
+        self.batches += 1
+        self.crops += size
+        for observer in self.observers:
+            try:
+                observer.observe_batch(model, self.device, size, infer_s, batch.queued_s, ok)
+            except Exception:  # metrics must never take a worker down
+                log.exception("batch observer failed")
+
+
+class WorkerPool:
+    """Batchers (one per model) plus worker threads (``workers_per_device`` per device)."""
+
+    def __init__(
+        self,
+        models: Sequence[LoadedModel],
+        devices: Sequence[str],
+        *,
+        max_batch_size: int = 32,
+        max_delay_ms: float = 5.0,
+        queue_size: int = 512,
+        timeout_s: float = 30.0,
+        workers_per_device: int = 1,
+        infer_factory: InferFactory | None = None,
+        precision: str = "auto",
+        observer: BatchObserver | None = None,
+        torch_threads: int | None = None,
+        worker_processes: bool = False,
+    ) -> None:
+        if not models:
+            raise ValueError("a worker pool needs at least one model")
+        if not devices:
+            raise ValueError("a worker pool needs at least one device")
+        self.models: dict[str, LoadedModel] = {m.name: m for m in models}
+        self.devices = list(devices)
+        self.workers_per_device = workers_per_device
+        self.precision = precision
+        self.torch_threads = torch_threads
+        self.worker_processes = worker_processes
+        self.observers: list[BatchObserver] = [observer] if observer is not None else []
+        self._infer_factory = infer_factory or (
+            lambda m, device: make_infer(m.module, device, precision, process=worker_processes, threads=torch_threads)
+        )
+        self.condition = threading.Condition()
+        self.batchers: dict[str, DynamicBatcher] = {
+            name: DynamicBatcher(
+                name,
+                max_batch_size=max_batch_size,
+                max_delay_ms=max_delay_ms,
+                queue_size=queue_size,
+                default_timeout_s=timeout_s,
+                condition=self.condition,
+            )
+            for name in self.models
+        }
+        self.workers: list[Worker] = []
+        self.failed_models: dict[str, str] = {}  # name -> why it was not loaded
+        self.restarts = 0
+        self.supervise_s = 0.2
+        self._supervisor: threading.Thread | None = None
+        self._wake = threading.Event()
+        self.started = False
+        self.stopped = False
+
+    @classmethod
+    def from_settings(cls, settings, observer: BatchObserver | None = None) -> WorkerPool:
+        """Load the configured models and lay out workers on the configured devices."""
+        from ditepose.service.core.model_loader import load_models_isolated
+
+        loaded, failed = load_models_isolated(settings.models)
+        pool = cls(
+            loaded,
+            settings.resolved_devices(),
+            max_batch_size=settings.max_batch_size,
+            max_delay_ms=settings.max_delay_ms,
+            queue_size=settings.queue_size,
+            timeout_s=settings.request_timeout_s,
+            workers_per_device=settings.resolved_workers_per_device(),
+            precision=settings.precision,
+            observer=observer,
+            torch_threads=settings.resolved_torch_threads(),
+            worker_processes=settings.worker_processes,
+        )
+        pool.failed_models = failed
+        return pool
+
+    def start(self) -> WorkerPool:
+        """Move the models to their devices and start the threads (idempotent)."""
+        if self.started:
+            return self
+        if self.stopped:
+            raise RuntimeError("a stopped pool cannot be restarted")
+        for device in self.devices:
+            def build(device: str = device) -> dict[str, InferFn]:
+                return {name: self._infer_factory(m, device) for name, m in self.models.items()}
+
+            # the workers of a device share its engines, except engine processes (one batch at a time)
+            shared = None if self.worker_processes and device.startswith("cpu") else build()
+            for index in range(self.workers_per_device):
+                infers = shared if shared is not None else build()
+                self.workers.append(self._new_worker(f"{device}/{index}", device, infers))
+        for worker in self.workers:
+            worker.start()
+        self.started = True
+        self._supervisor = threading.Thread(target=self._supervise, name="ditepose-supervisor", daemon=True)
+        self._supervisor.start()
+        log.info("worker pool: %d workers on %s; models %s", len(self.workers), self.devices, list(self.models))
+        return self
+
+    def _new_worker(self, name: str, device: str, infers: dict[str, InferFn]) -> Worker:
+        return Worker(name, device, infers, list(self.batchers.values()), self.observers,
+                      torch_threads=self.torch_threads)
+
+    def _supervise(self) -> None:
+        """Replace worker threads that died (same device, same infer callables)."""
+        while not self._wake.wait(self.supervise_s):
+            for index, worker in enumerate(list(self.workers)):
+                if self.stopped:
+                    return
+                if worker.alive or worker.state == "stopped":
+                    continue
+                self.restarts += 1
+                replacement = self._new_worker(f"{worker.device}/{index}.r{self.restarts}", worker.device, worker.infers)
+                self.workers[index] = replacement
+                replacement.start()
+                log.error("worker %s died (%s); replaced by %s", worker.name, worker.last_error, replacement.name)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Fail queued requests, stop the threads and wait for them."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self._wake.set()
+        for batcher in self.batchers.values():
+            batcher.close()
+        for worker in self.workers:
+            worker.request_stop()
+        with self.condition:
+            self.condition.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        closed: set[int] = set()
+        for worker in self.workers:  # engine processes (worker_processes) end with the pool
+            for infer in worker.infers.values():
+                close = getattr(infer, "close", None)
+                if close is not None and id(infer) not in closed:
+                    closed.add(id(infer))
+                    close()
+
+    def __enter__(self) -> WorkerPool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def add_observer(self, observer: BatchObserver) -> None:
+        """Also report every batch to ``observer`` (e.g. a second front-end's metrics)."""
+        if observer not in self.observers:
+            self.observers.append(observer)
+
+    def batcher(self, model: str) -> DynamicBatcher:
+        """The batcher of ``model``; KeyError for an unknown name."""
+        return self.batchers[model]
+
+    def worker_status(self) -> list[WorkerStatus]:
+        return [worker.status() for worker in self.workers]
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.stopped and bool(self.workers) and all(w.alive for w in self.workers)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: b.depth for name, b in self.batchers.items()}

@@ -1,0 +1,263 @@
+"""Prometheus metrics of one app, in a registry of its own (tests build several apps)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ditepose.service.batching.pool import WorkerPool
+    from ditepose.service.core.admission import Admission
+
+log = logging.getLogger(__name__)
+
+# 1 ms and 2.5 ms buckets so early sheds (answered from the headers) are resolved, not lumped under 5 ms.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class GpuMemory(NamedTuple):
+    """What torch's caching allocator holds on one CUDA device, in bytes."""
+
+    allocated: int
+    reserved: int
+    peak_allocated: int
+    total: int
+
+
+def cuda_memory(device: str) -> GpuMemory | None:
+    """Memory of ``device`` seen by this process; None for non-CUDA devices or without CUDA.
+
+    Reads only counters of a CUDA context this process already created (the pool's workers
+    create it), so scraping never initialises CUDA itself.
+    """
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return GpuMemory(
+        torch.cuda.memory_allocated(index),
+        torch.cuda.memory_reserved(index),
+        torch.cuda.max_memory_allocated(index),
+        torch.cuda.get_device_properties(index).total_memory,
+    )
+
+
+def gpu_memory_families(
+    devices: list[str], memory_fn: Callable[[str], GpuMemory | None] = cuda_memory
+) -> list[GaugeMetricFamily]:
+    """``ditepose_gpu_memory_*_bytes{device}`` gauges; no samples on CPU-only processes."""
+    names = (
+        ("allocated", "Bytes held by live tensors on a CUDA device (this process)"),
+        ("reserved", "Bytes reserved by torch's caching allocator on a CUDA device (this process)"),
+        ("peak_allocated", "Highest allocated bytes on a CUDA device since start (this process)"),
+        ("total", "Total memory of a CUDA device"),
+    )
+    families = [GaugeMetricFamily(f"ditepose_gpu_memory_{n}_bytes", h, labels=["device"]) for n, h in names]
+    for device in dict.fromkeys(devices):
+        memory = memory_fn(device)
+        if memory is None:
+            continue
+        for family, value in zip(families, memory, strict=True):
+            family.add_metric([device], float(value))
+    return families
+
+
+class PoolCollector(Collector):
+    """Reads queue depth, worker state, model info and GPU memory from the pool at scrape time."""
+
+    def __init__(self, pool: WorkerPool, memory_fn: Callable[[str], GpuMemory | None] = cuda_memory) -> None:
+        self.pool = pool
+        self.memory_fn = memory_fn
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("ditepose_queue_depth", "Crops waiting in a model's queue", labels=["model"])
+        rejected = CounterMetricFamily(
+            "ditepose_queue_rejected", "Submissions refused because the queue was full", labels=["model"]
+        )
+        expired = CounterMetricFamily(
+            "ditepose_queue_expired", "Submissions that expired before a worker took them", labels=["model"]
+        )
+        for name, batcher in self.pool.batchers.items():
+            depth.add_metric([name], batcher.depth)
+            rejected.add_metric([name], batcher.rejected)
+            expired.add_metric([name], batcher.expired)
+        yield depth
+        yield rejected
+        yield expired
+
+        state = GaugeMetricFamily(
+            "ditepose_worker_state", "1 for the current state of each worker", labels=["worker", "device", "state"]
+        )
+        errors = CounterMetricFamily(
+            "ditepose_worker_errors", "Batches whose inference raised", labels=["worker", "device"]
+        )
+        from ditepose.service.batching.pool import WORKER_STATES
+
+        for status in self.pool.worker_status():
+            current = status.state if status.alive or status.state == "stopped" else "dead"
+            for name in WORKER_STATES:
+                state.add_metric([status.name, status.device, name], 1.0 if name == current else 0.0)
+            errors.add_metric([status.name, status.device], status.errors)
+        yield state
+        yield errors
+
+        info = GaugeMetricFamily(
+            "ditepose_model_info",
+            "Served models (value 1) with their arch, dataset and whether they run on random demo weights",
+            labels=["model", "arch", "dataset", "demo_weights"],
+        )
+        load = GaugeMetricFamily("ditepose_model_load_seconds", "Time spent loading a model", labels=["model"])
+        for m in self.pool.models.values():
+            info.add_metric([m.name, m.arch, m.dataset, str(m.demo_weights).lower()], 1.0)
+            load.add_metric([m.name], m.load_s)
+        yield info
+        yield load
+        yield from gpu_memory_families(self.pool.devices, self.memory_fn)
+
+
+class AdmissionCollector(Collector):
+    """In-flight requests, their limit and the requests shed before being read.
+
+    ``ditepose_admission_rejected`` counts sheds by the in-flight limit (before the body is
+    read); ``ditepose_queue_rejected`` counts the later ones by the queue's crop count. A shed
+    request is in exactly one of them, so their sum is every overload answer."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("ditepose_in_flight_requests", "Pose requests admitted and not yet answered "
+                                "(REST POST /v1/pose and gRPC Estimate)", value=self.admission.in_flight)
+        yield GaugeMetricFamily("ditepose_in_flight_limit", "Most pose requests admitted at once",
+                                value=self.admission.limit)
+        rejected = CounterMetricFamily(
+            "ditepose_admission_rejected", "Pose requests shed before being read because the in-flight limit "
+            "was reached", labels=["transport"])
+        for transport in ("rest", "grpc"):
+            rejected.add_metric([transport], self.admission.rejected[transport])
+        yield rejected
+
+
+class ServiceMetrics:
+    """Metric objects of one app; also the pool's :class:`~service.pool.BatchObserver`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "ditepose_http_requests", "HTTP requests by route and status", ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ditepose_http_request_duration_seconds", "HTTP request latency by route and status",
+            ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "ditepose_batch_size", "Crops per forward pass", ["model", "device"], buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "ditepose_inference_duration_seconds", "Forward pass time of one batch", ["model", "device"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "ditepose_queue_wait_seconds", "Time the oldest crop of a batch waited for a worker", ["model"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_errors = Counter(
+            "ditepose_batch_errors", "Batches whose inference raised", ["model", "device"], registry=self.registry
+        )
+        self._pool_collector: PoolCollector | None = None
+
+    def watch_pool(self, pool: WorkerPool) -> None:
+        """Export the pool's live state (queue depth, workers, models) from this registry."""
+        if self._pool_collector is not None:
+            self.registry.unregister(self._pool_collector)
+        self._pool_collector = PoolCollector(pool)
+        self.registry.register(self._pool_collector)
+
+    def watch_admission(self, admission: Admission) -> None:
+        """Export the in-flight count and the early sheds of ``admission``."""
+        self.registry.register(AdmissionCollector(admission))
+
+    def observe_batch(
+        self, model: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool
+    ) -> None:
+        self.batch_size.labels(model, device).observe(size)
+        self.inference.labels(model, device).observe(infer_s)
+        self.queue_wait.labels(model).observe(queued_s)
+        if not ok:
+            self.batch_errors.labels(model, device).inc()
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route, str(status)).observe(seconds)
+
+
+class GpuMemoryGauges:
+    """The GPU memory gauges for processes scraped through a shared registry (Celery pool children).
+
+    In ``prometheus_client`` multiprocess mode each child writes its own values (``liveall``:
+    one series per live pid); :meth:`update` reads the devices this process has initialised.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None,
+        memory_fn: Callable[[str], GpuMemory | None] = cuda_memory,
+    ) -> None:
+        from prometheus_client import Gauge
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.memory_fn = memory_fn
+        self.gauges = {
+            family.name: Gauge(
+                family.name, family.documentation, ["device"], registry=self.registry, multiprocess_mode="liveall"
+            )
+            for family in gpu_memory_families([])
+        }
+
+    def update(self, devices: list[str] | None = None) -> None:
+        for family in gpu_memory_families(devices if devices is not None else _initialised_cuda_devices(),
+                                          self.memory_fn):
+            gauge = self.gauges[family.name]
+            for sample in family.samples:
+                gauge.labels(sample.labels["device"]).set(sample.value)
+
+
+def _initialised_cuda_devices() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def start_gpu_memory_sampler(
+    interval_s: float = 5.0, gauges: GpuMemoryGauges | None = None, stop: threading.Event | None = None
+) -> threading.Thread:
+    """Update :class:`GpuMemoryGauges` every ``interval_s`` in a daemon thread (until ``stop`` is set)."""
+    gauges = gauges or GpuMemoryGauges()
+    stop = stop or threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                gauges.update()
+            except Exception:  # metrics must never take a worker down
+                log.exception("GPU memory sampling failed")
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=loop, name="ditepose-gpu-memory", daemon=True)
+    thread.start()
+    return thread

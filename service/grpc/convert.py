@@ -1,0 +1,127 @@
+"""Translation between the gRPC messages and the transport-free service layer.
+
+Also maps the service's stable error codes (shared with REST) to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from ditepose.proto.ditepose.v1 import pose_pb2
+from ditepose.service.core.errors import ServiceError
+from ditepose.service.core.model_loader import LoadedModel
+from ditepose.service.core.pose_service import PoseRequest, PoseResult
+
+ERROR_CODE_METADATA = "ditepose-error-code"
+
+GRPC_STATUS: dict[str, grpc.StatusCode] = {
+    "invalid_request": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_an_image": grpc.StatusCode.INVALID_ARGUMENT,
+    "undecodable": grpc.StatusCode.INVALID_ARGUMENT,
+    "too_large": grpc.StatusCode.INVALID_ARGUMENT,
+    "bad_boxes": grpc.StatusCode.INVALID_ARGUMENT,
+    "unknown_model": grpc.StatusCode.NOT_FOUND,
+    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
+    "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "inference_failed": grpc.StatusCode.INTERNAL,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "method_not_allowed": grpc.StatusCode.UNIMPLEMENTED,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    return GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL)
+
+
+def boxes_from_proto(boxes: Iterable[pose_pb2.Box]) -> list[list[float]] | None:
+    """Boxes as [[x, y, w, h]]; no boxes -> None (the detector finds the persons)."""
+    out = [[b.x, b.y, b.width, b.height] for b in boxes]
+    return out or None
+
+
+def request_from_proto(
+    image: bytes, boxes: Iterable[pose_pb2.Box], options: pose_pb2.PoseOptions
+) -> PoseRequest:
+    """A :class:`PoseRequest` with the REST API's defaults for unset options."""
+    threshold: float | None = None
+    if options.HasField("score_threshold"):
+        threshold = float(options.score_threshold)
+        if not math.isfinite(threshold):
+            raise ServiceError("invalid_request", f"score_threshold must be finite, got {threshold}")
+    return PoseRequest(
+        image_bytes=bytes(image),
+        boxes=boxes_from_proto(boxes),
+        model=options.model or None,
+        flip_test=options.flip_test if options.HasField("flip_test") else True,
+        decoder=options.decoder or "default",
+        score_threshold=threshold,
+        detector=options.detector or "whole",
+    )
+
+
+def timings_to_proto(timings: dict[str, float]) -> pose_pb2.Timings:
+    return pose_pb2.Timings(**{k: float(v) for k, v in timings.items() if k in pose_pb2.Timings.DESCRIPTOR.fields_by_name})
+
+
+def person_to_proto(person: dict, track_id: int = 0, keypoints_xy: np.ndarray | None = None) -> pose_pb2.Person:
+    """One person dict (as REST returns it) as a message; ``keypoints_xy`` replaces x/y (smoothing)."""
+    x, y, w, h = person["bbox"]
+    kpts = []
+    for j, k in enumerate(person["keypoints"]):
+        kx, ky = (float(keypoints_xy[j, 0]), float(keypoints_xy[j, 1])) if keypoints_xy is not None else (k["x"], k["y"])
+        kpts.append(pose_pb2.Keypoint(name=k["name"], x=kx, y=ky, score=k["score"]))
+    return pose_pb2.Person(
+        bbox=pose_pb2.Box(x=x, y=y, width=w, height=h), score=person["score"], keypoints=kpts, track_id=track_id
+    )
+
+
+def estimate_response(result: PoseResult) -> pose_pb2.EstimateResponse:
+    return pose_pb2.EstimateResponse(
+        model=result.model,
+        width=result.width,
+        height=result.height,
+        persons=[person_to_proto(p) for p in result.persons],
+        timings=timings_to_proto(result.timings),
+    )
+
+
+def model_info(model: LoadedModel, default: bool) -> pose_pb2.ModelInfo:
+    width, height = model.input_size
+    return pose_pb2.ModelInfo(
+        name=model.name,
+        arch=model.arch,
+        dataset=model.dataset,
+        num_joints=model.num_joints,
+        joints=list(model.spec.joint_names),
+        input_width=width,
+        input_height=height,
+        demo_weights=model.demo_weights,
+        default=default,
+    )
+
+
+def person_dict(person: pose_pb2.Person) -> dict:
+    """A result person as the REST JSON shape (plus ``track_id``); used by clients and tests."""
+    b = person.bbox
+    return {
+        "bbox": [b.x, b.y, b.width, b.height],
+        "score": person.score,
+        "keypoints": [{"name": k.name, "x": k.x, "y": k.y, "score": k.score} for k in person.keypoints],
+        "track_id": person.track_id,
+    }
+
+
+def keypoints_array(person: pose_pb2.Person) -> np.ndarray:
+    """[K, 3] (x, y, score) of a result person."""
+    return np.array([[k.x, k.y, k.score] for k in person.keypoints], np.float64).reshape(-1, 3)
+
+
+def boxes_to_proto(boxes: Sequence[Sequence[float]] | None) -> list[pose_pb2.Box]:
+    return [pose_pb2.Box(x=b[0], y=b[1], width=b[2], height=b[3]) for b in boxes or []]

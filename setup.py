@@ -1,0 +1,17 @@
+"""Packaging glue (the metadata is in pyproject.toml).
+
+The project's four folders (``model/``, ``training/``, ``service/``, ``proto/``) install as
+sub-packages of one import root, ``ditepose``, whose own modules (the root CLI) live in
+``ditepose/``. The installed distribution thus claims exactly one top-level name, and a
+user's ``model.py`` or ``service.py`` can neither shadow nor be shadowed by ours. The package
+list is derived from the folders, so a new sub-package cannot be left out of the wheel.
+"""
+
+from setuptools import find_packages, setup
+
+ROOTS = ("model", "training", "service", "proto")
+
+setup(
+    packages=["ditepose"] + [f"ditepose.{name}" for name in find_packages(include=[f"{r}*" for r in ROOTS])],
+    package_dir={"ditepose": "ditepose", **{f"ditepose.{root}": root for root in ROOTS}},
+)
