@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.reliability.support import RECORDS
-from tests.service.grpc_support import tiny_checkpoint
+from tests.service.grpc.support import tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

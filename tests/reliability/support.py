@@ -79,7 +79,7 @@ def server_process(checkpoint: Any, log_path: Any, **settings: Any) -> Iterator[
     import subprocess
 
     from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
-    from tests.service.jobs_support import free_port
+    from tests.service.jobs.support import free_port
 
     port, grpc_port = free_port(), free_port()
     env = subprocess_env() | {f"DITEPOSE_{k.upper()}": str(v) for k, v in settings.items()}

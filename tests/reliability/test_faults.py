@@ -22,7 +22,7 @@ from ditepose.service.grpc.server import start_grpc_server
 from ditepose.service.http.app import create_app
 from tests.reliability.support import assert_error_shape, record, serve, wait_until
 from tests.service.conftest import encode, figure_image, post_pose
-from tests.service.grpc_support import (
+from tests.service.grpc.support import (
     channel,
     config_message,
     figure_frame,

@@ -24,7 +24,7 @@ from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.core.settings import ModelSpec, Settings
 from tests.reliability.support import assert_error_shape, record, serve
 from tests.service.conftest import encode, figure_image, post_pose
-from tests.service.grpc_support import channel, config_message, frame_message, running_services, stub
+from tests.service.grpc.support import channel, config_message, frame_message, running_services, stub
 
 KEY = "hostile-key-42"
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None,

@@ -31,7 +31,7 @@ from tests.reliability.support import (
     wait_until,
 )
 from tests.service.conftest import encode, figure_image
-from tests.service.raw_http import multipart_prefix, read_response, start_upload
+from tests.service.http.raw_http import multipart_prefix, read_response, start_upload
 
 CLIENTS = 64
 DURATION_S = 8.0

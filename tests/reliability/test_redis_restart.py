@@ -14,9 +14,9 @@ import pytest
 
 from ditepose.service.core.settings import ModelSpec
 from tests.reliability.support import record
-from tests.service import jobs_support
 from tests.service.conftest import start_server
-from tests.service.jobs_support import RedisServer, TinyEval, WorkerProcess, wait_for
+from tests.service.jobs import support as jobs_support
+from tests.service.jobs.support import RedisServer, TinyEval, WorkerProcess, wait_for
 
 tiny_eval = jobs_support.tiny_eval  # fixture
 

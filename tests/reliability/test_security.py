@@ -20,8 +20,8 @@ from ditepose.service.core.settings import ModelSpec, Settings
 from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
 from tests.reliability.support import assert_error_shape, record, serve
 from tests.service.conftest import encode, figure_image, post_pose
-from tests.service.grpc_support import channel, config_message, running_services, stub
-from tests.service.jobs_support import free_port, wait_for
+from tests.service.grpc.support import channel, config_message, running_services, stub
+from tests.service.jobs.support import free_port, wait_for
 
 KEY = "s3cret-Key-must-never-leak-7f3a9c"
 USER_LINE = re.compile(r"^\s*USER\s+(\S+)", re.MULTILINE)

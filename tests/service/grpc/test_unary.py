@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.grpc.convert import ERROR_CODE_METADATA, person_dict
-from tests.service.grpc_support import channel, jpeg, make_settings, running_services, stub
+from tests.service.grpc.support import channel, jpeg, make_settings, running_services, stub
 
 COCO_IMAGE = "000000217285.jpg"
 COCO_BOXES = [[261.96, 162.16, 107.47, 252.37], [510.82, 168.47, 73.07, 258.53], [376.37, 210.25, 98.39, 212.07]]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ditepose.proto.ditepose.v1 import pose_pb2
-from tests.service.grpc_support import (
+from tests.service.grpc.support import (
     channel,
     config_message,
     figure_frame,

@@ -15,8 +15,8 @@ from ditepose.service.jobs.manager import JobService, UnknownModel
 from ditepose.service.jobs.metrics import JobMetrics
 from ditepose.service.jobs.records import JobRecord, LocalJobStore
 from ditepose.service.jobs.schemas import EvaluateRequest
-from tests.service import jobs_support
-from tests.service.jobs_support import TinyEval, direct_evaluation, wait_for
+from tests.service.jobs import support as jobs_support
+from tests.service.jobs.support import TinyEval, direct_evaluation, wait_for
 
 one_torch_thread = jobs_support.one_torch_thread  # fixtures
 tiny_eval = jobs_support.tiny_eval

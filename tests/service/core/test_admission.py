@@ -26,8 +26,8 @@ from ditepose.service.grpc.convert import ERROR_CODE_METADATA
 from ditepose.service.http.middleware import AdmissionControl
 from tests.reliability.support import serve, wait_until
 from tests.service.conftest import assert_error, encode, figure_image, post_pose
-from tests.service.grpc_support import channel, make_settings, running_services, stub, tiny_checkpoint
-from tests.service.raw_http import multipart_prefix, read_response, start_upload
+from tests.service.grpc.support import channel, make_settings, running_services, stub, tiny_checkpoint
+from tests.service.http.raw_http import multipart_prefix, read_response, start_upload
 
 BOX = [[40, 10, 80, 100]]
 POSE = frozenset({("POST", "/v1/pose")})

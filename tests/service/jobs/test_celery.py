@@ -18,9 +18,9 @@ from ditepose.service.core.settings import ModelSpec
 from ditepose.service.jobs.config import JobSettings
 from ditepose.service.jobs.manager import JobService
 from ditepose.service.jobs.schemas import EvaluateRequest
-from tests.service import jobs_support
 from tests.service.conftest import LiveServer, assert_error, start_server
-from tests.service.jobs_support import (
+from tests.service.jobs import support as jobs_support
+from tests.service.jobs.support import (
     RedisServer,
     TinyEval,
     WorkerProcess,

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import REPO_ROOT, python_cmd, stop_process, subprocess_env
-from tests.service.grpc_support import figure_frame, tiny_checkpoint
+from tests.service.grpc.support import figure_frame, tiny_checkpoint
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.grpc.convert import ERROR_CODE_METADATA, keypoints_array
-from tests.service.grpc_support import (
+from tests.service.grpc.support import (
     channel,
     config_message,
     figure_frame,
@@ -156,7 +156,7 @@ def test_rest_and_grpc_requests_share_one_batch(tmp_path: Path) -> None:
 
     from fastapi.testclient import TestClient
 
-    from tests.service.grpc_support import jpeg
+    from tests.service.grpc.support import jpeg
 
     ckpt = tiny_checkpoint(tmp_path / "tiny.pth")
     settings = make_settings(ckpt, max_batch_size=8, max_delay_ms=500)

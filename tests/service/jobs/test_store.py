@@ -12,8 +12,8 @@ import pytest
 from ditepose.service.jobs.catalogue import BadName, Catalogue, UnknownName
 from ditepose.service.jobs.config import DatasetSpec, JobSettings
 from ditepose.service.jobs.records import JobRecord, LocalJobStore, RedisJobStore
-from tests.service import jobs_support
-from tests.service.jobs_support import RedisServer
+from tests.service.jobs import support as jobs_support
+from tests.service.jobs.support import RedisServer
 
 redis_server = jobs_support.redis_server  # fixture
 

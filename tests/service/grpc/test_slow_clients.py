@@ -16,7 +16,7 @@ import pytest
 
 from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.grpc.convert import ERROR_CODE_METADATA
-from tests.service.grpc_support import (
+from tests.service.grpc.support import (
     channel,
     config_message,
     figure_frame,
