@@ -11,6 +11,20 @@ import sys
 from collections.abc import Sequence
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """The sub-commands' ``--input`` type: ``'256x192'`` (HxW, as the paper writes sizes) -> ``(W, H)``.
+
+    The order flips on purpose: the text follows the paper, the tuple follows OpenCV/PIL
+    (width first). Anything but two integers joined by ``x`` (case-insensitive) is an
+    ``argparse.ArgumentTypeError``, so argparse reports it as a usage error.
+    """
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 256x192 (HxW), got {text!r}") from None
+    return width, height
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ditepose.model import cli as model_cli
     from ditepose.service import cli as service_commands

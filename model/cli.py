@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'256x192' (HxW, as the paper writes sizes) -> (W, H)."""
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 256x192 (HxW), got {text!r}") from None
-    return width, height
+from ditepose.cli import parse_size
 
 
 def _model_info(args: argparse.Namespace) -> int:

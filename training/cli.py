@@ -7,17 +7,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ditepose.cli import parse_size
+
 if TYPE_CHECKING:
     from ditepose.training.config import TrainConfig
-
-
-def _parse_hw(text: str) -> tuple[int, int]:
-    """'256x192' (HxW) -> (W, H)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 256x192 (HxW), got {text!r}") from None
-    return w, h
 
 
 def _resolve_config(name: str, dataset: str | None) -> TrainConfig:
@@ -133,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-iters", type=int)
     train.add_argument("--max-people", type=int)
     train.add_argument("--seed", type=int)
-    train.add_argument("--input", type=_parse_hw, help="input size HxW, e.g. 256x192")
+    train.add_argument("--input", type=parse_size, help="input size HxW, e.g. 256x192")
     train.add_argument("--eval-every", type=int, help="epochs; 0 = never")
     train.add_argument("--log-every", type=int, help="iterations")
     train.add_argument("--warmup-iters", type=int)
