@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def register_stream(subparsers: argparse._SubParsersAction) -> None:
-    """``ditepose stream``: the gRPC streaming client (service/stream_client.py)."""
+    """``ditepose stream``: the gRPC streaming client (service/cli/stream_client.py)."""
     stream = subparsers.add_parser(
         "stream",
         help="stream a video or image folder to a gRPC server; write annotated video / JSON lines",

@@ -140,6 +140,130 @@ def result_record(result) -> dict:
     return record
 
 
+def stream_config(*, policy: str = "queue", max_in_flight: int = 4, max_queued: int = 1, model: str = "",
+                  flip_test: bool = True, tracking: bool = True, smoothing: bool = False):  # -> pose_pb2.StreamConfig
+    """The stream's opening message; ``policy`` is ``'queue'`` or ``'drop-oldest'``."""
+    from ditepose.proto.ditepose.v1 import pose_pb2
+
+    if policy not in ("queue", "drop-oldest"):
+        raise ValueError(f"policy must be 'queue' or 'drop-oldest', got {policy!r}")
+    return pose_pb2.StreamConfig(
+        options=pose_pb2.PoseOptions(model=model, flip_test=flip_test),
+        policy=pose_pb2.OVERFLOW_POLICY_DROP_OLDEST if policy == "drop-oldest" else pose_pb2.OVERFLOW_POLICY_QUEUE,
+        max_in_flight=max_in_flight,
+        max_queued=max_queued,
+        tracking=pose_pb2.TrackingConfig(enabled=tracking or smoothing),
+        smoothing=pose_pb2.SmoothingConfig(enabled=smoothing),
+    )
+
+
+class _InFlight:
+    """Frames sent and not yet answered (send time, image if annotating), at most ``window`` of them.
+
+    The sender waits in :meth:`reserve` for a slot; each answer or drop settles one frame
+    (:meth:`settle`), freeing its slot. :meth:`close` ends a waiting sender once the stream is over.
+    """
+
+    def __init__(self, window: int) -> None:
+        self._pending: dict[int, tuple[float, np.ndarray | None]] = {}
+        self._lock = threading.Lock()
+        self._window = threading.Semaphore(window)
+        self._closed = threading.Event()
+
+    def reserve(self) -> bool:
+        """Wait for a free slot; False once the stream is closed."""
+        while not self._window.acquire(timeout=0.2):
+            if self._closed.is_set():
+                return False
+        return True
+
+    def sent(self, frame: SourceFrame) -> None:
+        with self._lock:
+            self._pending[frame.sequence_number] = (time.perf_counter(), frame.image_bgr)
+
+    def settle(self, sequence_number: int, unknown_sent_at: float) -> tuple[float, np.ndarray | None]:
+        """Forget a frame and free its slot: its send time (``unknown_sent_at`` if never sent) and image."""
+        with self._lock:
+            entry = self._pending.pop(sequence_number, (unknown_sent_at, None))
+        self._window.release()
+        return entry
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _requests(config, frames: Iterator[SourceFrame], in_flight: _InFlight, summary: StreamSummary, *,
+              pace: bool, started: float) -> Iterator:  # -> Iterator[pose_pb2.StreamRequest]
+    """The config, then each frame once there is room in the window (at ``started + timestamp`` if pacing)."""
+    from ditepose.proto.ditepose.v1 import pose_pb2
+
+    yield pose_pb2.StreamRequest(config=config)
+    for frame in frames:
+        if not in_flight.reserve():
+            return
+        if pace:
+            delay = started + frame.timestamp - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        in_flight.sent(frame)
+        summary.frames_sent += 1
+        yield pose_pb2.StreamRequest(
+            frame=pose_pb2.Frame(sequence_number=frame.sequence_number, timestamp=frame.timestamp, image=frame.data)
+        )
+
+
+class _ResultWriter:
+    """Answers to JSON lines (``jsonl``) and/or a video (``out_video``).
+
+    The video opens at its first frame, at ``fps`` or else the frame rate of ``source``.
+    """
+
+    def __init__(self, jsonl: Path | None, out_video: Path | None, fps: float | None, source: Path) -> None:
+        self._jsonl = jsonl.open("w") if jsonl is not None else None
+        self._out_video = out_video
+        self._fps = fps
+        self._source = source
+        self._video: cv2.VideoWriter | None = None
+
+    def dropped(self, image: np.ndarray | None) -> None:
+        """A frame the server dropped: written bare, so the video keeps its timing."""
+        self._write_frame(image)
+
+    def answered(self, result, image: np.ndarray | None) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(result_record(result)) + "\n")
+        if image is not None:
+            self._write_frame(image, list(result.persons))
+
+    def _write_frame(self, image: np.ndarray | None, persons: list | None = None) -> None:
+        if self._out_video is None or image is None:
+            return
+        self._video = self._video or _open_writer(self._out_video, image, self._fps or _source_fps(self._source))
+        self._video.write(image if persons is None else annotate(image, persons))
+
+    def close(self) -> None:
+        if self._video is not None:
+            self._video.release()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _receive(results: Iterator, in_flight: _InFlight, writer: _ResultWriter, summary: StreamSummary) -> None:
+    """Settle, count and write each result (and the frames it says were dropped before it)."""
+    for result in results:
+        now = time.perf_counter()
+        for seq in result.dropped_sequence_numbers:
+            _, image = in_flight.settle(seq, 0.0)
+            summary.dropped += 1
+            writer.dropped(image)
+        sent_at, image = in_flight.settle(result.sequence_number, now)
+        summary.results += 1
+        summary.latencies_ms.append((now - sent_at) * 1000.0)
+        if result.HasField("error"):
+            summary.errors += 1
+        writer.answered(result, image)
+
+
 def run_stream(
     source: Path,
     target: str,
@@ -162,79 +286,25 @@ def run_stream(
     """Stream ``source`` to ``target`` and write what came back; returns counts and latencies."""
     import grpc
 
-    from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
+    from ditepose.proto.ditepose.v1 import pose_pb2_grpc
 
-    if policy not in ("queue", "drop-oldest"):
-        raise ValueError(f"policy must be 'queue' or 'drop-oldest', got {policy!r}")
-    config = pose_pb2.StreamConfig(
-        options=pose_pb2.PoseOptions(model=model, flip_test=flip_test),
-        policy=pose_pb2.OVERFLOW_POLICY_DROP_OLDEST if policy == "drop-oldest" else pose_pb2.OVERFLOW_POLICY_QUEUE,
-        max_in_flight=max_in_flight,
-        max_queued=max_queued,
-        tracking=pose_pb2.TrackingConfig(enabled=tracking or smoothing),
-        smoothing=pose_pb2.SmoothingConfig(enabled=smoothing),
-    )
-    keep = out_video is not None
-    frames = read_source(source, keep, fps, limit)
-    pending: dict[int, tuple[float, np.ndarray | None]] = {}
-    lock = threading.Lock()
-    window = threading.Semaphore(max(8, 4 * (max_in_flight + max_queued)))
-    done = threading.Event()
+    config = stream_config(policy=policy, max_in_flight=max_in_flight, max_queued=max_queued, model=model,
+                           flip_test=flip_test, tracking=tracking, smoothing=smoothing)
+    frames = read_source(source, out_video is not None, fps, limit)
+    in_flight = _InFlight(max(8, 4 * (max_in_flight + max_queued)))
     summary = StreamSummary()
     started = time.perf_counter()
-
-    def requests() -> Iterator[pose_pb2.StreamRequest]:
-        yield pose_pb2.StreamRequest(config=config)
-        for frame in frames:
-            while not window.acquire(timeout=0.2):
-                if done.is_set():
-                    return
-            if pace:
-                delay = started + frame.timestamp - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            with lock:
-                pending[frame.sequence_number] = (time.perf_counter(), frame.image_bgr)
-                summary.frames_sent += 1
-            yield pose_pb2.StreamRequest(
-                frame=pose_pb2.Frame(sequence_number=frame.sequence_number, timestamp=frame.timestamp, image=frame.data)
-            )
-
-    writer = None
-    jsonl_file = jsonl.open("w") if jsonl is not None else None
+    writer = _ResultWriter(jsonl, out_video, fps, source)
     metadata = (("x-api-key", api_key),) if api_key else None
     try:
         with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]) as channel:
             stub = pose_pb2_grpc.PoseServiceStub(channel)
-            for result in stub.StreamPose(requests(), metadata=metadata, timeout=timeout_s):
-                now = time.perf_counter()
-                for seq in result.dropped_sequence_numbers:
-                    with lock:
-                        _, image = pending.pop(seq, (0.0, None))
-                    window.release()
-                    summary.dropped += 1
-                    if out_video is not None and image is not None:
-                        writer = writer or _open_writer(out_video, image, fps or _source_fps(source))
-                        writer.write(image)  # keep the video's timing; no skeleton for a dropped frame
-                with lock:
-                    sent_at, image = pending.pop(result.sequence_number, (now, None))
-                window.release()
-                summary.results += 1
-                summary.latencies_ms.append((now - sent_at) * 1000.0)
-                if result.HasField("error"):
-                    summary.errors += 1
-                if jsonl_file is not None:
-                    jsonl_file.write(json.dumps(result_record(result)) + "\n")
-                if out_video is not None and image is not None:
-                    writer = writer or _open_writer(out_video, image, fps or _source_fps(source))
-                    writer.write(annotate(image, list(result.persons)))
+            requests = _requests(config, frames, in_flight, summary, pace=pace, started=started)
+            _receive(stub.StreamPose(requests, metadata=metadata, timeout=timeout_s), in_flight, writer, summary)
     finally:
-        done.set()
+        in_flight.close()
         summary.elapsed_s = time.perf_counter() - started
-        if writer is not None:
-            writer.release()
-        if jsonl_file is not None:
-            jsonl_file.close()
+        writer.close()
     return summary
 
 

@@ -121,3 +121,48 @@ def test_stream_image_folder_and_bad_target(served: tuple[int, int], tmp_path: P
     assert 'ditepose_grpc_calls_total{code="NOT_FOUND",method="StreamPose"} 1.0' in metrics
     assert 'ditepose_grpc_stream_frames_total{outcome="answered"}' in metrics
     assert "ditepose_grpc_active_streams 0.0" in metrics
+
+
+def test_sender_and_receiver_without_a_server(tmp_path: Path) -> None:
+    """Dropped frames are counted and written bare (the video keeps its length); every slot is freed."""
+    import numpy as np
+
+    from ditepose.proto.ditepose.v1 import pose_pb2
+    from ditepose.service.cli.stream_client import (
+        SourceFrame,
+        StreamSummary,
+        _InFlight,
+        _receive,
+        _requests,
+        _ResultWriter,
+        stream_config,
+    )
+
+    image = np.zeros((48, 64, 3), np.uint8)
+    frames = [SourceFrame(i, i / 10, b"jpeg", image) for i in range(4)]
+    in_flight, summary = _InFlight(window=4), StreamSummary()
+    sent = list(_requests(stream_config(policy="drop-oldest"), iter(frames), in_flight, summary,
+                          pace=False, started=time.perf_counter()))
+    assert sent[0].HasField("config") and [r.frame.sequence_number for r in sent[1:]] == [0, 1, 2, 3]
+    assert summary.frames_sent == 4
+    in_flight.close()
+    assert not in_flight.reserve()  # the window is full: a closed stream stops waiting for a slot
+    results = [pose_pb2.StreamResult(sequence_number=0, width=64, height=48),
+               pose_pb2.StreamResult(sequence_number=3, dropped_sequence_numbers=[1, 2],
+                                     error=pose_pb2.FrameError(code="inference_failed", message="x"))]
+    writer = _ResultWriter(tmp_path / "out.jsonl", tmp_path / "out.mp4", 10.0, tmp_path)
+    try:
+        _receive(iter(results), in_flight, writer, summary)
+    finally:
+        writer.close()
+    assert (summary.results, summary.dropped, summary.errors, len(summary.latencies_ms)) == (2, 2, 1, 2)
+    assert all(in_flight.reserve() for _ in range(4))  # all four slots came back
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["sequence_number"] for r in records] == [0, 3] and records[1]["dropped_before"] == [1, 2]
+    capture = cv2.VideoCapture(str(tmp_path / "out.mp4"))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    assert count == 4
+    with pytest.raises(ValueError, match="policy"):
+        stream_config(policy="lifo")
