@@ -1,4 +1,4 @@
-"""Small helpers of ``bench/service.py``: the test image, a free port, a process's CPU time."""
+"""Small helpers of the service benches and tests: the test image, a free port, a process's CPU time and RSS."""
 
 from __future__ import annotations
 
@@ -38,3 +38,12 @@ class ProcCpu:
 
     def read(self) -> tuple[float, float]:
         return stat_cpu_seconds(self.proc / "stat"), stat_cpu_seconds(self.proc / "task" / self.proc.name / "stat")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (VmRSS of ``/proc/<pid>/status``) in MiB; NaN without that line."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")

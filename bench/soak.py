@@ -13,7 +13,9 @@ results of a stream (frames are pipelined). Writes ``bench/results/soak.json``. 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -21,19 +23,17 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.service_support import free_port, rss_mb  # noqa: E402
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+BOX = "[[110,25,100,205]]"  # the figure of _images(), as the REST boxes field
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -85,128 +85,160 @@ def _images() -> tuple[bytes, list[bytes]]:
     return good, bad
 
 
-def run(args: argparse.Namespace) -> dict:
-    import grpc
+@contextmanager
+def _server(checkpoint: Path, log_path: Path, *, queue_size: int, timeout: float) -> Iterator[tuple[int, str, int]]:
+    """``ditepose serve`` (REST + gRPC on free ports) until ready; yields (pid, REST base URL, gRPC port)."""
     import httpx
 
-    from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
-
-    good, bad = _images()
-    box = "[[110,25,100,205]]"
-    tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    checkpoint = Path(args.checkpoint) if args.checkpoint else _tiny_checkpoint(tmp / "tiny.pth")
-    import socket
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     port, grpc_port = free_port(), free_port()
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT), "DITEPOSE_QUEUE_SIZE": str(args.queue_size),
-           "DITEPOSE_REQUEST_TIMEOUT_S": str(args.timeout), "DITEPOSE_MAX_DELAY_MS": "2"}
-    log_file = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "ditepose", "serve", "--port", str(port), "--grpc-port",
-                               str(grpc_port), "--devices", "cpu", "--model", f"tiny={checkpoint}"],
-                              cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DITEPOSE_QUEUE_SIZE": str(queue_size),
+           "DITEPOSE_REQUEST_TIMEOUT_S": str(timeout), "DITEPOSE_MAX_DELAY_MS": "2"}
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "ditepose", "serve", "--port", str(port), "--grpc-port",
+                                   str(grpc_port), "--devices", "cpu", "--model", f"tiny={checkpoint}"],
+                                  cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start; see " + str(tmp / "server.log"))
-        time.sleep(0.2)
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start; see {log_path}")
+                time.sleep(0.2)
+            yield server.pid, base, grpc_port
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
-    tally = Tally()
-    stop_at = time.monotonic() + args.duration
+
+def _rest_client(base: str, tally: Tally, stop_at: float, *, data: list[bytes], kind: str, timeout: float,
+                 pause: float | None) -> None:
+    """POST /v1/pose with each of ``data`` in turn until ``stop_at``, counted as ``kind``.
+
+    After a 429 the client sleeps 0.05 s, after any other answer ``pause`` s (None: not at all).
+    """
+    import httpx
+
+    with httpx.Client(base_url=base, timeout=timeout) as client:
+        i = 0
+        while time.monotonic() < stop_at:
+            image = data[i % len(data)]
+            i += 1
+            started = time.perf_counter()
+            try:
+                r = client.post("/v1/pose", files={"image": ("a.jpg", image, "image/jpeg")}, data={"boxes": BOX})
+                code = str(r.status_code)
+                lost = r.status_code >= 500 and r.status_code != 503
+            except httpx.HTTPError as exc:
+                code, lost = type(exc).__name__, True
+            tally.add(kind, code, time.perf_counter() - started, lost)
+            if code == "429":
+                time.sleep(0.05)
+            elif pause is not None:
+                time.sleep(pause)
+
+
+def _stream_requests(good: bytes, bad: list[bytes], frames: int) -> Iterator:  # -> Iterator[StreamRequest]
+    """A default StreamConfig, then ``frames`` frames of the figure with its box; every tenth is hostile."""
+    from ditepose.proto.ditepose.v1 import pose_pb2
+
+    yield pose_pb2.StreamRequest(config=pose_pb2.StreamConfig())
+    for seq in range(frames):
+        image = bad[seq % len(bad)] if seq % 10 == 9 else good
+        frame = pose_pb2.Frame(sequence_number=seq, timestamp=seq / 30, image=image)
+        frame.boxes.add(x=110, y=25, width=100, height=205)
+        yield pose_pb2.StreamRequest(frame=frame)
+
+
+def _stream_client(target: str, tally: Tally, stop_at: float, *, good: bytes, bad: list[bytes], frames: int,
+                   timeout: float) -> None:
+    """StreamPose calls of ``frames`` frames, one after another until ``stop_at``."""
+    import grpc
+
+    from ditepose.proto.ditepose.v1 import pose_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = pose_pb2_grpc.PoseServiceStub(channel)
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            last = started
+            try:
+                for result in stub.StreamPose(_stream_requests(good, bad, frames), timeout=timeout * frames):
+                    now = time.perf_counter()
+                    code = result.error.code if result.HasField("error") else "ok"
+                    tally.add("grpc_frame", code, now - last, lost=code in ("internal", "inference_failed"))
+                    last = now
+            except grpc.RpcError as exc:
+                tally.add("grpc_stream", exc.code().name, time.perf_counter() - started,
+                          lost=exc.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED,))
+
+
+def _sample_rss(pid: int, t0: float, stop_at: float, every: float) -> list[tuple[float, float]]:
+    """(seconds since ``t0``, RSS MiB of ``pid``) every ``every`` seconds until ``stop_at`` (monotonic clock)."""
     rss: list[tuple[float, float]] = []
-    t0 = time.monotonic()
-
-    def rest_client(bad_inputs: bool) -> None:
-        kind = "rest_bad" if bad_inputs else "rest"
-        with httpx.Client(base_url=base, timeout=args.timeout + 10) as client:
-            i = 0
-            while time.monotonic() < stop_at:
-                data = bad[i % len(bad)] if bad_inputs else good
-                i += 1
-                started = time.perf_counter()
-                try:
-                    r = client.post("/v1/pose", files={"image": ("a.jpg", data, "image/jpeg")}, data={"boxes": box})
-                    code = str(r.status_code)
-                    lost = r.status_code >= 500 and r.status_code != 503
-                except httpx.HTTPError as exc:
-                    code, lost = type(exc).__name__, True
-                tally.add(kind, code, time.perf_counter() - started, lost)
-                if code == "429":
-                    time.sleep(0.05)
-                elif bad_inputs:
-                    time.sleep(args.bad_pause)
-
-    def stream_client() -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stub = pose_pb2_grpc.PoseServiceStub(channel)
-            while time.monotonic() < stop_at:
-                def frames():
-                    yield pose_pb2.StreamRequest(config=pose_pb2.StreamConfig())
-                    for seq in range(args.frames_per_stream):
-                        frame = pose_pb2.Frame(sequence_number=seq, timestamp=seq / 30,
-                                               image=bad[seq % len(bad)] if seq % 10 == 9 else good)
-                        frame.boxes.add(x=110, y=25, width=100, height=205)
-                        yield pose_pb2.StreamRequest(frame=frame)
-                started = time.perf_counter()
-                last = started
-                try:
-                    for result in stub.StreamPose(frames(), timeout=args.timeout * args.frames_per_stream):
-                        now = time.perf_counter()
-                        code = result.error.code if result.HasField("error") else "ok"
-                        tally.add("grpc_frame", code, now - last, lost=code in ("internal", "inference_failed"))
-                        last = now
-                except grpc.RpcError as exc:
-                    tally.add("grpc_stream", exc.code().name, time.perf_counter() - started,
-                              lost=exc.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED,))
-
-    threads = [threading.Thread(target=rest_client, args=(False,)) for _ in range(args.rest_clients)]
-    threads += [threading.Thread(target=rest_client, args=(True,)) for _ in range(args.bad_clients)]
-    threads += [threading.Thread(target=stream_client) for _ in range(args.streams)]
-    for t in threads:
-        t.start()
     while time.monotonic() < stop_at:
-        rss.append((round(time.monotonic() - t0, 1), round(_rss_mb(server.pid), 1)))
-        time.sleep(min(args.rss_every, max(0.0, stop_at - time.monotonic())) or 0.01)
-    for t in threads:
-        t.join(args.timeout * args.frames_per_stream + 30)
-    ready = httpx.get(f"{base}/readyz", timeout=10).json()
-    metrics_ok = httpx.get(f"{base}/metrics", timeout=10).status_code == 200
-    server.terminate()
-    server.wait(timeout=30)
-    log_file.close()
+        rss.append((round(time.monotonic() - t0, 1), round(rss_mb(pid), 1)))
+        time.sleep(min(every, max(0.0, stop_at - time.monotonic())) or 0.01)
+    return rss
 
-    elapsed = args.duration
+
+def _report(config: dict, duration_s: float, tally: Tally, rss: list[tuple[float, float]], *, ready: bool,
+            metrics_ok: bool) -> dict:
+    """The soak's JSON: answers by code, served/s and latency percentiles by kind, losses, RSS."""
     kinds = sorted(tally.latency)
     served = {k: sum(v for c, v in tally.codes.items() if c.startswith(k + ":") and c.split(":")[1] in ("200", "ok"))
               for k in kinds}
     rss_values = [v for _, v in rss]
     return {
         "bench": "soak",
-        "machine": {"python": platform.python_version(), "cpu_count": __import__("os").cpu_count(),
+        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform()},
-        "config": vars(args) | {"checkpoint": str(checkpoint)},
-        "duration_s": elapsed,
+        "config": config,
+        "duration_s": duration_s,
         "answers_by_code": dict(sorted(tally.codes.items())),
-        "served_per_s": {k: round(v / elapsed, 2) for k, v in served.items()},
+        "served_per_s": {k: round(v / duration_s, 2) for k, v in served.items()},
         "latency_ms": {k: {"p50": _pct(tally.latency[k], 0.5), "p90": _pct(tally.latency[k], 0.9),
                            "p99": _pct(tally.latency[k], 0.99), "max": _pct(tally.latency[k], 1.0)} for k in kinds},
         "lost": dict(tally.lost),
         "lost_total": sum(tally.lost.values()),
         "rss_mb": {"start": rss_values[0] if rss_values else None, "max": max(rss_values, default=None),
                    "end": rss_values[-1] if rss_values else None, "samples": rss},
-        "ready_after": bool(ready.get("ready")),
+        "ready_after": ready,
         "metrics_ok_after": metrics_ok,
     }
+
+
+def run(args: argparse.Namespace) -> dict:
+    import httpx
+
+    good, bad = _images()
+    tmp = Path(tempfile.mkdtemp(prefix="soak-"))
+    checkpoint = Path(args.checkpoint) if args.checkpoint else _tiny_checkpoint(tmp / "tiny.pth")
+    log = tmp / "server.log"
+    with _server(checkpoint, log, queue_size=args.queue_size, timeout=args.timeout) as (pid, base, grpc_port):
+        tally = Tally()
+        stop_at = time.monotonic() + args.duration
+        t0 = time.monotonic()
+        rest = functools.partial(_rest_client, base, tally, stop_at, timeout=args.timeout + 10)
+        stream = functools.partial(_stream_client, f"127.0.0.1:{grpc_port}", tally, stop_at, good=good, bad=bad,
+                                   frames=args.frames_per_stream, timeout=args.timeout)
+        clients = [functools.partial(rest, data=[good], kind="rest", pause=None)] * args.rest_clients
+        clients += [functools.partial(rest, data=bad, kind="rest_bad", pause=args.bad_pause)] * args.bad_clients
+        clients += [stream] * args.streams
+        threads = [threading.Thread(target=client) for client in clients]
+        for t in threads:
+            t.start()
+        rss = _sample_rss(pid, t0, stop_at, args.rss_every)
+        for t in threads:
+            t.join(args.timeout * args.frames_per_stream + 30)
+        ready = bool(httpx.get(f"{base}/readyz", timeout=10).json().get("ready"))
+        metrics_ok = httpx.get(f"{base}/metrics", timeout=10).status_code == 200
+    return _report(vars(args) | {"checkpoint": str(checkpoint)}, args.duration, tally, rss, ready=ready,
+                   metrics_ok=metrics_ok)
 
 
 def main(argv: list[str] | None = None) -> None:

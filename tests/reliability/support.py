@@ -109,14 +109,6 @@ def _ready(base: str) -> bool:
         return False
 
 
-def process_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of ``GET /metrics`` as {(sample name, sorted labels): value}."""
     from prometheus_client.parser import text_string_to_metric_families

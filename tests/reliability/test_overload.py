@@ -19,11 +19,11 @@ from pathlib import Path
 
 import httpx
 
+from bench.service_support import rss_mb
 from tests.conftest import REPO_ROOT, subprocess_env
 from tests.reliability.support import (
     histogram_delta,
     histogram_quantile,
-    process_rss_mb,
     record,
     sample_delta,
     scrape,
@@ -68,7 +68,7 @@ async def _load(url: str, image: bytes, duration_s: float, pid: int) -> tuple[Co
 
     async def sample_rss() -> None:
         while time.monotonic() < stop_at:
-            rss.append(process_rss_mb(pid))
+            rss.append(rss_mb(pid))
             await asyncio.sleep(0.25)
 
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
@@ -95,7 +95,7 @@ def test_overload_sheds_fast_and_recovers(tiny_ckpt: Path, tmp_path: Path) -> No
     with server_process(tiny_ckpt, tmp_path / "server.log", queue_size=8, max_batch_size=4, max_delay_ms=2,
                         request_timeout_s=TIMEOUT_S, max_in_flight=IN_FLIGHT_LIMIT) as (url, proc), httpx.Client(base_url=url, timeout=30) as client:
         before = _sequential_latency(client, image)
-        rss_before = process_rss_mb(proc.pid)
+        rss_before = rss_mb(proc.pid)
         metrics_before = scrape(url)
         probe = subprocess.Popen([sys.executable, "-m", "tests.reliability.probe", url, str(tmp_path / "probe.jpg"),
                                   str(DURATION_S - 1)], cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
