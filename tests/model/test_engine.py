@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
 import torch
 
@@ -151,11 +154,39 @@ def test_engine_owns_a_copy_and_describes_itself(reference_dir):
     info = engine.describe()
     assert info == {**info, "device": "cpu", "precision": "fp32", "fuse_bn": True, "dynamic_kernels": "fast",
                     "channels_last": False, "compile": False, "cuda_graphs": False, "optimized_module": True}
-    assert engine.warmup([1, 2], input_hw=(64, 64)) >= 0
+    ran = _record_runs(engine)
+    seconds = engine.warmup([1, 2], input_hw=(64, 64))
+    assert [shape for shape, _ in ran] == [(1, 3, 64, 64), (2, 3, 64, 64)]  # each size once, at that input
+    assert math.isfinite(seconds) and seconds >= sum(spent for _, spent in ran) > 0  # it times those runs
     with torch.no_grad():
         model.backbone.stem.conv1.conv.weight.zero_()
     x = torch.randn(2, 3, 64, 64)
     assert engine(x).abs().sum() > 0  # the engine's copy is unaffected
+
+
+def _record_runs(engine: InferenceEngine) -> list[tuple[tuple[int, ...], float]]:
+    """(input shape, seconds) of every forward pass ``engine`` runs from now on."""
+    ran: list[tuple[tuple[int, ...], float]] = []
+    forward = engine._run
+
+    def timed(x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = forward(x)
+        ran.append((tuple(x.shape), time.perf_counter() - start))
+        return out
+
+    engine._run = timed
+    return ran
+
+
+def test_warmup_defaults_to_every_bucket_else_batch_one():
+    model = build_model("dite_hrnet_18")
+    bucketed, plain = InferenceEngine(model, batch_buckets=(4, 1, 2)), InferenceEngine(model)
+    bucketed_runs, plain_runs = _record_runs(bucketed), _record_runs(plain)
+    bucketed.warmup(input_hw=(64, 64))
+    plain.warmup(input_hw=(64, 64))
+    assert [shape[0] for shape, _ in bucketed_runs] == [1, 2, 4]
+    assert [shape for shape, _ in plain_runs] == [(1, 3, 64, 64)]
 
 
 def test_batch_buckets_pad_and_split_without_mixing_samples(reference):
