@@ -9,6 +9,7 @@ import torch
 
 from ditepose.model import build_model, get_config, load_checkpoint
 from ditepose.model.complexity import count_parameters
+from tests.model.support import batch_leak, mirrored_golden_batch
 
 CASES = {
     "dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", "dite_hrnet_18_coco_golden_io.pt", 17, 1_186_933),
@@ -79,13 +80,7 @@ def test_batch_gives_the_same_output_as_each_image_alone(reference_dir):
     model = build_model("dite_hrnet_18")
     load_checkpoint(model, reference_dir / CASES["dite_hrnet_18"][0])
     model = model.double().eval()
-    # the calibrated reference inputs keep the random-weight network well conditioned
-    golden = torch.load(reference_dir / CASES["dite_hrnet_18"][1], weights_only=True)["input"].double()
-    batch = torch.cat([golden, golden[:1].flip(-1)])
-    with torch.no_grad():
-        together = model(batch)
-        alone = torch.cat([model(batch[i : i + 1]) for i in range(3)])
-    assert (together - alone).abs().max().item() < 1e-10
+    assert batch_leak(model, mirrored_golden_batch(reference_dir)) < 1e-10
 
 
 def test_gradients_reach_every_parameter():

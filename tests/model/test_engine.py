@@ -12,6 +12,7 @@ from ditepose.model import build_model, load_checkpoint
 from ditepose.model.engine import InferenceEngine
 from ditepose.model.fast_blocks import FastPoseNet
 from ditepose.model.optimize import optimize_for_inference
+from tests.model.support import batch_leak, mirrored_golden_batch
 
 CASES = {
     "dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", "dite_hrnet_18_coco_golden_io.pt", 17),
@@ -65,12 +66,7 @@ def test_per_sample_dynamic_kernels_do_not_leak_across_the_batch(reference_dir, 
     load_checkpoint(model, reference_dir / CASES["dite_hrnet_18"][0])
     fast = optimize_for_inference(model.double(), dynamic=dynamic)
     fast.channels_last = channels_last  # batch 3: per-sample convs on big maps, batch-folded on small ones
-    golden = torch.load(reference_dir / CASES["dite_hrnet_18"][1], weights_only=True)["input"].double()
-    batch = torch.cat([golden, golden[:1].flip(-1)])
-    with torch.inference_mode():
-        together = fast(batch)
-        alone = torch.cat([fast(batch[i : i + 1]) for i in range(3)])
-    assert (together - alone).abs().max().item() < 1e-10
+    assert batch_leak(fast, mirrored_golden_batch(reference_dir)) < 1e-10
 
 
 def test_channels_last_network_stays_channels_last_between_blocks(reference):

@@ -23,6 +23,7 @@ from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.settings import ModelSpec, Settings
 from ditepose.service.grpc.server import GrpcServer, start_grpc_server
 from ditepose.service.http.app import create_app
+from ditepose.service.http.deps import context_of
 
 
 def tiny_checkpoint(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
@@ -66,12 +67,21 @@ def running_services(
         infer_factory=factory,
     ).start()
     app = create_app(settings, pool=pool)
-    server = start_grpc_server(settings, pool, app.state.service)
+    server = start_grpc_server(settings, pool, context_of(app).service)
     try:
         yield pool, app, server
     finally:
         server.stop(grace=1.0)
         pool.stop()
+
+
+@contextmanager
+def tiny_services(folder: Path, **overrides) -> Iterator[tuple[WorkerPool, object, GrpcServer, grpc.Channel]]:
+    """:func:`running_services` of a fresh :func:`tiny_checkpoint` (written to ``folder``), with
+    :func:`make_settings` ``overrides``; yields (pool, app, server, a channel to the server)."""
+    settings = make_settings(tiny_checkpoint(folder / "tiny.pth"), **overrides)
+    with running_services(settings) as (pool, app, server), channel(server) as ch:
+        yield pool, app, server, ch
 
 
 def channel(server: GrpcServer) -> grpc.Channel:

@@ -14,16 +14,7 @@ import numpy as np
 import pytest
 
 from ditepose.proto.ditepose.v1 import pose_pb2
-from tests.service.grpc.support import (
-    channel,
-    config_message,
-    figure_frame,
-    frame_message,
-    make_settings,
-    running_services,
-    stub,
-    tiny_checkpoint,
-)
+from tests.service.grpc.support import config_message, figure_frame, frame_message, stub, tiny_services
 
 FRAMES = int(os.environ.get("DITEPOSE_LONG_STREAM_FRAMES", "10000"))
 
@@ -36,15 +27,13 @@ def _rss_mb() -> float:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
 def test_ten_thousand_frames_leak_no_memory_or_tasks(tmp_path: Path) -> None:
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pth")
     # A handful of distinct small frames, cycled (encoding is not what is under test).
     cycle = []
     for i in range(8):
         img, box = figure_frame(i, width=96, height=72, x0=10, speed=2)
         small_box = [box[0] * 0.3, 2.0, box[2] * 0.3, 68.0]
         cycle.append(frame_message(0, img[:72, :96].copy(), [small_box]))
-    settings = make_settings(ckpt, max_batch_size=64)
-    with running_services(settings) as (_pool, _app, server), channel(server) as ch:
+    with tiny_services(tmp_path, max_batch_size=64) as (_pool, _app, server, ch):
         baseline = server.tasks()
         samples: dict[str, float] = {}
         mid_tasks = []

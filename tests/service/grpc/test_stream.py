@@ -11,23 +11,13 @@ import pytest
 
 from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.grpc.convert import ERROR_CODE_METADATA, keypoints_array
-from tests.service.grpc.support import (
-    channel,
-    config_message,
-    figure_frame,
-    frame_message,
-    make_settings,
-    running_services,
-    stub,
-    tiny_checkpoint,
-)
+from tests.service.grpc.support import config_message, figure_frame, frame_message, stub, tiny_services
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
-    with running_services(make_settings(ckpt, max_batch_size=8)) as (pool, app, server), channel(server) as ch:
-        yield pool, app, server, ch
+    with tiny_services(tmp_path_factory.mktemp("tiny"), max_batch_size=8) as services:
+        yield services
 
 
 def _frames(n: int, boxes: bool = True) -> list[pose_pb2.StreamRequest]:
@@ -62,7 +52,7 @@ def test_concurrent_streams_share_batches(services: tuple) -> None:
     sizes: list[int] = []
 
     class Watch:
-        def observe_batch(self, model, device, size, infer_s, queued_s, ok) -> None:
+        def observe_batch(self, model, device, size, infer_s, queued_s, ok, background=0) -> None:
             sizes.append(size)
 
     pool.add_observer(Watch())
@@ -158,17 +148,16 @@ def test_rest_and_grpc_requests_share_one_batch(tmp_path: Path) -> None:
 
     from tests.service.grpc.support import jpeg
 
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pth")
-    settings = make_settings(ckpt, max_batch_size=8, max_delay_ms=500)
     img, box = figure_frame(3)
     data = jpeg(img)
     sizes: list[int] = []
 
     class Watch:
-        def observe_batch(self, model, device, size, infer_s, queued_s, ok) -> None:
+        def observe_batch(self, model, device, size, infer_s, queued_s, ok, background=0) -> None:
             sizes.append(size)
 
-    with running_services(settings) as (pool, app, server), channel(server) as ch, TestClient(app) as client:
+    with (tiny_services(tmp_path, max_batch_size=8, max_delay_ms=500) as (pool, app, _server, ch),
+          TestClient(app) as client):
         pool.add_observer(Watch())
         rest_status: list[int] = []
 
@@ -195,8 +184,7 @@ def test_health_follows_the_worker_pool(tmp_path: Path) -> None:
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pth")
-    with running_services(make_settings(ckpt)) as (pool, _app, server), channel(server) as ch:
+    with tiny_services(tmp_path) as (pool, _app, _server, ch):
         health = health_pb2_grpc.HealthStub(ch)
         request = health_pb2.HealthCheckRequest(service="ditepose.v1.PoseService")
         assert health.Check(request).status == health_pb2.HealthCheckResponse.SERVING
