@@ -15,6 +15,14 @@ others run, and free workers split a large backlog between them. The queue is bo
 a submission that does not fit raises :class:`Overloaded` at once instead of queueing, and
 every submission has a deadline, so a caller never waits forever even if no worker runs.
 
+Background submissions (evaluation jobs in embedded mode, ``background=True``) share the
+workers and the batches with live requests but yield to them: a batch takes the live crops
+first and fills what room is left with background ones (queued in quarter-batch pieces, so
+they fit beside live crops), background crops never count
+against the live queue bound (they are never shed: a job waits its turn instead of failing),
+and a batch made only of background crops leaves after ``max_delay_ms`` of quiet like any
+other.
+
 Several batchers (one per model) may share one ``threading.Condition`` so that one worker
 thread can wait on all of them at once (:func:`wait_for_batch`).
 """
@@ -77,6 +85,7 @@ class _Item:
     crops: torch.Tensor
     deadline: float
     enqueued: float
+    background: bool = False
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
     @property
@@ -96,6 +105,11 @@ class Batch:
     @property
     def size(self) -> int:
         return sum(item.size for item in self.items)
+
+    @property
+    def background_size(self) -> int:
+        """Crops of background submissions (evaluation jobs) in this batch."""
+        return sum(item.size for item in self.items if item.background)
 
     def tensor(self) -> torch.Tensor:
         if len(self.items) == 1:
@@ -170,7 +184,9 @@ class DynamicBatcher:
         self.default_timeout_s = default_timeout_s
         self.condition = condition or threading.Condition()
         self._items: deque[_Item] = deque()
-        self._pending = 0  # crops queued, not yet taken by a worker
+        self._pending = 0  # live crops queued, not yet taken by a worker
+        self._background: deque[_Item] = deque()
+        self._background_pending = 0  # background crops queued (not bounded by queue_size)
         self._incoming = 0  # announced submissions not yet queued (see announce)
         self._last_arrival = 0.0
         self._running = 0  # crops in batches that workers run now
@@ -183,8 +199,23 @@ class DynamicBatcher:
     # ---------------------------------------------------------------- callers
     @property
     def depth(self) -> int:
-        """Crops waiting in the queue."""
+        """Live crops waiting in the queue."""
         return self._pending
+
+    @property
+    def background_depth(self) -> int:
+        """Background crops (evaluation jobs) waiting in the queue."""
+        return self._background_pending
+
+    def check_admission(self) -> None:
+        """Raise :class:`Overloaded` (and count the rejection) when the live queue is already full.
+
+        Front-ends call it before decoding a request, so a 429 does not wait behind work that
+        cannot be served; :meth:`submit` has the final say, by the real crop count."""
+        with self.condition:
+            if self._pending >= self.queue_size:
+                self.rejected += 1
+                raise Overloaded(f"queue of model {self.name!r} is full ({self._pending} crops waiting)")
 
     def announce(self) -> Arrival:
         """Tell the workers a submission is on its way (decoding, cropping): while one is, a free
@@ -195,26 +226,31 @@ class DynamicBatcher:
             self._incoming += 1
         return Arrival(self)
 
-    def _enqueue(self, crops: torch.Tensor, timeout_s: float | None, arrival: Arrival | None = None) -> list[_Item]:
+    def _enqueue(
+        self, crops: torch.Tensor, timeout_s: float | None, arrival: Arrival | None = None, background: bool = False
+    ) -> list[_Item]:
         if crops.ndim != 4:
             raise ValueError(f"crops must be [P,C,H,W], got shape {tuple(crops.shape)}")
         count = int(crops.shape[0])
         now = time.monotonic()
         deadline = now + (self.default_timeout_s if timeout_s is None else timeout_s)
-        items = [
-            _Item(crops[i : i + self.max_batch_size], deadline, now)
-            for i in range(0, count, self.max_batch_size)
-        ]
+        # Background work goes in small pieces, so it can fill whatever room live crops leave.
+        piece = max(1, self.max_batch_size // 4) if background else self.max_batch_size
+        items = [_Item(crops[i : i + piece], deadline, now, background) for i in range(0, count, piece)]
         with self.condition:
             if self._closed:
                 raise BatcherClosed(f"batcher {self.name!r} is closed")
-            # An empty queue always admits one submission, so a request larger than the
-            # queue is still served when the service is idle.
-            if self._pending and self._pending + count > self.queue_size:
-                self.rejected += 1
-                raise Overloaded(f"queue of model {self.name!r} is full ({self._pending} crops waiting)")
-            self._items.extend(items)
-            self._pending += count
+            if background:
+                self._background.extend(items)
+                self._background_pending += count
+            else:
+                # An empty queue always admits one submission, so a request larger than the
+                # queue is still served when the service is idle.
+                if self._pending and self._pending + count > self.queue_size:
+                    self.rejected += 1
+                    raise Overloaded(f"queue of model {self.name!r} is full ({self._pending} crops waiting)")
+                self._items.extend(items)
+                self._pending += count
             self._last_arrival = now
             if arrival is not None and not arrival.settled:
                 arrival.settled = True
@@ -222,30 +258,40 @@ class DynamicBatcher:
             self.condition.notify_all()
         return items
 
-    @staticmethod
-    def _gather(items: Sequence[_Item], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        return outputs[0] if len(outputs) == 1 else torch.cat(list(outputs), dim=0)
-
     def _cancel(self, items: Sequence[_Item]) -> None:
         """The caller gave up: free the queue slots of whatever no worker has taken yet."""
         with self.condition:
             for item in items:
                 if item.future.cancel():
+                    queue = self._background if item.background else self._items
                     try:
-                        self._items.remove(item)
+                        queue.remove(item)
                     except ValueError:
                         continue
-                    self._pending -= item.size
+                    self._dequeued(item)
+
+    def _dequeued(self, item: _Item) -> None:
+        """Bookkeeping for an item that left its queue (lock held)."""
+        if item.background:
+            self._background_pending -= item.size
+        else:
+            self._pending -= item.size
 
     def submit_sync(
-        self, crops: torch.Tensor, timeout_s: float | None = None, arrival: Arrival | None = None
+        self,
+        crops: torch.Tensor,
+        timeout_s: float | None = None,
+        arrival: Arrival | None = None,
+        background: bool = False,
     ) -> torch.Tensor:
-        """Queue ``crops`` and block until their outputs arrive (for threads, e.g. gRPC)."""
+        """Queue ``crops`` and block until their outputs arrive (for threads: evaluation jobs, tests).
+
+        ``background``: yield to live requests (see the module docstring)."""
         if crops.shape[0] == 0:
             if arrival is not None:
                 arrival.settle()
             return crops.new_zeros((0,))
-        items = self._enqueue(crops, timeout_s, arrival)
+        items = self._enqueue(crops, timeout_s, arrival, background)
         outputs = []
         try:
             for item in items:
@@ -257,7 +303,7 @@ class DynamicBatcher:
         except BaseException:
             self._cancel(items)
             raise
-        return self._gather(items, outputs)
+        return _concat(outputs)
 
     async def submit(
         self, crops: torch.Tensor, timeout_s: float | None = None, arrival: Arrival | None = None
@@ -281,50 +327,54 @@ class DynamicBatcher:
             self._cancel(items)
             gathered.add_done_callback(_retrieve_exception)
             raise
-        return self._gather(items, outputs)
+        return _concat(outputs)
 
     def close(self) -> None:
         """Refuse new submissions and fail the queued ones."""
         with self.condition:
             self._closed = True
-            items = list(self._items)
+            items = [*self._items, *self._background]
             self._items.clear()
-            self._pending = 0
+            self._background.clear()
+            self._pending = self._background_pending = 0
             self.condition.notify_all()
         for item in items:
             _set_exception(item.future, BatcherClosed(f"batcher {self.name!r} closed"))
 
     # ---------------------------------------------------------------- workers
     def _drop_dead_head(self, now: float) -> None:
-        """Drop cancelled or expired items at the head of the queue (lock held)."""
-        while self._items:
-            head = self._items[0]
-            if head.future.cancelled():
-                pass
-            elif head.deadline <= now:
-                self.expired += 1
-                _set_exception(head.future, DeadlineExceeded(f"request expired in the queue of {self.name!r}"))
-            else:
-                return
-            self._items.popleft()
-            self._pending -= head.size
+        """Drop cancelled or expired items at the heads of the queues (lock held)."""
+        for queue in (self._items, self._background):
+            while queue:
+                head = queue[0]
+                if head.future.cancelled():
+                    pass
+                elif head.deadline <= now:
+                    self.expired += 1
+                    _set_exception(head.future, DeadlineExceeded(f"request expired in the queue of {self.name!r}"))
+                else:
+                    break
+                queue.popleft()
+                self._dequeued(head)
 
     def _due_in(self, now: float, free_since: float) -> float | None:
         """Seconds until a batch is due for a worker free since ``free_since``; 0 = now; None = queue
         empty (lock held)."""
         self._drop_dead_head(now)
-        if not self._items:
+        if not self._items and not self._background:
             return None
-        if self._pending >= self.max_batch_size:
+        queued = self._pending + self._background_pending
+        if queued >= self.max_batch_size:
             return 0.0
         if self._running:
             # Other workers are busy: once this worker's fair share of the crops in the system
             # is queued, go (two workers at c/2 each beat one at c and an idle one).
             workers = self._free_workers + self._running_batches
-            share = -(-(self._pending + self._incoming + self._running) // max(workers, 1))
-            if self._pending >= min(share, self.max_batch_size):
+            share = -(-(queued + self._incoming + self._running) // max(workers, 1))
+            if queued >= min(share, self.max_batch_size):
                 return 0.0
-        due = max(self._items[0].enqueued, free_since) + self.max_fill_s
+        oldest = min(q[0].enqueued for q in (self._items, self._background) if q)
+        due = max(oldest, free_since) + self.max_fill_s
         if not self._incoming:  # nothing on its way: wait only for max_delay of quiet
             due = min(due, max(self._last_arrival, free_since) + self.max_delay_s)
         return max(0.0, due - now)
@@ -335,23 +385,25 @@ class DynamicBatcher:
         With several workers free, a large backlog is shared: this worker takes its part
         (at least ``SPLIT_MIN`` crops each) and leaves the rest to the others."""
         limit = self.max_batch_size
-        if self._free_workers > 1 and self._pending >= SPLIT_MIN * self._free_workers:
-            limit = min(limit, -(-self._pending // self._free_workers))
+        queued = self._pending + self._background_pending
+        if self._free_workers > 1 and queued >= SPLIT_MIN * self._free_workers:
+            limit = min(limit, -(-queued // self._free_workers))
         taken: list[_Item] = []
         total = 0
-        oldest = self._items[0].enqueued if self._items else now
-        while self._items and (not taken or total + self._items[0].size <= limit) and \
-                total + self._items[0].size <= self.max_batch_size:
-            item = self._items.popleft()
-            self._pending -= item.size
-            if item.deadline <= now and not item.future.cancelled():
-                self.expired += 1
-                _set_exception(item.future, DeadlineExceeded(f"request expired in the queue of {self.name!r}"))
-                continue
-            if not item.future.set_running_or_notify_cancel():
-                continue  # the caller gave up
-            taken.append(item)
-            total += item.size
+        oldest = min((q[0].enqueued for q in (self._items, self._background) if q), default=now)
+        for queue in (self._items, self._background):  # live crops first; background ones fill the rest
+            while queue and (not taken or total + queue[0].size <= limit) and \
+                    total + queue[0].size <= self.max_batch_size:
+                item = queue.popleft()
+                self._dequeued(item)
+                if item.deadline <= now and not item.future.cancelled():
+                    self.expired += 1
+                    _set_exception(item.future, DeadlineExceeded(f"request expired in the queue of {self.name!r}"))
+                    continue
+                if not item.future.set_running_or_notify_cancel():
+                    continue  # the caller gave up
+                taken.append(item)
+                total += item.size
         if not taken:
             return None
         self._running += total
@@ -361,6 +413,11 @@ class DynamicBatcher:
     def next_batch(self, timeout_s: float) -> Batch | None:
         """Wait up to ``timeout_s`` for a batch of this batcher alone."""
         return wait_for_batch([self], timeout_s)
+
+
+def _concat(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One submission's outputs, from its chunks in order."""
+    return outputs[0] if len(outputs) == 1 else torch.cat(list(outputs), dim=0)
 
 
 _rotation = itertools.count()

@@ -1,20 +1,21 @@
-"""Turning a served model into ``infer(batch) -> heatmaps`` for one device.
+"""``infer(crops) -> heatmaps`` callables: a model's engine on one device, or a pool's batcher.
 
-The worker pool only needs a callable; this factory picks the project's optimised
-``model.engine.InferenceEngine`` when it is available and otherwise runs the plain module
-under ``torch.inference_mode``.
+The worker pool only needs a callable per model and device (:func:`make_infer`: the project's
+optimised :class:`~ditepose.model.engine.InferenceEngine`, or its engine in a child process).
+:class:`BatcherInfer` is the other way round: an ``infer`` for the evaluation loop that sends
+the crops through a pool's batcher as background work, so an evaluation job is batched with
+(and yields to) live requests instead of competing with them for the cores.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from ditepose.service.batching.batcher import DynamicBatcher
 
 InferFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -25,33 +26,15 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-class TorchInfer:
-    """Eager forward pass of a module on one device; returns fp32 CPU heatmaps."""
-
-    def __init__(self, module: nn.Module, device: str, precision: str = "fp32") -> None:
-        self.device = torch.device(device)
-        self.precision = precision
-        self.module = module.to(self.device).eval()
-        self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            batch = batch.to(self.device, non_blocking=True)
-            if self._dtype is not None:
-                with torch.autocast(self.device.type, dtype=self._dtype):
-                    out = self.module(batch)
-            else:
-                out = self.module(batch)
-            return out.float().cpu()
-
-
 def make_infer(
     module: nn.Module, device: str, precision: str = "auto", process: bool = False, threads: int | None = None
 ) -> InferFn:
     """Build the infer callable of ``module`` on ``device`` (the module is copied off the CPU).
 
-    ``process``: on CPU, the optimised engine runs in a child process (``model.process_engine``)
+    ``process``: on CPU, the optimised engine runs in a child process (``ditepose.model.process_engine``)
     with ``threads`` torch threads (default 1)."""
+    from ditepose.model.engine import InferenceEngine
+
     precision = resolve_precision(precision, device)
     if process and device.startswith("cpu"):
         from ditepose.model.process_engine import ProcessEngine
@@ -59,8 +42,15 @@ def make_infer(
         return ProcessEngine(module, threads=threads or 1)
     if not device.startswith("cpu"):
         module = copy.deepcopy(module)
-    try:
-        from ditepose.model.engine import InferenceEngine
-    except ImportError:
-        return TorchInfer(module, device, precision)
     return InferenceEngine(module, device, precision)
+
+
+class BatcherInfer:
+    """``infer(crops)`` through ``batcher`` as a background submission (blocks the calling thread)."""
+
+    def __init__(self, batcher: DynamicBatcher, timeout_s: float) -> None:
+        self.batcher = batcher
+        self.timeout_s = timeout_s
+
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.batcher.submit_sync(crops, self.timeout_s, background=True)

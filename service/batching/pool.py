@@ -1,8 +1,10 @@
 """Worker threads, one or more per device, each serving every model through its batcher.
 
-REST, gRPC and job workers share one :class:`WorkerPool`: they submit crops to
-``pool.batcher(model_name)`` and the workers run the batches. A worker whose forward pass
-raises fails only that batch (its callers get :class:`~service.batcher.InferenceFailed`)
+REST, gRPC and embedded evaluation jobs share one :class:`WorkerPool`: they submit crops to
+``pool.batcher(model_name)`` (jobs as background submissions, which yield to live requests)
+and the workers run the batches. A model can join a running pool and leave it again
+(:meth:`WorkerPool.add_model`), e.g. a checkpoint an evaluation job names. A worker whose forward pass
+raises fails only that batch (its callers get :class:`~ditepose.service.batching.batcher.InferenceFailed`)
 and keeps serving. A worker thread that dies anyway (a fault below Python's ``Exception``,
 e.g. ``SystemExit`` from a native extension wrapper) first fails its in-flight batch, then
 the pool's supervisor replaces it with a fresh thread on the same device.
@@ -32,8 +34,9 @@ class BatchObserver(Protocol):
     """Receives one call per batch run (used for Prometheus metrics)."""
 
     def observe_batch(
-        self, model: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool
-    ) -> None: ...
+        self, model: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool, background: int = 0
+    ) -> None:
+        """``background``: how many of the ``size`` crops came from evaluation jobs."""
 
 
 @dataclass
@@ -106,7 +109,8 @@ class Worker:
             self.state = "idle"
             free_since = time.monotonic()
             while not self._stop.is_set():
-                batch = wait_for_batch(self.batchers, self.poll_s, free_since)
+                # a snapshot: models may join or leave the pool between two waits
+                batch = wait_for_batch(list(self.batchers), self.poll_s, free_since)
                 if batch is not None:
                     self.state = "busy"
                     self._run_batch(batch)
@@ -144,7 +148,8 @@ class Worker:
         self.crops += size
         for observer in self.observers:
             try:
-                observer.observe_batch(model, self.device, size, infer_s, batch.queued_s, ok)
+                observer.observe_batch(model, self.device, size, infer_s, batch.queued_s, ok,
+                                       background=batch.background_size)
             except Exception:  # metrics must never take a worker down
                 log.exception("batch observer failed")
 
@@ -168,8 +173,6 @@ class WorkerPool:
         torch_threads: int | None = None,
         worker_processes: bool = False,
     ) -> None:
-        if not models:
-            raise ValueError("a worker pool needs at least one model")
         if not devices:
             raise ValueError("a worker pool needs at least one device")
         self.models: dict[str, LoadedModel] = {m.name: m for m in models}
@@ -182,18 +185,13 @@ class WorkerPool:
         self._infer_factory = infer_factory or (
             lambda m, device: make_infer(m.module, device, precision, process=worker_processes, threads=torch_threads)
         )
+        self.extra_models: dict[str, LoadedModel] = {}  # in the pool but not served (evaluation jobs)
+        self.max_batch_size = max_batch_size
+        self.max_delay_ms = max_delay_ms
+        self.queue_size = queue_size
+        self.timeout_s = timeout_s
         self.condition = threading.Condition()
-        self.batchers: dict[str, DynamicBatcher] = {
-            name: DynamicBatcher(
-                name,
-                max_batch_size=max_batch_size,
-                max_delay_ms=max_delay_ms,
-                queue_size=queue_size,
-                default_timeout_s=timeout_s,
-                condition=self.condition,
-            )
-            for name in self.models
-        }
+        self.batchers: dict[str, DynamicBatcher] = {name: self._new_batcher(name) for name in self.models}
         self.workers: list[Worker] = []
         self.failed_models: dict[str, str] = {}  # name -> why it was not loaded
         self.restarts = 0
@@ -233,10 +231,9 @@ class WorkerPool:
             raise RuntimeError("a stopped pool cannot be restarted")
         for device in self.devices:
             def build(device: str = device) -> dict[str, InferFn]:
-                return {name: self._infer_factory(m, device) for name, m in self.models.items()}
+                return {name: self._infer_factory(m, device) for name, m in {**self.models, **self.extra_models}.items()}
 
-            # the workers of a device share its engines, except engine processes (one batch at a time)
-            shared = None if self.worker_processes and device.startswith("cpu") else build()
+            shared = None if self._per_worker_engines(device) else build()
             for index in range(self.workers_per_device):
                 infers = shared if shared is not None else build()
                 self.workers.append(self._new_worker(f"{device}/{index}", device, infers))
@@ -281,19 +278,66 @@ class WorkerPool:
         deadline = time.monotonic() + timeout_s
         for worker in self.workers:
             worker.join(max(0.0, deadline - time.monotonic()))
-        closed: set[int] = set()
-        for worker in self.workers:  # engine processes (worker_processes) end with the pool
-            for infer in worker.infers.values():
-                close = getattr(infer, "close", None)
-                if close is not None and id(infer) not in closed:
-                    closed.add(id(infer))
-                    close()
+        _close_engines([infer for worker in self.workers for infer in worker.infers.values()])
 
     def __enter__(self) -> WorkerPool:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def add_model(self, model: LoadedModel, served: bool = True) -> DynamicBatcher:
+        """Serve ``model`` from now on, on every device and worker; returns its batcher.
+
+        ``served=False`` keeps it out of :attr:`models` (what clients see), for a checkpoint
+        that only an evaluation job uses; :meth:`remove_model` takes it out again."""
+        if model.name in self.batchers:
+            raise ValueError(f"the pool already has a model named {model.name!r}")
+        batcher = self._new_batcher(model.name)
+        infers: dict[str, InferFn] = {}
+        for worker in self.workers:
+            key = worker.device if not self._per_worker_engines(worker.device) else worker.name
+            if key not in infers:
+                infers[key] = self._infer_factory(model, worker.device)
+        with self.condition:
+            for worker in self.workers:
+                key = worker.device if not self._per_worker_engines(worker.device) else worker.name
+                worker.infers[model.name] = infers[key]
+                worker.batchers.append(batcher)
+            self.batchers[model.name] = batcher
+            (self.models if served else self.extra_models)[model.name] = model
+            self.condition.notify_all()
+        return batcher
+
+    def remove_model(self, name: str) -> None:
+        """Stop serving ``name``: its queued crops fail with BatcherClosed, its engines are closed."""
+        with self.condition:
+            batcher = self.batchers.pop(name)
+            self.models.pop(name, None)
+            self.extra_models.pop(name, None)
+            infers = []
+            for worker in self.workers:
+                if batcher in worker.batchers:
+                    worker.batchers.remove(batcher)
+                infer = worker.infers.pop(name, None)
+                if infer is not None:
+                    infers.append(infer)
+        batcher.close()
+        _close_engines(infers)
+
+    def _per_worker_engines(self, device: str) -> bool:
+        """Engine processes run one batch at a time: each worker has its own; others share the device's."""
+        return self.worker_processes and device.startswith("cpu")
+
+    def _new_batcher(self, name: str) -> DynamicBatcher:
+        return DynamicBatcher(
+            name,
+            max_batch_size=self.max_batch_size,
+            max_delay_ms=self.max_delay_ms,
+            queue_size=self.queue_size,
+            default_timeout_s=self.timeout_s,
+            condition=self.condition,
+        )
 
     def add_observer(self, observer: BatchObserver) -> None:
         """Also report every batch to ``observer`` (e.g. a second front-end's metrics)."""
@@ -304,6 +348,10 @@ class WorkerPool:
         """The batcher of ``model``; KeyError for an unknown name."""
         return self.batchers[model]
 
+    def model(self, name: str) -> LoadedModel:
+        """A model in the pool, served or not; KeyError for an unknown name."""
+        return self.models[name] if name in self.models else self.extra_models[name]
+
     def worker_status(self) -> list[WorkerStatus]:
         return [worker.status() for worker in self.workers]
 
@@ -313,3 +361,13 @@ class WorkerPool:
 
     def queue_depths(self) -> dict[str, int]:
         return {name: b.depth for name, b in self.batchers.items()}
+
+
+def _close_engines(infers: Sequence[InferFn]) -> None:
+    """Close each distinct engine that holds resources (engine processes end with their model)."""
+    closed: set[int] = set()
+    for infer in infers:
+        close = getattr(infer, "close", None)
+        if close is not None and id(infer) not in closed:
+            closed.add(id(infer))
+            close()

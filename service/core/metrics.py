@@ -150,7 +150,7 @@ class AdmissionCollector(Collector):
 
 
 class ServiceMetrics:
-    """Metric objects of one app; also the pool's :class:`~service.pool.BatchObserver`."""
+    """Metric objects of one app; also the pool's :class:`~ditepose.service.batching.pool.BatchObserver`."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -174,6 +174,10 @@ class ServiceMetrics:
             "ditepose_queue_wait_seconds", "Time the oldest crop of a batch waited for a worker", ["model"],
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.background_crops = Counter(
+            "ditepose_background_crops", "Crops of embedded evaluation jobs run in the serving batches", ["model"],
+            registry=self.registry,
+        )
         self.batch_errors = Counter(
             "ditepose_batch_errors", "Batches whose inference raised", ["model", "device"], registry=self.registry
         )
@@ -191,9 +195,11 @@ class ServiceMetrics:
         self.registry.register(AdmissionCollector(admission))
 
     def observe_batch(
-        self, model: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool
+        self, model: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool, background: int = 0
     ) -> None:
         self.batch_size.labels(model, device).observe(size)
+        if background:
+            self.background_crops.labels(model).inc(background)
         self.inference.labels(model, device).observe(infer_s)
         self.queue_wait.labels(model).observe(queued_s)
         if not ok:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
+import torch
 
 from ditepose.model.transforms import PIXEL_STD, box_to_center_scale
+from ditepose.service.batching.batcher import DynamicBatcher, Overloaded
 from tests.service.conftest import encode, figure_image, post_pose
+from tests.service.jobs.support import wait_for
 
 
 def _batch_histogram(metrics: str, model_name: str) -> tuple[float, float]:
@@ -73,3 +78,33 @@ def test_large_request_is_split_into_max_batch_chunks(server):
         response = post_pose(client, png, boxes=boxes, model="hrnet18")
     assert response.status_code == 200, response.text
     assert [p["bbox"] for p in response.json()["persons"]] == boxes
+
+
+def test_background_crops_fill_batches_after_live_ones_and_are_never_shed() -> None:
+    batcher = DynamicBatcher("m", max_batch_size=4, max_delay_ms=1.0, queue_size=2, default_timeout_s=30.0)
+    results: dict[str, torch.Tensor] = {}
+
+    def submit(name: str, count: int, background: bool) -> None:
+        results[name] = batcher.submit_sync(torch.full((count, 1, 1, 1), float(len(name))), background=background)
+
+    job = threading.Thread(target=submit, args=("job", 6, True))
+    job.start()
+    wait_for(lambda: batcher.background_depth == 6, timeout=10, what="the background crops to queue")
+    live = threading.Thread(target=submit, args=("li", 2, False))
+    live.start()
+    wait_for(lambda: batcher.depth == 2, timeout=10, what="the live crops to queue")
+    # the live queue is full (2 of 2): live requests are shed, background work is not counted
+    with pytest.raises(Overloaded):
+        batcher.check_admission()
+    first = batcher.next_batch(1.0)
+    assert [item.background for item in first.items] == [False, True, True]  # live first, background fills up
+    assert (first.size, first.background_size) == (4, 2)
+    first.complete(first.tensor() * 10)
+    second = batcher.next_batch(1.0)
+    assert (second.size, second.background_size) == (4, 4)
+    second.complete(second.tensor() * 10)
+    live.join(10)
+    job.join(10)
+    assert results["li"].flatten().tolist() == [20.0, 20.0]
+    assert results["job"].flatten().tolist() == [30.0] * 6
+    assert batcher.rejected == 1
