@@ -3,7 +3,7 @@
 Shared by the inference pipeline (duplicate suppression), evaluation and tracking so the
 formula lives in one place. Two conventions exist and both are here:
 
-* :func:`oks_matrix` / :func:`oks_nms` follow mmpose 0.16 ``oks_iou``/``oks_nms`` (the
+* :func:`oks_matrix` / :func:`oks_nms_indices` follow mmpose 0.16 ``oks_iou``/``oks_nms`` (the
   area is the mean of the two poses' areas), as used by mmpose's COCO evaluation;
 * :func:`coco_oks` follows pycocotools ``computeOks`` (ground-truth area and
   visibility; unlabelled ground truth falls back to the distance to its box).
@@ -56,7 +56,7 @@ def oks_matrix(
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
-def oks_nms(
+def oks_nms_indices(
     kpts: np.ndarray,
     scores: Sequence[float] | np.ndarray,
     areas: Sequence[float] | np.ndarray,

@@ -18,7 +18,7 @@ import torch
 
 from ditepose.model.codec import decode_heatmaps, flip_test_merge, normalize_decoder
 from ditepose.model.keypoints import COCO, KeypointSpec
-from ditepose.model.oks import oks_nms as _oks_nms_indices
+from ditepose.model.oks import oks_nms_indices
 from ditepose.model.transforms import PIXEL_STD, box_to_center_scale, get_affine_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -155,6 +155,11 @@ class TopDownPipeline:
             np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)], np.float32)
         ).view(1, 3, 1, 1)
 
+    @property
+    def heatmap_shape(self) -> tuple[int, int, int]:
+        """(K, H/4, W/4): the network's output per crop."""
+        return (self.spec.num_joints, self.input_size_wh[1] // 4, self.input_size_wh[0] // 4)
+
     def prepare(
         self,
         image_rgb: np.ndarray,
@@ -165,14 +170,34 @@ class TopDownPipeline:
         img = _check_image(image_rgb)
         height, width = img.shape[:2]
         boxes, scores = _check_boxes(boxes_xywh, box_scores, width, height)
-        n = len(boxes)
-        in_w, in_h = self.input_size_wh
-        centers = np.zeros((n, 2), np.float32)
-        scales = np.zeros((n, 2), np.float32)
-        copies = 2 if self.flip_test else 1
-        raw = np.empty((copies * n, in_h, in_w, 3), np.uint8)
+        centers = np.zeros((len(boxes), 2), np.float32)
+        scales = np.zeros((len(boxes), 2), np.float32)
         for i, box in enumerate(boxes):
             centers[i], scales[i] = box_to_center_scale(box, self._aspect, self.padding)
+        return self._crop(img, centers, scales, boxes, scores)
+
+    def prepare_center_scale(
+        self, image_rgb: np.ndarray, centers: np.ndarray, scales: np.ndarray, box_scores: np.ndarray | None = None
+    ) -> PreparedBatch:
+        """Crop persons given as mmpose centres [N, 2] and scales [N, 2] (the datasets' records).
+
+        Their ``boxes_xywh`` are the unpadded boxes those crops stand for."""
+        img = _check_image(image_rgb)
+        centers = np.asarray(centers, np.float32).reshape(-1, 2)
+        scales = np.asarray(scales, np.float32).reshape(-1, 2)
+        sizes = scales * PIXEL_STD / self.padding
+        boxes = np.concatenate([centers - sizes / 2, sizes], axis=1).astype(np.float32)
+        scores = np.ones(len(centers), np.float32) if box_scores is None else np.asarray(box_scores, np.float32)
+        return self._crop(img, centers, scales, boxes, scores)
+
+    def _crop(
+        self, img: np.ndarray, centers: np.ndarray, scales: np.ndarray, boxes: np.ndarray, scores: np.ndarray
+    ) -> PreparedBatch:
+        n = len(centers)
+        in_w, in_h = self.input_size_wh
+        copies = 2 if self.flip_test else 1
+        raw = np.empty((copies * n, in_h, in_w, 3), np.uint8)
+        for i in range(n):
             mat = get_affine_transform(centers[i], scales[i], 0.0, self.input_size_wh)
             cv2.warpAffine(img, mat, (in_w, in_h), dst=raw[i], flags=cv2.INTER_LINEAR)
             if copies == 2:  # mirrored crop for the flip test (cv2.flip: ~70x faster than numpy's ::-1)
@@ -225,8 +250,25 @@ def oks_nms(persons: Sequence[PersonPose], thr: float = 0.9, sigmas: Sequence[fl
     if sigmas is None:
         raise ValueError(f"no default OKS sigmas for {kpts.shape[1]} joints; pass sigmas")
     areas = [p.area if p.area > 0 else float(p.bbox_xywh[2] * p.bbox_xywh[3]) for p in persons]
-    keep = _oks_nms_indices(kpts, [p.score for p in persons], areas, thr, sigmas)
+    keep = oks_nms_indices(kpts, [p.score for p in persons], areas, thr, sigmas)
     return [persons[i] for i in keep]
+
+
+def infer_in_batches(
+    infer: Callable[[torch.Tensor], torch.Tensor],
+    crops: torch.Tensor,
+    batch_size: int,
+    heatmap_shape: tuple[int, int, int],
+) -> torch.Tensor:
+    """Heatmaps [P, K, H/4, W/4] (fp32, CPU) of crops [P, 3, H, W], ``batch_size`` crops per call.
+
+    The one batched inference loop: the estimator, the evaluation loop and the jobs use it.
+    ``heatmap_shape`` (K, H/4, W/4) shapes the empty answer for zero crops."""
+    if len(crops) == 0:
+        return torch.zeros(0, *heatmap_shape)
+    with torch.inference_mode():
+        parts = [infer(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
+        return torch.cat([torch.as_tensor(p).to("cpu", torch.float32) for p in parts])
 
 
 def module_infer(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -292,12 +334,7 @@ class PoseEstimator:
 
     def run_network(self, crops: torch.Tensor) -> torch.Tensor:
         """Heatmaps for all crops, ``batch_size`` at a time, on the CPU."""
-        if len(crops) == 0:
-            out_w, out_h = self.pipeline.input_size_wh[0] // 4, self.pipeline.input_size_wh[1] // 4
-            return torch.zeros(0, self.spec.num_joints, out_h, out_w)
-        with torch.inference_mode():
-            parts = [self.infer(crops[i : i + self.batch_size]) for i in range(0, len(crops), self.batch_size)]
-            return torch.cat([torch.as_tensor(p).to("cpu", torch.float32) for p in parts])
+        return infer_in_batches(self.infer, crops, self.batch_size, self.pipeline.heatmap_shape)
 
     def predict(
         self,

@@ -63,9 +63,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from ditepose.model import load_pose_model
+    from ditepose.model.pipeline import module_infer
     from ditepose.training.data_layout import find_split
     from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset
-    from ditepose.training.evaluate import predict, score
+    from ditepose.training.evaluate import pipeline_for, predict, score
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_pose_model(args.checkpoint, map_location=device)
@@ -84,8 +85,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         ds = MpiiKeypointDataset(ann, img_dir, meta.input_size, train=False)
         gt = args.gt or (layout.gt_file if layout else None)
-    preds = predict(model, ds, batch_size=args.batch_size, device=device, flip=not args.no_flip,
-                    decoder=args.decoder)
+    preds = predict(module_infer(model), ds, pipeline_for(ds, not args.no_flip, args.decoder), args.batch_size)
     table = score(ds, preds, gt)
     plots: list[str] = []
     if args.plots:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ditepose.model.keypoints import COCO
-from ditepose.model.oks import oks_nms
+from ditepose.model.oks import oks_nms_indices
 
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
@@ -66,7 +66,7 @@ def rescore_and_nms(
             kpt_score = float(joint_scores[valid].sum() / valid.sum()) if valid.any() else 0.0
             person["score"] = kpt_score * person["box_score"]
         if use_nms:
-            keep = oks_nms(np.stack([p["keypoints"] for p in people]), [p["score"] for p in people],
+            keep = oks_nms_indices(np.stack([p["keypoints"] for p in people]), [p["score"] for p in people],
                            [p["area"] for p in people], oks_thr, sigmas)
         else:
             keep = np.arange(len(people))

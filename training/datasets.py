@@ -88,6 +88,7 @@ class CocoKeypointDataset(TopDownDataset):
         det_score_thr: float = 0.0,
         seed: int = 0,
         max_people: int | None = None,
+        max_images: int | None = None,
     ) -> None:
         super().__init__(input_size_wh, train, recipe, seed)
         from pycocotools.coco import COCO as CocoApi
@@ -117,6 +118,12 @@ class CocoKeypointDataset(TopDownDataset):
                 keep += 1
             self.records = self.records[:keep]
             self.eval_image_ids = sorted({r["image_id"] for r in self.records})
+        if max_images is not None:
+            # The first images (by id) that have persons; scored on those images only.
+            keep_ids = sorted({r["image_id"] for r in self.records})[:max_images]
+            kept = set(keep_ids)
+            self.records = [r for r in self.records if r["image_id"] in kept]
+            self.eval_image_ids = keep_ids
 
     def _center_scale(self, box: list[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         _x, _y, w, h = box

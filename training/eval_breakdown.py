@@ -71,7 +71,7 @@ def coco_breakdown(
     Ground truth: non-crowd people with labelled keypoints. Each is matched one-to-one to a
     prediction of its image by OKS; a joint counts as correct when its keypoint similarity
     ``exp(-d^2 / (2 area (2 sigma)^2))`` reaches ``ks_thr`` (0.5 ~ the AP50 tolerance per joint).
-    Predictions: ``{image_id, keypoints: K x [x, y, score]}`` as ``training.evaluate.predict`` makes.
+    Predictions: ``{image_id, keypoints: K x [x, y, score]}`` as ``ditepose.training.evaluate.predict`` makes.
     """
     gt = _load_coco(coco_gt)
     sigmas = spec.sigmas_array()

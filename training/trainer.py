@@ -25,10 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ditepose.model import CheckpointMeta, build_model, save_checkpoint
+from ditepose.model.pipeline import module_infer
 from ditepose.training.config import TrainConfig
 from ditepose.training.data_layout import find_split
 from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset, TopDownDataset
-from ditepose.training.evaluate import predict, primary_metric, score
+from ditepose.training.evaluate import pipeline_for, predict, primary_metric, score
 from ditepose.training.logs import MetricsLogger
 from ditepose.training.loss import JointsMSELoss
 
@@ -238,8 +239,13 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.val_set is None:
             return {}
-        preds = predict(self.eval_module(), self.val_set, batch_size=self.cfg.batch_size, device=self.device,
-                        flip=self.cfg.flip_test, decoder=self.cfg.decoder)
+        module = self.eval_module()
+        was_training = module.training
+        try:
+            preds = predict(module_infer(module), self.val_set,
+                            pipeline_for(self.val_set, self.cfg.flip_test, self.cfg.decoder), self.cfg.batch_size)
+        finally:
+            module.train(was_training)
         return score(self.val_set, preds, self.val_gt)
 
     def _after_epoch(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ditepose.model.keypoints import COCO
-from ditepose.model.oks import coco_oks, oks_matrix, oks_nms
+from ditepose.model.oks import coco_oks, oks_matrix, oks_nms_indices
 
 
 def _pose(rng: np.random.Generator) -> np.ndarray:
@@ -31,9 +31,9 @@ def test_oks_nms_keeps_distinct_and_best() -> None:
     rng = np.random.default_rng(1)
     p = _pose(rng)
     kpts = np.stack([p, p + np.array([0.5, 0.5, 0]), p + np.array([150, 0, 0])])
-    keep = oks_nms(kpts, [0.5, 0.9, 0.3], [5000] * 3, thr=0.9, sigmas=COCO.sigmas)
+    keep = oks_nms_indices(kpts, [0.5, 0.9, 0.3], [5000] * 3, thr=0.9, sigmas=COCO.sigmas)
     np.testing.assert_array_equal(keep, [1, 2])
-    assert len(oks_nms(np.zeros((0, 17, 3)), [], [], 0.9, COCO.sigmas)) == 0
+    assert len(oks_nms_indices(np.zeros((0, 17, 3)), [], [], 0.9, COCO.sigmas)) == 0
 
 
 def test_coco_oks_matches_pycocotools() -> None:
