@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import re
 import sys
@@ -40,23 +39,15 @@ class SettingsSource:
 
 
 SOURCES = (
-    SettingsSource("ditepose.service.core.settings", "Settings", "`ditepose serve` (REST, gRPC, inference pool)"),
-    SettingsSource("ditepose.service.jobs.config", "JobSettings", "`ditepose worker` and the API's `/v1/evaluate` routes"),
+    SettingsSource("ditepose.service.core.settings", "Settings",
+                   "`ditepose serve` (REST, gRPC, the worker pool, embedded jobs) and `ditepose worker` (Celery "
+                   "evaluation workers)"),
 )
 
 
 def available_sources() -> list[tuple[SettingsSource, type[BaseModel]]]:
-    """The settings classes present in this checkout (the jobs module may be absent)."""
-    found = []
-    for source in SOURCES:
-        if importlib.util.find_spec(source.module.rsplit(".", 1)[0]) is None:
-            continue
-        try:
-            module = importlib.import_module(source.module)
-        except ModuleNotFoundError:
-            continue
-        found.append((source, getattr(module, source.cls)))
-    return found
+    """The settings classes with their sources."""
+    return [(source, getattr(importlib.import_module(source.module), source.cls)) for source in SOURCES]
 
 
 def env_vars() -> dict[str, list[str]]:
@@ -181,5 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

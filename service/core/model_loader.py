@@ -1,4 +1,8 @@
-"""Loading the served models from :class:`~service.settings.ModelSpec` entries."""
+"""The one model loader: a :class:`~ditepose.service.core.settings.ModelSpec` -> :class:`LoadedModel`.
+
+Served models and the models of evaluation jobs (a served name, or a checkpoint of the
+checkpoint folder) load here, so a job scores exactly what the service serves.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ditepose.model.checkpoint import DEFAULT_INPUT_SIZE
@@ -87,7 +92,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         )
         dataset = spec.dataset
         num_joints = get_keypoint_spec(dataset).num_joints
-        module = models.build_model(spec.arch, num_joints=num_joints)
+        with torch.random.fork_rng():  # the same random weights in every process (API, job workers)
+            torch.manual_seed(0)
+            module = models.build_model(spec.arch, num_joints=num_joints)
         size = spec.input_size or DEFAULT_INPUT_SIZE[dataset]
         arch, input_size, extra, demo, checkpoint = spec.arch, (int(size[0]), int(size[1])), {}, True, None
     module.check_input_size(input_size[1], input_size[0])

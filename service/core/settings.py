@@ -1,7 +1,10 @@
-"""Service configuration: one pydantic-settings object read from ``DITEPOSE_*`` variables.
+"""The one configuration of DitePose: a pydantic-settings object read from ``DITEPOSE_*`` variables.
 
-REST, gRPC and the job workers all take the same :class:`Settings`, so a deployment is
-described once (environment, ``.env`` file or constructor arguments in tests).
+``ditepose serve`` (REST, gRPC, the worker pool, embedded jobs) and ``ditepose worker`` (the
+Celery evaluation workers) read the same :class:`Settings`, so a deployment is described once
+(environment, ``.env`` file or constructor arguments in tests) and a name means one thing
+everywhere: ``redis_url`` is the job queue for both, ``devices`` and ``torch_threads`` lay out
+the inference pool wherever one runs. The fields come in two sections, serving and jobs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,26 @@ class ModelSpec(BaseModel):
         description="Network input (W, H), e.g. [288, 384] for an authors' 384x288 checkpoint. None: from the "
         "checkpoint's metadata, else the dataset's default (192x256 COCO, 256x256 MPII).",
     )
+
+
+class DatasetSpec(BaseModel):
+    """One evaluation set on the server's disk; clients only ever name it."""
+
+    format: Literal["coco", "mpii"] = Field(description="'coco' (person keypoints json) or 'mpii' (mmpose json).")
+    ann_file: Path = Field(description="COCO annotation json, or mmpose's MPII annotation json.")
+    img_dir: Path = Field(description="Folder holding the images the annotations name.")
+    det_file: Path | None = Field(
+        default=None, description="COCO only: person detections json (needed for use_gt_boxes=false)."
+    )
+    gt_file: Path | None = Field(default=None, description="MPII only: ground truth (.json/.npz/.mat) for PCKh.")
+
+    @model_validator(mode="after")
+    def _check_format(self) -> DatasetSpec:
+        if self.format == "mpii" and self.gt_file is None:
+            raise ValueError("an MPII dataset needs gt_file (mpii_gt_val.json/.npz/.mat) for PCKh")
+        if self.format == "mpii" and self.det_file is not None:
+            raise ValueError("det_file is for COCO datasets only")
+        return self
 
 
 def _default_models() -> list[ModelSpec]:
@@ -101,7 +124,9 @@ class Settings(BaseSettings):
     )
     api_key_file: Path | None = Field(default=None, description="File holding the API key (first line).")
     redis_url: str | None = Field(
-        default=None, description="Redis for the job queue; None = embedded mode (no jobs broker)."
+        default=None,
+        description="Redis for the evaluation jobs (broker, results, job records); None = embedded mode: jobs "
+        "run on threads of the API process, their crops batched by the serving pool.",
     )
     torch_threads: int | None = Field(
         default=None,
@@ -116,6 +141,49 @@ class Settings(BaseSettings):
         "CPUs at small batches; costs a few seconds of start-up and one model copy per worker.",
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429 (queue full or too many requests in flight).")
+
+    # ---------------------------------------------------------------- evaluation jobs
+    datasets: dict[str, DatasetSpec] = Field(
+        default_factory=dict,
+        description='Evaluation sets by name, as JSON: {"coco-val": {"format": "coco", "ann_file": ..., '
+        '"img_dir": ...}}.',
+    )
+    datasets_file: Path | None = Field(default=None, description="JSON file with more datasets in the same shape.")
+    demo_dataset: bool = Field(
+        default=True,
+        description="Offer the built-in 'demo-synthetic' COCO-format set (8 synthetic images, made under "
+        "jobs_dir on first use), so /v1/evaluate works out of the box.",
+    )
+    checkpoint_dir: Path | None = Field(
+        default=None, description="Folder whose checkpoint files (.pth/.pt) jobs may name by file name."
+    )
+    jobs_dir: Path = Field(
+        default=Path("var/jobs"), description="Where predictions files (and embedded-mode records) are written."
+    )
+    job_queue: str = Field(default="ditepose-eval", description="Celery queue of the evaluation tasks.")
+    embedded_workers: int = Field(default=1, ge=1, le=8, description="Evaluation threads in embedded mode.")
+    soft_time_limit_s: float = Field(default=3600.0, gt=0, description="A job running longer fails (checked per batch).")
+    hard_time_limit_s: float = Field(
+        default=3900.0, gt=0, description="Celery kills a task running longer (prefork pool only)."
+    )
+    visibility_timeout_s: int = Field(
+        default=4000, ge=1,
+        description="Redis broker: an unacknowledged task (its worker died) is redelivered after this long. "
+        "Keep it above hard_time_limit_s: a task still running past it is delivered again (the job's lease "
+        "keeps that copy waiting, but it costs a retry loop).",
+    )
+    lock_ttl_s: float = Field(
+        default=30.0, gt=0,
+        description="A running job's lease; renewed every batch. A job whose lease ran out may be taken over.",
+    )
+    redis_timeout_s: float = Field(default=2.0, gt=0, description="Socket timeout towards Redis.")
+    recent_jobs: int = Field(default=50, ge=1, le=1000, description="Jobs GET /v1/jobs lists (newest first).")
+
+    @model_validator(mode="after")
+    def _check_job_limits(self) -> Settings:
+        if self.hard_time_limit_s <= self.soft_time_limit_s:
+            raise ValueError("hard_time_limit_s must exceed soft_time_limit_s")
+        return self
 
     @field_validator("devices")
     @classmethod

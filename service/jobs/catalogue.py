@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from ditepose.service.jobs.config import DatasetSpec, JobSettings
+from ditepose.service.core.settings import DatasetSpec, Settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
@@ -70,7 +70,7 @@ class Dataset:
 
 
 class Catalogue:
-    """Datasets by name plus the checkpoint folder, both from :class:`JobSettings`."""
+    """Datasets by name plus the checkpoint folder, both from :class:`Settings`."""
 
     def __init__(self, datasets: dict[str, DatasetSpec], checkpoint_dir: Path | None = None) -> None:
         for name in datasets:
@@ -79,7 +79,7 @@ class Catalogue:
         self.checkpoint_dir = checkpoint_dir.resolve() if checkpoint_dir is not None else None
 
     @classmethod
-    def from_settings(cls, settings: JobSettings) -> Catalogue:
+    def from_settings(cls, settings: Settings) -> Catalogue:
         datasets = dict(settings.datasets)
         if settings.datasets_file is not None:
             path = settings.datasets_file

@@ -1,4 +1,7 @@
-"""Celery app of the evaluation jobs: Redis broker and result backend from :class:`JobSettings`.
+"""Celery app of the evaluation jobs: Redis broker and result backend from :class:`Settings`.
+
+Each worker process runs its jobs on a worker pool of its own (built after the prefork fork,
+on the configured ``devices``), through the same code as the API's embedded jobs.
 
 Delivery is at-least-once (``acks_late`` + ``task_reject_on_worker_lost``; a task whose worker
 vanished comes back after the broker's ``visibility_timeout``); :func:`run_job`'s lease and
@@ -17,14 +20,14 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init
 
-from ditepose.service.jobs.config import JobSettings
+from ditepose.service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "ditepose.evaluate"
 
 
-def celery_config(settings: JobSettings) -> dict[str, Any]:
+def celery_config(settings: Settings) -> dict[str, Any]:
     timeout = settings.redis_timeout_s
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
@@ -59,18 +62,26 @@ def celery_config(settings: JobSettings) -> dict[str, Any]:
 
 
 class _WorkerContext:
-    """Per-process store and metrics of a worker (built lazily: after the prefork fork)."""
+    """Per-process store, metrics and worker pool of a Celery worker (built lazily: after the prefork fork)."""
 
-    def __init__(self, settings: JobSettings) -> None:
+    def __init__(self, settings: Settings) -> None:
+        from ditepose.service.batching.pool import WorkerPool
         from ditepose.service.jobs.metrics import JobMetrics
         from ditepose.service.jobs.records import RedisJobStore
 
         assert settings.redis_url is not None
         self.store = RedisJobStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
         self.metrics = JobMetrics()
+        # No served models: each job adds its model for its run (model_in_pool). One inference
+        # worker per device; torch_threads as configured (None: torch's default).
+        self.pool = WorkerPool(
+            [], settings.resolved_devices(), max_batch_size=settings.max_batch_size,
+            max_delay_ms=settings.max_delay_ms, timeout_s=settings.soft_time_limit_s, workers_per_device=1,
+            precision=settings.precision, torch_threads=settings.torch_threads,
+        ).start()
 
 
-def make_celery(settings: JobSettings) -> Celery:
+def make_celery(settings: Settings) -> Celery:
     """The app the API publishes with and ``ditepose worker`` consumes with."""
     if not settings.redis_url:
         raise ValueError("the Celery job queue needs DITEPOSE_REDIS_URL (without it jobs run embedded)")
@@ -92,8 +103,8 @@ def make_celery(settings: JobSettings) -> Celery:
         ctx = context()
         try:
             outcome = run_job(
-                job_id, ctx.store, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
-                soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics, device=settings.device,
+                job_id, ctx.store, ctx.pool, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
+                soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics,
             )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             # Redis went away mid-job (e.g. a restart). Failing here would ack the message and leave

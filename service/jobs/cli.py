@@ -10,7 +10,7 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
         "worker",
         help="run a Celery worker for evaluation jobs (needs DITEPOSE_REDIS_URL)",
         description="Consume POST /v1/evaluate jobs from Redis. Datasets, checkpoint folder and "
-        "limits come from DITEPOSE_* variables (see service/jobs/config.py); run as many workers "
+        "limits come from DITEPOSE_* variables (docs/configuration.md); run as many workers "
         "as you like, on any machine that sees the same files.",
     )
     p.add_argument("--concurrency", type=int, default=1, help="jobs run in parallel by this worker (default 1)")
@@ -39,10 +39,10 @@ def _worker(args: argparse.Namespace) -> int:
         serve_worker_metrics(args.metrics_port, args.metrics_host)
         _sample_gpu_memory(args.pool)
 
+    from ditepose.service.core.settings import Settings
     from ditepose.service.jobs.celery_app import make_celery
-    from ditepose.service.jobs.config import JobSettings
 
-    settings = JobSettings()
+    settings = Settings()
     if settings.torch_threads:
         import torch
 

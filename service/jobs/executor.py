@@ -1,16 +1,20 @@
 """Where jobs run: Celery workers (Redis configured) or threads of the API process (embedded).
 
-Both call the same :func:`service.jobs.evaluation.run_job`, so a job behaves the same in
-either mode; only delivery differs.
+Both call the same :func:`~ditepose.service.jobs.evaluation.run_job`, so a job behaves the
+same in either mode; only delivery and the pool differ. Embedded jobs run on the serving
+pool (their crops batched with, and yielding to, live requests); a Celery worker process has
+a pool of its own (:mod:`ditepose.service.jobs.celery_app`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-from ditepose.service.jobs.config import JobSettings
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.settings import Settings
 from ditepose.service.jobs.evaluation import run_job
 from ditepose.service.jobs.records import JobStore
 
@@ -36,17 +40,22 @@ class ThreadExecutor:
 
     mode = "embedded"
 
-    def __init__(self, store: JobStore, settings: JobSettings, metrics: Any = None) -> None:
+    def __init__(
+        self, store: JobStore, settings: Settings, pool: Callable[[], WorkerPool | None], metrics: Any = None
+    ) -> None:
         self.store, self.settings, self.metrics = store, settings, metrics
+        self.pool = pool  # the serving pool, once started
         self._pool = ThreadPoolExecutor(max_workers=settings.embedded_workers, thread_name_prefix="ditepose-job")
         self.futures: dict[str, Future[str]] = {}
 
     def _run(self, job_id: str) -> str:
+        pool = self.pool()
+        if pool is None:
+            raise RuntimeError("the serving pool is not running")
         try:
             return run_job(
-                job_id, self.store, self.settings.jobs_dir, lease_ttl_s=self.settings.lock_ttl_s,
+                job_id, self.store, pool, self.settings.jobs_dir, lease_ttl_s=self.settings.lock_ttl_s,
                 soft_time_limit_s=self.settings.soft_time_limit_s, metrics=self.metrics,
-                device=self.settings.device,
             )
         except Exception:
             log.exception("embedded job %s crashed", job_id)
@@ -74,7 +83,7 @@ class CeleryExecutor:
 
     mode = "celery"
 
-    def __init__(self, settings: JobSettings) -> None:
+    def __init__(self, settings: Settings) -> None:
         from ditepose.service.jobs.celery_app import make_celery
 
         self.settings = settings
@@ -99,7 +108,10 @@ class CeleryExecutor:
         self.app.close()
 
 
-def make_executor(store: JobStore, settings: JobSettings, metrics: Any = None) -> Executor:
+def make_executor(
+    store: JobStore, settings: Settings, pool: Callable[[], WorkerPool | None], metrics: Any = None
+) -> Executor:
+    """Celery when ``redis_url`` is set, else threads on the serving ``pool``."""
     if settings.redis_url:
         return CeleryExecutor(settings)
-    return ThreadExecutor(store, settings, metrics)
+    return ThreadExecutor(store, settings, pool, metrics)

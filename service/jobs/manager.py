@@ -8,17 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.settings import ModelSpec, Settings
 from ditepose.service.jobs.catalogue import Catalogue, UnknownName
-from ditepose.service.jobs.config import JobSettings
 from ditepose.service.jobs.executor import BrokerUnavailable, Executor, make_executor
 from ditepose.service.jobs.metrics import JobMetrics
+from ditepose.service.jobs.plan import EvalOptions, JobPlan
 from ditepose.service.jobs.records import JobRecord, JobStore, make_store
 from ditepose.service.jobs.schemas import EvaluateRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Input size used for a checkpoint without our metadata (the authors' mmpose files), per layout.
 
 
 class UnknownModel(UnknownName):
@@ -30,23 +30,24 @@ class InvalidRequest(ValueError):
 
 
 class JobService:
-    """One per API app; built lazily on the first job request (see ``service.routes.jobs``)."""
+    """One per API app, built on the first job request (see :mod:`ditepose.service.http.deps`).
+
+    ``pool`` gives the serving pool (None until it runs): embedded jobs run on it."""
 
     def __init__(
         self,
-        settings: JobSettings,
-        served_models: dict[str, dict[str, Any]] | None = None,
-        default_model: str | None = None,
+        settings: Settings,
+        pool: Callable[[], WorkerPool | None] = lambda: None,
         metrics: JobMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.catalogue = Catalogue.from_settings(settings)
-        self.served_models = dict(served_models or {})
-        self.default_model = default_model
+        self.served_models = {spec.name: spec for spec in settings.models}
+        self.default_model = settings.default_model_name
         self.metrics = metrics
         self.store: JobStore = make_store(settings.redis_url, Path(settings.jobs_dir) / "records",
                                           settings.redis_timeout_s)
-        self.executor: Executor = make_executor(self.store, settings, metrics)
+        self.executor: Executor = make_executor(self.store, settings, pool, metrics)
 
     @property
     def mode(self) -> str:
@@ -75,35 +76,33 @@ class JobService:
                 out.update(ready=False, error=str(exc))
         return out
 
-    def resolve_model(self, req: EvaluateRequest, dataset_format: str) -> dict[str, Any]:
+    def resolve_model(self, req: EvaluateRequest, dataset_format: str) -> tuple[ModelSpec, bool]:
+        """(the model's spec, whether it is a served model) for the request."""
         if req.checkpoint is not None:
             try:
                 path = self.catalogue.checkpoint(req.checkpoint)
             except UnknownName as exc:
                 raise UnknownModel(str(exc)) from exc
-            return {"name": req.checkpoint, "source": "checkpoint", "checkpoint": str(path),
-                    "arch": "dite_hrnet_18", "dataset": dataset_format,
-                    "input_size": None}  # from the checkpoint's metadata (or the dataset's default)
+            # arch and dataset matter only for a checkpoint without metadata (the authors' files)
+            return ModelSpec(name=req.checkpoint, checkpoint=path, dataset=dataset_format), False
         name = req.model or self.default_model
-        if name is None:
-            raise UnknownModel("name a `model` (served) or a `checkpoint`; this server has no default model")
         if name not in self.served_models:
             raise UnknownModel(f"unknown model {name!r} (served: {sorted(self.served_models)})")
-        return {"name": name, "source": "served", **self.served_models[name]}
+        return self.served_models[name], True
 
-    def submit(self, req: EvaluateRequest) -> JobRecord:
+    def plan(self, req: EvaluateRequest) -> JobPlan:
         dataset = self.catalogue.dataset(req.dataset)
-        model_ref = self.resolve_model(req, dataset.spec.format)
-        self._guard(self.store.ping)
+        model, served = self.resolve_model(req, dataset.spec.format)
         if req.max_images is not None and dataset.spec.format != "coco":
             raise InvalidRequest("max_images applies to COCO datasets only (MPII PCKh needs every person)")
-        options = {"flip_test": req.flip_test, "decoder": req.decoder, "use_gt_boxes": req.use_gt_boxes,
-                   "batch_size": req.batch_size, "max_images": req.max_images}
-        rec = JobRecord(
-            id=JobRecord.new_id(),
-            request=req.model_dump(),
-            plan={"model": model_ref, "dataset": dataset.to_payload(), "options": options},
-        )
+        options = EvalOptions(flip_test=req.flip_test, decoder=req.decoder, use_gt_boxes=req.use_gt_boxes,
+                              batch_size=req.batch_size, max_images=req.max_images)
+        return JobPlan(model, served, dataset.name, dataset.spec, options)
+
+    def submit(self, req: EvaluateRequest) -> JobRecord:
+        plan = self.plan(req)
+        self._guard(self.store.ping)
+        rec = JobRecord(id=JobRecord.new_id(), request=req.model_dump(), plan=plan.to_dict())
         self._guard(lambda: self.store.create(rec))
         try:
             self.executor.submit(rec.id)
@@ -113,7 +112,7 @@ class JobService:
                                                       error=error))
             raise
         if self.metrics is not None:
-            self.metrics.job_submitted(dataset.name)
+            self.metrics.job_submitted(plan.dataset_name)
         return rec
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -142,16 +141,3 @@ class JobService:
             self.executor.close()
         finally:
             self.store.close()
-
-
-def served_model_refs(settings: Any) -> dict[str, dict[str, Any]]:
-    """Served models as the worker needs them, from the service's ``settings.models`` (ModelSpec list)."""
-    refs: dict[str, dict[str, Any]] = {}
-    for spec in getattr(settings, "models", None) or []:
-        refs[spec.name] = {
-            "checkpoint": str(spec.checkpoint) if spec.checkpoint is not None else None,
-            "arch": spec.arch,
-            "dataset": spec.dataset,
-            "input_size": list(spec.input_size) if spec.input_size else None,  # None: checkpoint/dataset default
-        }
-    return refs

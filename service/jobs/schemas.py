@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ditepose.model.codec import DecoderName
 from ditepose.service.jobs.records import JobRecord
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -24,7 +25,7 @@ class EvaluateRequest(BaseModel):
     checkpoint: str | None = Field(default=None, description="File name of a checkpoint in the server's "
                                    "checkpoint folder, instead of a served model.", examples=["hrnet18_e10.pth"])
     flip_test: bool = Field(default=True, description="Average with the mirrored crop (the paper's protocol).")
-    decoder: Literal["default", "dark", "unbiased", "argmax", "none"] = Field(
+    decoder: DecoderName = Field(
         default="default", description="Heatmap decoding, as in POST /v1/pose."
     )
     use_gt_boxes: bool = Field(default=True, description="Ground-truth person boxes; false = the dataset's "

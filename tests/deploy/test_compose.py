@@ -178,7 +178,7 @@ def test_files_the_compose_file_mounts_exist():
         for entry in doc[section].values():
             assert (REPO_ROOT / entry["file"]).is_file(), entry
     datasets = json.loads((REPO_ROOT / doc["configs"]["datasets"]["file"]).read_text())
-    from ditepose.service.jobs.config import DatasetSpec
+    from ditepose.service.core.settings import DatasetSpec
 
     for spec in datasets.values():
         DatasetSpec.model_validate(spec)

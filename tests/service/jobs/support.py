@@ -172,15 +172,37 @@ class WorkerProcess:
 
 def direct_evaluation(tiny: TinyEval, ann_file: Path, max_people: int | None = None
                       ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """What ``ditepose evaluate`` computes for the tiny checkpoint (training's predict + score)."""
+    """What ``ditepose evaluate`` computes for the tiny checkpoint: the plain module in the evaluation loop."""
     from ditepose import model as models
+    from ditepose.model.pipeline import module_infer
     from ditepose.training.datasets import CocoKeypointDataset
-    from ditepose.training.evaluate import predict, score
+    from ditepose.training.evaluate import pipeline_for, predict, score
 
     module, meta = models.load_pose_model(tiny.checkpoint_dir / tiny.checkpoint)
     dataset = CocoKeypointDataset(ann_file, tiny.img_dir, tuple(meta.input_size), train=False, max_people=max_people)
-    preds = predict(module, dataset, batch_size=8, flip=True, decoder="default")
+    preds = predict(module_infer(module), dataset, pipeline_for(dataset), batch_size=8)
     return score(dataset, preds), preds
+
+
+def tiny_plan(tiny: TinyEval, checkpoint: Path | None = None, dataset: dict[str, str] | None = None,
+              name: str = "tiny", **options: Any) -> dict[str, Any]:
+    """A stored job plan: the tiny checkpoint (or ``checkpoint``) on the tiny set (or ``dataset``)."""
+    from ditepose.service.core.settings import DatasetSpec, ModelSpec
+    from ditepose.service.jobs.plan import EvalOptions, JobPlan
+
+    spec = DatasetSpec.model_validate(dataset or tiny.datasets()["tiny"])
+    model = ModelSpec(name=name, checkpoint=checkpoint or tiny.checkpoint_dir / tiny.checkpoint, dataset=spec.format)
+    return JobPlan(model, False, name, spec, EvalOptions(**options)).to_dict()
+
+
+@pytest.fixture(scope="module")
+def job_pool() -> Iterator[Any]:
+    """A started worker pool without models on the CPU: jobs add theirs (as a Celery worker's pool does)."""
+    from ditepose.service.batching.pool import WorkerPool
+
+    pool = WorkerPool([], ["cpu"], workers_per_device=1, max_delay_ms=1.0, timeout_s=600.0, torch_threads=1).start()
+    yield pool
+    pool.stop()
 
 
 @pytest.fixture(scope="module")

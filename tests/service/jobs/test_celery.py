@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ditepose.service.core.settings import ModelSpec
-from ditepose.service.jobs.config import JobSettings
+from ditepose.service.core.settings import ModelSpec, Settings
+from ditepose.service.http.deps import context_of
 from ditepose.service.jobs.manager import JobService
 from ditepose.service.jobs.schemas import EvaluateRequest
 from tests.service.conftest import LiveServer, assert_error, start_server
@@ -106,7 +106,7 @@ def test_evaluate_on_a_worker_matches_direct_evaluation(api: LiveServer, worker:
     assert "ditepose_job_duration_seconds_bucket" in worker_scrape
 
     # The API restarts: the record, its metrics and its predictions are still there (Redis).
-    settings = api.app.state.settings
+    settings = context_of(api.app).settings
     with start_server(models=settings.models, redis_url=settings.redis_url) as again, again.client() as client:
         body2 = client.get(location).json()
         assert body2["metrics"] == body["metrics"] and body2["finished_at"] == body["finished_at"]
@@ -163,7 +163,7 @@ def test_killed_worker_job_is_finished_by_another_exactly_once(
     job_env: dict[str, str], tmp_path: Path
 ) -> None:
     env = dict(job_env, DITEPOSE_JOB_QUEUE=f"kill-{uuid.uuid4().hex[:8]}")
-    service = JobService(JobSettings(job_queue=env["DITEPOSE_JOB_QUEUE"]))  # the rest from job_env's variables
+    service = JobService(Settings(job_queue=env["DITEPOSE_JOB_QUEUE"]))  # the rest from job_env's variables
     first = WorkerProcess(env, tmp_path / "worker1.log")
     try:
         rec = service.submit(EvaluateRequest(dataset="coco-mini-val", checkpoint="tiny", batch_size=1))
@@ -205,7 +205,7 @@ def test_killed_worker_job_is_finished_by_another_exactly_once(
 def test_killed_pool_child_requeues_the_job_on_the_same_worker(job_env: dict[str, str], tmp_path: Path) -> None:
     """``task_reject_on_worker_lost``: the prefork child dies, its parent puts the task back at once."""
     env = dict(job_env, DITEPOSE_JOB_QUEUE=f"child-{uuid.uuid4().hex[:8]}")
-    service = JobService(JobSettings(job_queue=env["DITEPOSE_JOB_QUEUE"]))
+    service = JobService(Settings(job_queue=env["DITEPOSE_JOB_QUEUE"]))
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
         rec = service.submit(EvaluateRequest(dataset="coco-mini-val", checkpoint="tiny", batch_size=1))

@@ -9,25 +9,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ditepose.service.jobs.config import JobSettings
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.settings import DatasetSpec, Settings
 from ditepose.service.jobs.evaluation import predictions_path, run_job
 from ditepose.service.jobs.manager import JobService, UnknownModel
 from ditepose.service.jobs.metrics import JobMetrics
 from ditepose.service.jobs.records import JobRecord, LocalJobStore
 from ditepose.service.jobs.schemas import EvaluateRequest
 from tests.service.jobs import support as jobs_support
-from tests.service.jobs.support import TinyEval, direct_evaluation, wait_for
+from tests.service.jobs.support import TinyEval, direct_evaluation, tiny_plan, wait_for
 
 one_torch_thread = jobs_support.one_torch_thread  # fixtures
 tiny_eval = jobs_support.tiny_eval
+job_pool = jobs_support.job_pool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _service(tiny: TinyEval, tmp_path: Path, **overrides: object) -> JobService:
-    settings = JobSettings(redis_url=None, datasets=tiny.datasets(), checkpoint_dir=tiny.checkpoint_dir,
-                           jobs_dir=tmp_path / "jobs", **overrides)
-    return JobService(settings, served_models={}, metrics=JobMetrics())
+def _service(tiny: TinyEval, tmp_path: Path, pool: WorkerPool, **overrides: object) -> JobService:
+    settings = Settings(_env_file=None, redis_url=None, datasets=tiny.datasets(), checkpoint_dir=tiny.checkpoint_dir,
+                        jobs_dir=tmp_path / "jobs", **overrides)
+    return JobService(settings, lambda: pool, metrics=JobMetrics())
 
 
 def _finished(service: JobService, job_id: str) -> JobRecord | None:
@@ -35,8 +37,8 @@ def _finished(service: JobService, job_id: str) -> JobRecord | None:
     return rec if rec is not None and rec.state in ("succeeded", "failed", "cancelled") else None
 
 
-def test_embedded_job_matches_direct_evaluation(tiny_eval: TinyEval, tmp_path: Path) -> None:
-    service = _service(tiny_eval, tmp_path)
+def test_embedded_job_matches_direct_evaluation(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
+    service = _service(tiny_eval, tmp_path, job_pool)
     try:
         rec = service.submit(EvaluateRequest(dataset="tiny", checkpoint=tiny_eval.checkpoint, batch_size=2))
         assert service.mode == "embedded"
@@ -56,7 +58,7 @@ def test_embedded_job_matches_direct_evaluation(tiny_eval: TinyEval, tmp_path: P
             np.testing.assert_allclose(mine[p["bbox_id"]], p["keypoints"], atol=1e-3)
         # a second delivery of the same job does not run it again
         finished_at = done.finished_at
-        assert run_job(rec.id, service.store, tmp_path / "jobs") == "done"
+        assert run_job(rec.id, service.store, job_pool, tmp_path / "jobs") == "done"
         assert service.get(rec.id).finished_at == finished_at
         samples = {s.name: s.value for m in service.metrics.registry.collect() for s in m.samples}
         assert samples['ditepose_jobs_submitted_total'] == 1.0
@@ -64,8 +66,8 @@ def test_embedded_job_matches_direct_evaluation(tiny_eval: TinyEval, tmp_path: P
         service.close()
 
 
-def test_bad_requests_fail_before_queueing(tiny_eval: TinyEval, tmp_path: Path) -> None:
-    service = _service(tiny_eval, tmp_path)
+def test_bad_requests_fail_before_queueing(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
+    service = _service(tiny_eval, tmp_path, job_pool)
     try:
         with pytest.raises(UnknownModel):
             service.submit(EvaluateRequest(dataset="tiny", model="nope"))
@@ -78,8 +80,8 @@ def test_bad_requests_fail_before_queueing(tiny_eval: TinyEval, tmp_path: Path) 
         service.close()
 
 
-def test_det_boxes_without_det_file_fail_the_job(tiny_eval: TinyEval, tmp_path: Path) -> None:
-    service = _service(tiny_eval, tmp_path)
+def test_det_boxes_without_det_file_fail_the_job(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
+    service = _service(tiny_eval, tmp_path, job_pool)
     try:
         rec = service.submit(EvaluateRequest(dataset="tiny", checkpoint=tiny_eval.checkpoint, use_gt_boxes=False))
         done = wait_for(lambda: _finished(service, rec.id), timeout=60, what="the job to fail")
@@ -97,16 +99,12 @@ class CancelAfterFirstBatch(LocalJobStore):
         return super().heartbeat(job_id, token, ttl_s, progress)
 
 
-def test_running_job_stops_at_the_next_batch_when_cancelled(tiny_eval: TinyEval, tmp_path: Path) -> None:
+def test_running_job_stops_at_the_next_batch_when_cancelled(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
     store = CancelAfterFirstBatch()
-    rec = JobRecord(id=JobRecord.new_id(), plan={
-        "model": {"name": "tiny", "checkpoint": str(tiny_eval.checkpoint_dir / tiny_eval.checkpoint)},
-        "dataset": {"name": "tiny", **tiny_eval.datasets()["tiny"]},
-        "options": {"flip_test": False, "decoder": "default", "use_gt_boxes": True, "batch_size": 1},
-    })
+    rec = JobRecord(id=JobRecord.new_id(), plan=tiny_plan(tiny_eval, flip_test=False, batch_size=1))
     store.create(rec)
     metrics = JobMetrics()
-    assert run_job(rec.id, store, tmp_path / "jobs", metrics=metrics) == "cancelled"
+    assert run_job(rec.id, store, job_pool, tmp_path / "jobs", metrics=metrics) == "cancelled"
     got = store.get(rec.id)
     assert got.state == "cancelled" and 0 < got.progress < 100 and got.result is None
     assert not predictions_path(tmp_path / "jobs", rec.id).exists()
@@ -115,8 +113,8 @@ def test_running_job_stops_at_the_next_batch_when_cancelled(tiny_eval: TinyEval,
     assert samples[("ditepose_jobs_running", ())] == 0.0
 
 
-def test_queued_job_cancelled_never_runs(tiny_eval: TinyEval, tmp_path: Path) -> None:
-    service = _service(tiny_eval, tmp_path)
+def test_queued_job_cancelled_never_runs(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
+    service = _service(tiny_eval, tmp_path, job_pool)
     try:
         first = service.submit(EvaluateRequest(dataset="tiny", checkpoint=tiny_eval.checkpoint))
         second = service.submit(EvaluateRequest(dataset="tiny", checkpoint=tiny_eval.checkpoint))
@@ -160,42 +158,38 @@ def _tiny_mpii(tiny: TinyEval, root: Path) -> dict[str, str]:
             "gt_file": str(root / "mpii_gt.json")}
 
 
-def test_mpii_job_matches_direct_pckh(tiny_eval: TinyEval, tmp_path: Path) -> None:
+def test_mpii_job_matches_direct_pckh(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
     from ditepose import model as models
+    from ditepose.model.pipeline import module_infer
     from ditepose.training.datasets import MpiiKeypointDataset
-    from ditepose.training.evaluate import predict, score
+    from ditepose.training.evaluate import pipeline_for, predict, score
 
     dataset = _tiny_mpii(tiny_eval, tmp_path)
     store = LocalJobStore()
-    rec = JobRecord(id=JobRecord.new_id(), plan={
-        "model": {"name": "mpii", "checkpoint": str(tmp_path / "mpii.pth")},
-        "dataset": {"name": "tiny-mpii", **dataset},
-        "options": {"flip_test": True, "decoder": "default", "use_gt_boxes": True, "batch_size": 4},
-    })
+    rec = JobRecord(id=JobRecord.new_id(), plan=tiny_plan(tiny_eval, tmp_path / "mpii.pth", dataset, "mpii",
+                                                          batch_size=4))
     store.create(rec)
-    assert run_job(rec.id, store, tmp_path / "jobs") == "succeeded", store.get(rec.id).error
+    assert run_job(rec.id, store, job_pool, tmp_path / "jobs") == "succeeded", store.get(rec.id).error
     got = store.get(rec.id).result["metrics"]
     module, _ = models.load_pose_model(tmp_path / "mpii.pth")
     ds = MpiiKeypointDataset(dataset["ann_file"], dataset["img_dir"], (64, 64), train=False)
-    expected = score(ds, predict(module, ds, batch_size=4), mpii_gt=dataset["gt_file"])
+    expected = score(ds, predict(module_infer(module), ds, pipeline_for(ds), batch_size=4), mpii_gt=dataset["gt_file"])
     assert set(got) == {"Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "PCKh", "PCKh@0.1"}
     assert expected["PCKh"] > 0
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
 
 
-def test_soft_time_limit_and_attempt_limit_fail_the_job(tiny_eval: TinyEval, tmp_path: Path) -> None:
-    plan = {"model": {"name": "tiny", "checkpoint": str(tiny_eval.checkpoint_dir / tiny_eval.checkpoint)},
-            "dataset": {"name": "tiny", **tiny_eval.datasets()["tiny"]},
-            "options": {"flip_test": False, "decoder": "default", "use_gt_boxes": True, "batch_size": 1}}
+def test_soft_time_limit_and_attempt_limit_fail_the_job(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
+    plan = tiny_plan(tiny_eval, flip_test=False, batch_size=1)
     store = LocalJobStore()
     slow = JobRecord(id=JobRecord.new_id(), plan=plan)
     store.create(slow)
-    assert run_job(slow.id, store, tmp_path, soft_time_limit_s=1e-6) == "failed"
+    assert run_job(slow.id, store, job_pool, tmp_path, soft_time_limit_s=1e-6) == "failed"
     assert "soft time limit" in store.get(slow.id).error
     doomed = JobRecord(id=JobRecord.new_id(), plan=plan, attempts=3)  # three workers died on it already
     store.create(doomed)
-    assert run_job(doomed.id, store, tmp_path, max_attempts=3) == "failed"
+    assert run_job(doomed.id, store, job_pool, tmp_path, max_attempts=3) == "failed"
     assert "gave up after 3 attempts" in store.get(doomed.id).error
 
 
@@ -225,8 +219,8 @@ def test_embedded_mode_through_the_api(tiny_eval: TinyEval, tmp_path: Path, refe
         assert "ditepose_jobs_running 0.0" in scrape
 
 
-def test_closing_the_embedded_executor_cancels_unfinished_jobs(tiny_eval: TinyEval, tmp_path: Path) -> None:
-    service = _service(tiny_eval, tmp_path)
+def test_closing_the_embedded_executor_cancels_unfinished_jobs(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
+    service = _service(tiny_eval, tmp_path, job_pool)
     slow = EvaluateRequest(dataset="coco-mini-val", checkpoint=tiny_eval.checkpoint, batch_size=1)
     running, queued = service.submit(slow), service.submit(slow)
     wait_for(lambda: service.get(running.id).state == "running", timeout=60, what="the first job to start")
@@ -237,11 +231,10 @@ def test_closing_the_embedded_executor_cancels_unfinished_jobs(tiny_eval: TinyEv
     service.store.close()
 
 
-def test_max_images_scores_a_subset_like_training_does(tiny_eval: TinyEval, tmp_path: Path) -> None:
-    from ditepose.service.jobs.config import DatasetSpec
+def test_max_images_scores_a_subset_like_training_does(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
     from ditepose.service.jobs.manager import InvalidRequest
 
-    service = _service(tiny_eval, tmp_path)
+    service = _service(tiny_eval, tmp_path, job_pool)
     try:
         rec = service.submit(EvaluateRequest(dataset="coco-mini-val", checkpoint=tiny_eval.checkpoint,
                                              max_images=2, flip_test=True))
@@ -259,9 +252,9 @@ def test_max_images_scores_a_subset_like_training_does(tiny_eval: TinyEval, tmp_
         service.close()
 
 
-def test_builtin_demo_dataset_is_offered_and_evaluates(tiny_eval: TinyEval, tmp_path: Path) -> None:
+def test_builtin_demo_dataset_is_offered_and_evaluates(tiny_eval: TinyEval, tmp_path: Path, job_pool: WorkerPool) -> None:
     """With no catalogue at all, 'demo-synthetic' still works, so the README's example runs as pasted."""
-    service = _service(tiny_eval, tmp_path)
+    service = _service(tiny_eval, tmp_path, job_pool)
     try:
         assert "demo-synthetic" in service.catalogue.dataset_names()
         spec = service.catalogue.dataset("demo-synthetic").spec
@@ -274,7 +267,7 @@ def test_builtin_demo_dataset_is_offered_and_evaluates(tiny_eval: TinyEval, tmp_
     finally:
         service.executor.close()
         service.store.close()
-    off = _service(tiny_eval, tmp_path / "off", demo_dataset=False)
+    off = _service(tiny_eval, tmp_path / "off", job_pool, demo_dataset=False)
     try:
         assert "demo-synthetic" not in off.catalogue.dataset_names()
     finally:

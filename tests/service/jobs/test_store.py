@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ditepose.service.core.settings import DatasetSpec, Settings
 from ditepose.service.jobs.catalogue import BadName, Catalogue, UnknownName
-from ditepose.service.jobs.config import DatasetSpec, JobSettings
 from ditepose.service.jobs.records import JobRecord, LocalJobStore, RedisJobStore
 from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import RedisServer
@@ -55,15 +55,15 @@ def test_catalogue_from_settings_and_file(tmp_path: Path) -> None:
     extra = tmp_path / "datasets.json"
     extra.write_text(json.dumps({"mpii-val": {"format": "mpii", "ann_file": "v.json", "img_dir": "img",
                                               "gt_file": "gt.json"}}))
-    settings = JobSettings(datasets={"coco-val": {"format": "coco", "ann_file": "a.json", "img_dir": "i"}},
-                           datasets_file=extra, jobs_dir=tmp_path / "jobs")
+    settings = Settings(_env_file=None, datasets={"coco-val": {"format": "coco", "ann_file": "a.json", "img_dir": "i"}},
+                        datasets_file=extra, jobs_dir=tmp_path / "jobs")
     assert Catalogue.from_settings(settings).dataset_names() == ["coco-val", "demo-synthetic", "mpii-val"]
     assert Catalogue.from_settings(settings.model_copy(update={"demo_dataset": False})).dataset_names() == [
         "coco-val", "mpii-val"]
     with pytest.raises(ValueError, match="gt_file"):
         DatasetSpec(format="mpii", ann_file=Path("v.json"), img_dir=Path("i"))
     with pytest.raises(ValueError, match="hard_time_limit_s"):
-        JobSettings(soft_time_limit_s=10, hard_time_limit_s=5)
+        Settings(_env_file=None, soft_time_limit_s=10, hard_time_limit_s=5)
 
 
 @pytest.fixture(params=["local", "redis"])
