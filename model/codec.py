@@ -9,14 +9,19 @@ Arithmetic stays in float32 like mmpose's so decoded coordinates match its golde
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 
 from ditepose.model.transforms import PIXEL_STD
 
-DECODERS = ("default", "dark", "argmax")
+# Every decoder name a caller may use (REST, gRPC, jobs, CLIs): the canonical ones and their aliases.
+DecoderName = Literal["default", "dark", "unbiased", "argmax", "none"]
+DECODER_NAMES: tuple[str, ...] = get_args(DecoderName)
+DECODERS = ("default", "dark", "argmax")  # canonical
 _DECODER_ALIASES = {"default": "default", "dark": "dark", "unbiased": "dark", "argmax": "argmax", "none": "argmax"}
+assert set(_DECODER_ALIASES) == set(DECODER_NAMES)
 
 
 def normalize_decoder(name: str) -> str:

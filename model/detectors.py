@@ -8,7 +8,7 @@ HOG detector ships with the contrib build, ``opencv-contrib-python-headless``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 
@@ -182,7 +182,9 @@ class TorchvisionDetector:
         return boxes.astype(np.float32), scores
 
 
-DETECTORS = ("whole", "hog", "torchvision")
+# The one list of person detector names (REST, gRPC, CLIs).
+DetectorName = Literal["whole", "hog", "torchvision"]
+DETECTORS: tuple[str, ...] = get_args(DetectorName)
 
 
 def build_detector(name: str, **kwargs: object) -> PersonDetector:

@@ -1,6 +1,6 @@
-"""Inference-only building blocks of Dite-HRNet, built from a trained model by ``model.optimize``.
+"""Inference-only building blocks of Dite-HRNet, built from a trained model by ``ditepose.model.optimize``.
 
-Same function as ``model.blocks`` in eval mode, arranged for speed on small tensors:
+Same function as ``ditepose.model.blocks`` in eval mode, arranged for speed on small tensors:
 
 * every BatchNorm is folded into the convolution (or kernel bank, or channel scale) before it;
 * channels-last end to end when ``FastPoseNet.channels_last`` (the engine's default): oneDNN's
@@ -15,7 +15,7 @@ Same function as ``model.blocks`` in eval mode, arranged for speed on small tens
 * nearest upsampling before an add or a multiply is a broadcast over a 6-D view: the
   upsampled tensor is never materialised.
 
-Layout helpers live in ``model.fast_ops``.
+Layout helpers live in ``ditepose.model.fast_ops``.
 
 None of these modules has trainable state or a training mode: convert, then call.
 """

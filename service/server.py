@@ -26,12 +26,15 @@ def run_servers(settings: Settings) -> None:
     import uvicorn
 
     from ditepose.service.http.app import create_app
+    from ditepose.service.http.deps import context_of
 
     pool = WorkerPool.from_settings(settings).start()
     grpc_server = None
     try:
         app = create_app(settings, pool=pool)
-        grpc_server = _start_grpc(settings, pool, app.state.service, app.state.metrics.registry)
+        context = context_of(app)
+        assert context.service is not None
+        grpc_server = _start_grpc(settings, pool, context.service, context.metrics.registry)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
         server = uvicorn.Server(config)
         _announce(settings, pool, grpc_server.port if grpc_server is not None else None)

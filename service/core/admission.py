@@ -3,7 +3,7 @@
 The batcher sheds by queued crops, but only once a request has been read, parsed and
 decoded, so under overload a 429 waited behind that work. :class:`Admission` counts the
 requests admitted and not yet answered and refuses new ones past ``limit`` before anything
-of theirs is read; :class:`service.middleware.AdmissionControl` applies it to ``POST /v1/pose``,
+of theirs is read; :class:`ditepose.service.http.middleware.AdmissionControl` applies it to ``POST /v1/pose``,
 and the gRPC ``Estimate`` handler takes a slot the same way. The batcher's check stays the
 final say (it counts crops, which the request count cannot know in advance).
 """

@@ -35,7 +35,11 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "overloaded": (429, "Too many requests in flight, or the queue is full; retry after the Retry-After seconds."),
     "timeout": (504, "No answer within the request deadline."),
     "inference_failed": (500, "The forward pass failed for this batch."),
-    "unavailable": (503, "The service is starting or shutting down."),
+    "unavailable": (503, "The service is starting or shutting down, or a part it needs (a model, Redis) is missing."),
+    "unknown_dataset": (404, "No dataset of that name in the server's evaluation catalogue."),
+    "unknown_job": (404, "No evaluation job with that id."),
+    "job_finished": (409, "The job already finished; there is nothing to cancel."),
+    "not_ready": (409, "The job has no predictions (yet): it did not succeed."),
     "not_found": (404, "No such route."),
     "method_not_allowed": (405, "The route does not accept this method."),
     "internal": (500, "Unexpected server error."),
@@ -84,7 +88,7 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     """Replace FastAPI's default error bodies with the service's shape."""
 
     @app.exception_handler(ServiceError)
@@ -93,7 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BatcherError)
     async def _batcher_error(request: Request, exc: BatcherError) -> JSONResponse:
-        err = from_batcher_error(exc, request.app.state.settings.retry_after_s)
+        err = from_batcher_error(exc, retry_after_s)
         return error_response(err.code, err.message, err.headers)
 
     @app.exception_handler(RequestValidationError)

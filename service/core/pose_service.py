@@ -1,8 +1,16 @@
 """The service layer: decode -> prepare -> batcher -> finish, shared by REST and gRPC.
 
-Every front-end builds a :class:`PoseRequest` and calls :meth:`PoseService.estimate`
-(asyncio) or :meth:`PoseService.estimate_sync` (threads); failures are
-:class:`~service.errors.ServiceError` with a stable code.
+Every front-end builds a :class:`PoseRequest` and awaits :meth:`PoseService.estimate`;
+failures are :class:`~ditepose.service.core.errors.ServiceError` with a stable code. Persons
+travel as :class:`~ditepose.model.pipeline.PersonPose` inside the service and become JSON or
+protobuf only at the edges (:mod:`ditepose.service.http.routes.pose`,
+:mod:`ditepose.service.grpc.convert`).
+
+Overload is answered by the parts that own the numbers: the front-ends hold an
+:class:`~ditepose.service.core.admission.Admission` slot per request (or stream frame), and
+the model's batcher says whether its queue would take more crops
+(:meth:`~ditepose.service.batching.batcher.DynamicBatcher.check_admission`) before anything
+is decoded, and has the final say when the crops are queued.
 """
 
 from __future__ import annotations
@@ -18,16 +26,17 @@ import cv2
 import numpy as np
 import torch
 
+from ditepose.model.codec import DecoderName
+from ditepose.model.detectors import DETECTORS, DetectorName
+from ditepose.model.keypoints import KeypointSpec
 from ditepose.model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
-from ditepose.service.batching.batcher import BatcherError, Overloaded
+from ditepose.service.batching.batcher import BatcherError
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.admission import Admission
 from ditepose.service.core.errors import ServiceError, from_batcher_error
 from ditepose.service.core.images import decode_image, encode_png
 from ditepose.service.core.model_loader import LoadedModel
 from ditepose.service.core.settings import Settings
-
-DETECTORS = ("whole", "hog")
 
 
 @dataclass
@@ -38,21 +47,22 @@ class PoseRequest:
     boxes: Sequence[Sequence[float]] | None = None
     model: str | None = None
     flip_test: bool = True
-    decoder: str = "default"
+    decoder: DecoderName = "default"
     score_threshold: float | None = None
-    detector: str = "whole"
+    detector: DetectorName = "whole"
 
 
 @dataclass
 class PoseResult:
+    """The persons found in one image, with the model that found them and the stage timings."""
+
     model: str
+    spec: KeypointSpec
     width: int
     height: int
-    persons: list[dict]
+    poses: list[PersonPose]
     timings: dict[str, float]
     image_rgb: np.ndarray = field(repr=False)
-    poses: list[PersonPose] = field(repr=False)
-    spec_name: str = "coco"
 
 
 def _ms(seconds: float) -> float:
@@ -61,7 +71,7 @@ def _ms(seconds: float) -> float:
 
 class PoseService:
     """Stateless per request; holds the pool, the settings, cached pipelines/detectors and the
-    :class:`~service.admission.Admission` count every front-end takes a slot from."""
+    :class:`~ditepose.service.core.admission.Admission` count every front-end takes a slot from."""
 
     def __init__(self, pool: WorkerPool, settings: Settings, admission: Admission | None = None) -> None:
         self.pool = pool
@@ -77,7 +87,7 @@ class PoseService:
     # ------------------------------------------------------------ pieces
     def resolve_model(self, name: str | None) -> LoadedModel:
         name = name or self.settings.default_model_name
-        failed = getattr(self.pool, "failed_models", {})
+        failed = self.pool.failed_models
         if name in failed:
             raise ServiceError("unavailable", f"model {name!r} failed to load: {failed[name]}")
         if name not in self.pool.models:
@@ -105,7 +115,10 @@ class PoseService:
             if det is None:
                 from ditepose.model.detectors import build_detector
 
-                det = self._detectors[name] = build_detector(name)
+                try:
+                    det = self._detectors[name] = build_detector(name)
+                except (ValueError, TypeError) as exc:
+                    raise ServiceError("unavailable", f"detector {name!r} cannot run here: {exc}") from exc
         return det
 
     def check_boxes(self, boxes: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
@@ -136,9 +149,8 @@ class PoseService:
         return decode_image(data, self.settings.max_upload_bytes, self.settings.max_image_pixels)
 
     def prepare(
-        self, request: PoseRequest, image: np.ndarray
-    ) -> tuple[LoadedModel, TopDownPipeline, PreparedBatch]:
-        model = self.resolve_model(request.model)
+        self, request: PoseRequest, model: LoadedModel, image: np.ndarray
+    ) -> tuple[TopDownPipeline, PreparedBatch]:
         pipe = self.pipeline(model, request.flip_test, request.decoder)
         height, width = image.shape[:2]
         if request.boxes is not None:
@@ -147,59 +159,42 @@ class PoseService:
             boxes, scores = self.detector(request.detector).detect(image)  # type: ignore[attr-defined]
             boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[: self.settings.max_boxes]
             scores = np.asarray(scores, np.float32).reshape(-1)[: len(boxes)]
-        return model, pipe, pipe.prepare(image, boxes, scores)
+        return pipe, pipe.prepare(image, boxes, scores)
 
     def finish(
-        self,
-        request: PoseRequest,
-        model: LoadedModel,
-        pipe: TopDownPipeline,
-        prepared: PreparedBatch,
-        heatmaps,
-    ) -> tuple[list[PersonPose], list[dict]]:
+        self, request: PoseRequest, pipe: TopDownPipeline, prepared: PreparedBatch, heatmaps: torch.Tensor
+    ) -> list[PersonPose]:
         poses = pipe.finish(prepared, heatmaps)
         if request.score_threshold is not None:
             poses = [p for p in poses if p.score >= request.score_threshold]
-        return poses, [p.to_dict(model.spec) for p in poses]
+        return poses
 
     # ------------------------------------------------------------ whole requests
-    def admit(self, request: PoseRequest) -> None:
-        """Shed at once when the model's queue is already full: no decode, no crops, no thread hop.
-
-        The second of three checks: the in-flight count (:attr:`admission`, taken by the
-        front-ends before reading a request) comes first, the batcher has the final say (it
-        admits by the real crop count); this keeps a 429 from waiting behind the decoding of
-        requests that cannot be served anyway."""
-        model = self.resolve_model(request.model)
-        batcher = self.pool.batcher(model.name)
-        if batcher.depth >= batcher.queue_size:
-            batcher.rejected += 1
-            raise from_batcher_error(
-                Overloaded(f"queue of model {model.name!r} is full ({batcher.depth} crops waiting)"),
-                self.settings.retry_after_s,
-            )
-
     def _decode_prepare(
-        self, request: PoseRequest
-    ) -> tuple[np.ndarray, float, LoadedModel, TopDownPipeline, PreparedBatch]:
+        self, request: PoseRequest, model: LoadedModel
+    ) -> tuple[np.ndarray, float, TopDownPipeline, PreparedBatch]:
         """Decode and crop in one go (one thread hop for the async path); the float is when decoding ended."""
         image = self.decode(request.image_bytes)
         decoded = time.perf_counter()
-        return (image, decoded, *self.prepare(request, image))
+        return (image, decoded, *self.prepare(request, model, image))
 
     async def estimate(self, request: PoseRequest) -> PoseResult:
         """Run one request without blocking the event loop (decoding and cropping run in a thread)."""
-        self.admit(request)
+        model = self.resolve_model(request.model)  # once per request
+        batcher = self.pool.batcher(model.name)
+        try:
+            batcher.check_admission()  # shed before decoding what the queue could not take anyway
+        except BatcherError as exc:
+            raise from_batcher_error(exc, self.settings.retry_after_s) from exc
         t0 = time.perf_counter()
         # Announced before decoding, so a free worker waits for these crops rather than
         # running a partial batch without them (see DynamicBatcher.announce).
-        batcher = self.pool.batcher(self.resolve_model(request.model).name)
         arrival = batcher.announce()
         try:
-            image, t1, model, pipe, prepared = await asyncio.to_thread(self._decode_prepare, request)
+            image, t1, pipe, prepared = await asyncio.to_thread(self._decode_prepare, request, model)
             t2 = time.perf_counter()
             if len(prepared.crops) == 0:
-                heatmaps = self._no_heatmaps(model)
+                heatmaps = torch.zeros(0, *pipe.heatmap_shape)
             else:
                 try:
                     heatmaps = await batcher.submit(prepared.crops, self.settings.request_timeout_s, arrival)
@@ -208,43 +203,12 @@ class PoseService:
         finally:
             arrival.settle()
         t3 = time.perf_counter()
-        poses, persons = await asyncio.to_thread(self.finish, request, model, pipe, prepared, heatmaps)
-        return self._result(model, image, poses, persons, (t0, t1, t2, t3, time.perf_counter()))
-
-    def estimate_sync(self, request: PoseRequest) -> PoseResult:
-        """The same as :meth:`estimate` for callers on threads (e.g. a gRPC thread pool)."""
-        self.admit(request)
-        t0 = time.perf_counter()
-        batcher = self.pool.batcher(self.resolve_model(request.model).name)
-        arrival = batcher.announce()
-        try:
-            image, t1, model, pipe, prepared = self._decode_prepare(request)
-            t2 = time.perf_counter()
-            if len(prepared.crops) == 0:
-                heatmaps = self._no_heatmaps(model)
-            else:
-                try:
-                    heatmaps = batcher.submit_sync(prepared.crops, self.settings.request_timeout_s, arrival)
-                except BatcherError as exc:
-                    raise from_batcher_error(exc, self.settings.retry_after_s) from exc
-        finally:
-            arrival.settle()
-        t3 = time.perf_counter()
-        poses, persons = self.finish(request, model, pipe, prepared, heatmaps)
-        return self._result(model, image, poses, persons, (t0, t1, t2, t3, time.perf_counter()))
-
-    @staticmethod
-    def _no_heatmaps(model: LoadedModel) -> torch.Tensor:
-        width, height = model.input_size
-        return torch.zeros(0, model.num_joints, height // 4, width // 4)
+        poses = await asyncio.to_thread(self.finish, request, pipe, prepared, heatmaps)
+        return self._result(model, image, poses, (t0, t1, t2, t3, time.perf_counter()))
 
     @staticmethod
     def _result(
-        model: LoadedModel,
-        image: np.ndarray,
-        poses: list[PersonPose],
-        persons: list[dict],
-        marks: tuple[float, float, float, float, float],
+        model: LoadedModel, image: np.ndarray, poses: list[PersonPose], marks: tuple[float, float, float, float, float]
     ) -> PoseResult:
         t0, t1, t2, t3, t4 = marks
         timings = {
@@ -255,12 +219,11 @@ class PoseService:
             "total_ms": _ms(t4 - t0),
         }
         height, width = image.shape[:2]
-        return PoseResult(model.name, width, height, persons, timings, image, poses, model.dataset)
+        return PoseResult(model.name, model.spec, width, height, poses, timings, image)
 
     def render_png(self, result: PoseResult) -> bytes:
         """The image with the skeletons drawn on it, as PNG bytes."""
         from ditepose.model.draw import draw_poses
 
-        model = self.pool.models[result.model]
-        canvas = draw_poses(result.image_rgb, result.poses, model.spec)
+        canvas = draw_poses(result.image_rgb, result.poses, result.spec)
         return encode_png(canvas)

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 import grpc
 import numpy as np
 
+from ditepose.model.keypoints import KeypointSpec
+from ditepose.model.pipeline import PersonPose
 from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.core.errors import ServiceError
 from ditepose.service.core.model_loader import LoadedModel
@@ -62,7 +64,7 @@ def request_from_proto(
         flip_test=options.flip_test if options.HasField("flip_test") else True,
         decoder=options.decoder or "default",
         score_threshold=threshold,
-        detector=options.detector or "whole",
+        detector=options.detector or "whole",  # type: ignore[arg-type]  (checked by PoseService.detector)
     )
 
 
@@ -70,15 +72,18 @@ def timings_to_proto(timings: dict[str, float]) -> pose_pb2.Timings:
     return pose_pb2.Timings(**{k: float(v) for k, v in timings.items() if k in pose_pb2.Timings.DESCRIPTOR.fields_by_name})
 
 
-def person_to_proto(person: dict, track_id: int = 0, keypoints_xy: np.ndarray | None = None) -> pose_pb2.Person:
-    """One person dict (as REST returns it) as a message; ``keypoints_xy`` replaces x/y (smoothing)."""
-    x, y, w, h = person["bbox"]
-    kpts = []
-    for j, k in enumerate(person["keypoints"]):
-        kx, ky = (float(keypoints_xy[j, 0]), float(keypoints_xy[j, 1])) if keypoints_xy is not None else (k["x"], k["y"])
-        kpts.append(pose_pb2.Keypoint(name=k["name"], x=kx, y=ky, score=k["score"]))
+def person_to_proto(
+    pose: PersonPose, spec: KeypointSpec, track_id: int = 0, keypoints_xy: np.ndarray | None = None
+) -> pose_pb2.Person:
+    """The gRPC edge of one person; ``keypoints_xy`` [K, 2] replaces x/y (smoothing)."""
+    x, y, w, h = (round(float(v), 2) for v in pose.bbox_xywh)
+    xy = pose.keypoints[:, :2] if keypoints_xy is None else keypoints_xy
+    kpts = [
+        pose_pb2.Keypoint(name=name, x=float(kx), y=float(ky), score=float(s))
+        for name, (kx, ky), s in zip(spec.joint_names, xy.tolist(), pose.keypoints[:, 2].tolist(), strict=True)
+    ]
     return pose_pb2.Person(
-        bbox=pose_pb2.Box(x=x, y=y, width=w, height=h), score=person["score"], keypoints=kpts, track_id=track_id
+        bbox=pose_pb2.Box(x=x, y=y, width=w, height=h), score=float(pose.score), keypoints=kpts, track_id=track_id
     )
 
 
@@ -87,7 +92,7 @@ def estimate_response(result: PoseResult) -> pose_pb2.EstimateResponse:
         model=result.model,
         width=result.width,
         height=result.height,
-        persons=[person_to_proto(p) for p in result.persons],
+        persons=[person_to_proto(p, result.spec) for p in result.poses],
         timings=timings_to_proto(result.timings),
     )
 

@@ -2,8 +2,9 @@
 
 ``start_grpc_server(settings, pool, service)`` runs the server on its own event loop in a
 background thread and returns a :class:`GrpcServer` handle with a blocking ``stop(grace)``,
-so ``service.server.run_servers`` can start it next to uvicorn. REST and gRPC requests go
-through one :class:`~service.pose_service.PoseService` and meet in the same batches.
+so :func:`ditepose.service.server.run_servers` can start it next to uvicorn. REST and gRPC
+requests go through one :class:`~ditepose.service.core.pose_service.PoseService` and meet in
+the same batches.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
             await abort_with(context, denied)
         default = self.settings.default_model_name
         models = [model_info(m, m.name == default) for m in self.service.pool.models.values()]
-        failed = dict(getattr(self.service.pool, "failed_models", {}))
+        failed = dict(self.service.pool.failed_models)
         return pose_pb2.ListModelsResponse(models=models, failed=failed)
 
     async def StreamPose(
@@ -152,7 +153,9 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
         timeout_s = self.settings.request_timeout_s
 
         async def run_frame(request: PoseRequest) -> PoseResult:
-            return await self._run(request, timeout_s)
+            # each frame in flight holds an admission slot, like a unary request
+            with self.service.admission.slot("stream"):
+                return await self._run(request, timeout_s)
 
         return StreamSession(opts, run_frame, model.spec.sigmas)
 
@@ -286,7 +289,7 @@ def start_grpc_server(
 ) -> GrpcServer:
     """Start gRPC beside REST on the shared pool.
 
-    Pass the REST app's ``app.state.service`` (shared pipelines) and
-    ``app.state.metrics.registry`` (gRPC metrics on the same /metrics page).
+    Pass the REST app's pose service (shared pipelines and admission count) and its metrics
+    registry (gRPC metrics on the same /metrics page): see :func:`ditepose.service.http.deps.context_of`.
     """
     return GrpcServer(settings, pool, service, registry).start()

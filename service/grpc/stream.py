@@ -228,8 +228,8 @@ class StreamSession:
         result = outcome.result
         message.model, message.width, message.height = result.model, result.width, result.height
         message.timings.CopyFrom(timings_to_proto(result.timings))
-        ids = [0] * len(result.persons)
-        smoothed: list[np.ndarray | None] = [None] * len(result.persons)
+        ids = [0] * len(result.poses)
+        smoothed: list[np.ndarray | None] = [None] * len(result.poses)
         if self.tracker is not None:
             boxes = np.array([p.bbox_xywh for p in result.poses], np.float64).reshape(-1, 4)
             kpts = np.stack([p.keypoints for p in result.poses]) if result.poses else None
@@ -239,6 +239,7 @@ class StreamSession:
                     smoothed[i] = self.smoother.smooth(ids[i], pose.keypoints, frame.timestamp)
                 self.smoother.retain(self.tracker.live_ids)
         message.persons.extend(
-            person_to_proto(p, ids[i], smoothed[i]) for i, p in enumerate(result.persons)
+            person_to_proto(p, result.spec, ids[i], None if smoothed[i] is None else smoothed[i][:, :2])
+            for i, p in enumerate(result.poses)
         )
         return message

@@ -1,7 +1,8 @@
 """``create_app(settings) -> FastAPI``: routers, error shape, metrics, and the worker pool.
 
 The app either owns its pool (loaded at startup, stopped at shutdown) or is handed one
-that other front-ends (gRPC, jobs) share; then the caller starts and stops it.
+that gRPC shares; then the caller starts and stops it. Routes reach the pool and services
+through the typed dependencies of :mod:`ditepose.service.http.deps`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from ditepose import __version__
 from ditepose.service.batching.pool import WorkerPool
-from ditepose.service.core.admission import Admission
 from ditepose.service.core.errors import ERROR_CODES, install_error_handlers
-from ditepose.service.core.metrics import ServiceMetrics
-from ditepose.service.core.pose_service import PoseService
 from ditepose.service.core.settings import Settings
+from ditepose.service.http.deps import AppContext
 from ditepose.service.http.middleware import AdmissionControl, BodySizeLimit, RequestMetrics
 from ditepose.service.http.routes import demo, error_responses, health, jobs, models, pose
 from ditepose.service.http.security import require_api_key
@@ -35,47 +35,29 @@ Errors always look like `{"error": {"code": "...", "message": "..."}}`. Codes:
 """ + "\n".join(f"* `{code}` ({status}): {text}" for code, (status, text) in ERROR_CODES.items())
 
 
-def _attach(app: FastAPI, pool: WorkerPool, settings: Settings) -> None:
-    app.state.pool = pool
-    app.state.service = PoseService(pool, settings, app.state.admission)
-    pool.add_observer(app.state.metrics)
-    app.state.metrics.watch_pool(pool)
-
-
 def create_app(settings: Settings | None = None, pool: WorkerPool | None = None) -> FastAPI:
     """Build the REST app; without ``pool`` it loads the configured models at startup."""
     settings = settings or Settings()
+    context = AppContext(settings)
     owns_pool = pool is None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if owns_pool:
-            own = await asyncio.to_thread(lambda: WorkerPool.from_settings(settings).start())
-            _attach(app, own, settings)
+            context.attach(await asyncio.to_thread(lambda: WorkerPool.from_settings(settings).start()))
         try:
             yield
         finally:
-            if owns_pool and app.state.pool is not None:
-                await asyncio.to_thread(app.state.pool.stop)
+            context.close()
+            if owns_pool and context.pool is not None:
+                await asyncio.to_thread(context.pool.stop)
 
-    app = FastAPI(
-        title="DitePose",
-        version="0.1.0",
-        description=_DESCRIPTION,
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.api_key = settings.resolved_api_key()
-    app.state.metrics = ServiceMetrics()
-    # One in-flight count for POST /v1/pose and (through app.state.service) gRPC Estimate.
-    app.state.admission = Admission(settings.resolved_max_in_flight, settings.retry_after_s)
-    app.state.metrics.watch_admission(app.state.admission)
-    app.state.pool = None
-    app.state.service = None
+    app = FastAPI(title="DitePose", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
+    app.state.context = context
     if pool is not None:
-        _attach(app, pool, settings)
+        context.attach(pool)
 
-    install_error_handlers(app)
+    install_error_handlers(app, settings.retry_after_s)
     secured = {"dependencies": [Depends(require_api_key)], "responses": error_responses("unauthorized")}
     app.include_router(pose.router, **secured)
     app.include_router(models.router, **secured)
@@ -85,7 +67,8 @@ def create_app(settings: Settings | None = None, pool: WorkerPool | None = None)
 
     # Base64 JSON is 4/3 of the image, plus the other fields.
     # Outermost first: RequestMetrics -> AdmissionControl -> BodySizeLimit -> routes.
+    assert context.admission is not None
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 64 * 1024)
-    app.add_middleware(AdmissionControl, admission=app.state.admission, routes=frozenset({("POST", "/v1/pose")}))
-    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(AdmissionControl, admission=context.admission, routes=frozenset({("POST", "/v1/pose")}))
+    app.add_middleware(RequestMetrics, metrics=context.metrics)
     return app

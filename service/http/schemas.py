@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Decoder = Literal["default", "dark", "unbiased", "argmax", "none"]
-DetectorName = Literal["whole", "hog"]
+from ditepose.model.codec import DecoderName
+from ditepose.model.detectors import DetectorName
+from ditepose.service.batching.pool import WorkerStatus
 
 
 class PoseOptions(BaseModel):
@@ -22,7 +23,7 @@ class PoseOptions(BaseModel):
     )
     model: str | None = Field(default=None, description="Served model name (see GET /v1/models); default first.")
     flip_test: bool = Field(default=True, description="Average with the horizontally mirrored crop (paper's test).")
-    decoder: Decoder = Field(
+    decoder: DecoderName = Field(
         default="default",
         description="Heatmap decoding: 'default' (argmax + quarter-pixel shift, as in the paper), "
         "'dark' (alias 'unbiased': DARK Taylor refinement), 'argmax' (alias 'none': plain argmax).",
@@ -36,7 +37,8 @@ class PoseOptions(BaseModel):
     detector: DetectorName = Field(
         default="whole",
         description="Used only without `boxes`: 'whole' = the whole image is one person box, "
-        "'hog' = OpenCV's HOG people detector.",
+        "'hog' = OpenCV's HOG people detector, 'torchvision' = a torchvision detector (needs its weights "
+        "configured; 503 `unavailable` otherwise).",
     )
 
 
@@ -117,21 +119,10 @@ class HealthResponse(BaseModel):
     status: Literal["ok"]
 
 
-class WorkerState(BaseModel):
-    name: str
-    device: str
-    state: str
-    alive: bool
-    batches: int
-    crops: int
-    errors: int
-    last_error: str | None
-
-
 class ReadyResponse(BaseModel):
     ready: bool
     models: dict[str, str] = Field(description="Model name -> 'loaded' or 'failed: <reason>'.")
-    workers: list[WorkerState]
+    workers: list[WorkerStatus] = Field(description="Every inference worker of the pool.")
     queue_depth: dict[str, int] = Field(description="Crops waiting per model.")
     jobs: dict | None = Field(
         default=None,

@@ -20,6 +20,7 @@ from ditepose.service.core.model_loader import load_models
 from ditepose.service.core.settings import ModelSpec, Settings
 from ditepose.service.grpc.server import start_grpc_server
 from ditepose.service.http.app import create_app
+from ditepose.service.http.deps import context_of
 from tests.reliability.support import assert_error_shape, record, serve, wait_until
 from tests.service.conftest import encode, figure_image, post_pose
 from tests.service.grpc.support import (
@@ -93,7 +94,7 @@ def test_bad_checkpoints_are_reported_and_the_rest_serve(tiny_ckpt: Path, tmp_pa
     image = encode(figure_image())
     pool = WorkerPool.from_settings(settings).start()
     app = create_app(settings, pool=pool)
-    grpc_server = start_grpc_server(settings, pool, app.state.service)
+    grpc_server = start_grpc_server(settings, pool, context_of(app).service)
     try:
         with channel(grpc_server) as ch:
             grpc_listing = stub(ch).ListModels(pose_pb2.ListModelsRequest(), timeout=10)

@@ -17,6 +17,7 @@ import uvicorn
 
 from ditepose.service.core.settings import ModelSpec, Settings
 from ditepose.service.http.app import create_app
+from ditepose.service.http.deps import context_of
 
 COCO_IMAGE = "000000217285.jpg"  # 640x427, several people
 COCO_BOXES = [[261.96, 162.16, 107.47, 252.37], [510.82, 168.47, 73.07, 258.53], [376.37, 210.25, 98.39, 212.07]]
@@ -52,7 +53,7 @@ class LiveServer:
 
     @property
     def pool(self):
-        return self.app.state.pool
+        return context_of(self.app).pool
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)

@@ -1,24 +1,11 @@
-"""Thin HTTP routers; the work happens in :mod:`service.pose_service`."""
+"""Thin HTTP routers: each takes its services as typed dependencies (:mod:`ditepose.service.http.deps`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import Request
-
-from ditepose.service.core.errors import ERROR_CODES, ServiceError
+from ditepose.service.core.errors import ERROR_CODES
 from ditepose.service.http.schemas import ErrorResponse
-
-if TYPE_CHECKING:
-    from ditepose.service.core.pose_service import PoseService
-
-
-def service_of(request: Request) -> PoseService:
-    """The app's :class:`PoseService`; ``unavailable`` while models are still loading."""
-    service = getattr(request.app.state, "service", None)
-    if service is None:
-        raise ServiceError("unavailable", "the service is starting; models are not loaded yet")
-    return service
 
 
 def error_responses(*codes: str) -> dict[int | str, dict[str, Any]]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ditepose.service.http.deps import ContextDep
 from ditepose.service.http.routes.jobs import jobs_readiness
 from ditepose.service.http.schemas import HealthResponse, ReadyResponse
 
@@ -26,8 +26,8 @@ async def healthz() -> HealthResponse:
     responses={503: {"model": ReadyResponse, "description": "Not ready (models loading or a worker died)."}},
     summary="Readiness: models loaded and every worker alive",
 )
-async def readyz(request: Request) -> JSONResponse:
-    pool = getattr(request.app.state, "pool", None)
+async def readyz(context: ContextDep) -> JSONResponse:
+    pool = context.pool
     if pool is None:
         body = ReadyResponse(ready=False, models={}, workers=[], queue_depth={})
     else:
@@ -35,15 +35,15 @@ async def readyz(request: Request) -> JSONResponse:
             ready=pool.ready,
             models={
                 **{name: "loaded" for name in pool.models},
-                **{name: f"failed: {why}" for name, why in getattr(pool, "failed_models", {}).items()},
+                **{name: f"failed: {why}" for name, why in pool.failed_models.items()},
             },
-            workers=[asdict(s) for s in pool.worker_status()],
+            workers=pool.worker_status(),
             queue_depth=pool.queue_depths(),
         )
-    body.jobs = await asyncio.to_thread(jobs_readiness, request.app)
+    body.jobs = await asyncio.to_thread(jobs_readiness, context)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(context: ContextDep) -> Response:
+    return Response(generate_latest(context.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,79 +1,34 @@
 """Offline evaluation jobs: ``POST /v1/evaluate``, ``GET/DELETE /v1/jobs/{id}``, ``GET /v1/jobs``.
 
-The :class:`~service.jobs.manager.JobService` is built on first use from the app's settings
-(``redis_url``) and the ``DITEPOSE_*`` job settings, or taken from ``app.state.jobs`` when the
-app was given one; with Redis down these routes answer 503 while ``/v1/pose`` is untouched.
+The :class:`~ditepose.service.jobs.manager.JobService` comes as a dependency (built on first
+use from the app's settings); with Redis down these routes answer 503 while ``/v1/pose`` is
+untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, JSONResponse
 
-from ditepose.service.core.errors import ERROR_CODES, ServiceError
+from ditepose.service.core.errors import ServiceError
+from ditepose.service.http.deps import AppContext, JobServiceDep
 from ditepose.service.http.routes import error_responses
 from ditepose.service.jobs.catalogue import BadName, UnknownName
 from ditepose.service.jobs.executor import BrokerUnavailable
 from ditepose.service.jobs.manager import InvalidRequest, JobService, UnknownModel
 from ditepose.service.jobs.schemas import EvaluateRequest, JobAccepted, JobList, JobResponse, job_response
 
-ERROR_CODES.setdefault("unknown_dataset", (404, "No dataset of that name in the server's evaluation catalogue."))
-ERROR_CODES.setdefault("unknown_job", (404, "No evaluation job with that id."))
-ERROR_CODES.setdefault("job_finished", (409, "The job already finished; there is nothing to cancel."))
-ERROR_CODES.setdefault("not_ready", (409, "The job has no predictions (yet): it did not succeed."))
-
-_init_lock = threading.Lock()
+router = APIRouter(prefix="/v1", tags=["jobs"])
 
 
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    yield
-    jobs = getattr(app.state, "jobs", None)
-    if jobs is not None:
-        jobs.close()
-
-
-router = APIRouter(prefix="/v1", tags=["jobs"], lifespan=_lifespan)
-
-
-def build_job_service(app: Any) -> JobService:
-    """From the app's settings and metrics registry (see :meth:`JobSettings.for_service`)."""
-    from ditepose.service.jobs.config import JobSettings
-    from ditepose.service.jobs.manager import served_model_refs
-    from ditepose.service.jobs.metrics import JobMetrics, JobStoreCollector
-
-    settings = app.state.settings
-    registry = getattr(getattr(app.state, "metrics", None), "registry", None)
-    metrics = JobMetrics(registry)
-    service = JobService(
-        JobSettings.for_service(settings), served_model_refs(settings),
-        getattr(settings, "default_model_name", None), metrics,
-    )
-    metrics.registry.register(JobStoreCollector(service.store))
-    return service
-
-
-def job_service(app: Any) -> JobService:
-    jobs = getattr(app.state, "jobs", None)
-    if jobs is None:
-        with _init_lock:
-            jobs = getattr(app.state, "jobs", None)
-            if jobs is None:
-                jobs = app.state.jobs = build_job_service(app)
-    return jobs
-
-
-def jobs_readiness(app: Any) -> dict[str, Any]:
+def jobs_readiness(context: AppContext) -> dict[str, Any]:
     """The jobs part of /readyz: mode and whether Redis answers (never raises)."""
     try:
-        service = job_service(app)
+        service = context.jobs()
     except Exception as exc:
         return {"ready": False, "error": f"{type(exc).__name__}: {exc}"}
     return service.health()
@@ -94,12 +49,11 @@ async def _call(fn: Any, *args: Any) -> Any:
 @router.post("/evaluate", status_code=202, response_model=JobAccepted, summary="Start an offline evaluation job",
              responses=error_responses("unknown_dataset", "unknown_model", "too_large", "invalid_request",
                                        "unavailable"))
-async def evaluate(request: Request, req: EvaluateRequest) -> JSONResponse:
+async def evaluate(jobs: JobServiceDep, req: EvaluateRequest) -> JSONResponse:
     """Evaluate a served model (or a checkpoint of the server's checkpoint folder) on a named dataset.
     Answers 202 at once; poll the job at `Location`."""
     try:
-        service = job_service(request.app)
-        rec = await _call(service.submit, req)
+        rec = await _call(jobs.submit, req)
     except UnknownModel as exc:
         raise ServiceError("unknown_model", str(exc)) from exc
     except UnknownName as exc:
@@ -111,8 +65,8 @@ async def evaluate(request: Request, req: EvaluateRequest) -> JSONResponse:
     return JSONResponse(body, status_code=202, headers={"Location": location})
 
 
-async def _record(request: Request, job_id: str) -> Any:
-    rec = await _call(job_service(request.app).get, job_id)
+async def _record(jobs: JobService, job_id: str) -> Any:
+    rec = await _call(jobs.get, job_id)
     if rec is None:
         raise ServiceError("unknown_job", f"no job {job_id!r}")
     return rec
@@ -121,37 +75,38 @@ async def _record(request: Request, job_id: str) -> Any:
 @router.get("/jobs", response_model=JobList, summary="Recent evaluation jobs, newest first",
             responses=error_responses("invalid_request", "unavailable"))
 async def list_jobs(
-    request: Request, limit: int | None = Query(None, ge=1, le=1000, description="Default: DITEPOSE_RECENT_JOBS.")
+    jobs: JobServiceDep,
+    limit: int | None = Query(None, ge=1, le=1000, description="Default: DITEPOSE_RECENT_JOBS."),
 ) -> JobList:
-    recs = await _call(job_service(request.app).recent, limit)
+    recs = await _call(jobs.recent, limit)
     now = time.time()
     return JobList(jobs=[job_response(r, now) for r in recs])
 
 
 @router.get("/jobs/{job_id}", response_model=JobResponse, summary="State, progress, timings and metrics of a job",
             responses=error_responses("unknown_job", "invalid_request", "unavailable"))
-async def get_job(request: Request, job_id: str) -> JobResponse:
-    return job_response(await _record(request, job_id), time.time())
+async def get_job(jobs: JobServiceDep, job_id: str) -> JobResponse:
+    return job_response(await _record(jobs, job_id), time.time())
 
 
 @router.delete("/jobs/{job_id}", response_model=JobResponse, summary="Cancel a queued or running job",
                responses=error_responses("unknown_job", "job_finished", "invalid_request", "unavailable"))
-async def cancel_job(request: Request, job_id: str) -> JobResponse:
+async def cancel_job(jobs: JobServiceDep, job_id: str) -> JobResponse:
     """A queued job is cancelled at once; a running one stops after its current batch
     (`cancel_requested` is true until then)."""
-    rec = await _record(request, job_id)
+    rec = await _record(jobs, job_id)
     if rec.state in ("succeeded", "failed"):
         raise ServiceError("job_finished", f"job {job_id} already {rec.state}")
-    rec = await _call(job_service(request.app).cancel, job_id)
+    rec = await _call(jobs.cancel, job_id)
     return job_response(rec, time.time())
 
 
 @router.get("/jobs/{job_id}/predictions", summary="Per-image predictions JSON of a succeeded job",
             response_class=FileResponse,
             responses=error_responses("unknown_job", "not_ready", "invalid_request", "unavailable"))
-async def job_predictions(request: Request, job_id: str) -> FileResponse:
-    rec = await _record(request, job_id)
-    path = job_service(request.app).predictions_file(rec)
+async def job_predictions(jobs: JobServiceDep, job_id: str) -> FileResponse:
+    rec = await _record(jobs, job_id)
+    path = jobs.predictions_file(rec)
     if path is None:
         raise ServiceError("not_ready", f"job {job_id} is {rec.state}; predictions exist once it succeeded")
     return FileResponse(path, media_type="application/json", filename=f"predictions-{job_id}.json")

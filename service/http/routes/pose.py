@@ -13,10 +13,20 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from ditepose.model.codec import DECODER_NAMES
+from ditepose.model.detectors import DETECTORS
 from ditepose.service.core.errors import ServiceError
-from ditepose.service.core.pose_service import PoseRequest
-from ditepose.service.http.routes import error_responses, service_of
-from ditepose.service.http.schemas import PoseJsonRequest, PoseOptions, PoseResponse
+from ditepose.service.core.pose_service import PoseRequest, PoseResult
+from ditepose.service.http.deps import PoseServiceDep
+from ditepose.service.http.routes import error_responses
+from ditepose.service.http.schemas import (
+    ImageSize,
+    Person,
+    PoseJsonRequest,
+    PoseOptions,
+    PoseResponse,
+    Timings,
+)
 
 router = APIRouter(prefix="/v1", tags=["pose"])
 
@@ -30,9 +40,9 @@ _MULTIPART_SCHEMA = {
         "boxes": {"type": "string", "description": 'JSON list of [x, y, w, h] boxes, e.g. "[[10,20,100,200]]".'},
         "model": {"type": "string"},
         "flip_test": {"type": "boolean", "default": True},
-        "decoder": {"type": "string", "enum": ["default", "dark", "unbiased", "argmax", "none"]},
+        "decoder": {"type": "string", "enum": list(DECODER_NAMES)},
         "score_threshold": {"type": "number", "description": "Drop persons scoring below this."},
-        "detector": {"type": "string", "enum": ["whole", "hog"], "default": "whole"},
+        "detector": {"type": "string", "enum": list(DETECTORS), "default": "whole"},
     },
 }
 
@@ -125,11 +135,11 @@ def _to_request(data: bytes, fields: dict) -> PoseRequest:
 )
 async def estimate_pose(
     request: Request,
+    service: PoseServiceDep,
     render: Literal["json", "png"] = Query("json", description="'png' returns the image with skeletons drawn."),
-) -> Response:
+) -> PoseResponse | Response:
     """Upload an image (multipart field `image`, or base64 in a JSON body) with optional person
     boxes; get 2D keypoints in image pixels. No URL fetching: send the bytes."""
-    service = service_of(request)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         pose_request = await _from_multipart(request, service.settings.max_upload_bytes)
@@ -140,11 +150,15 @@ async def estimate_pose(
     result = await service.estimate(pose_request)
     if render == "png":
         png = service.render_png(result)
-        return Response(png, media_type="image/png", headers={"X-Persons": str(len(result.persons))})
-    body = {
-        "model": result.model,
-        "image": {"width": result.width, "height": result.height},
-        "timings": result.timings,
-        "persons": result.persons,
-    }
-    return Response(json.dumps(body), media_type="application/json")
+        return Response(png, media_type="image/png", headers={"X-Persons": str(len(result.poses))})
+    return pose_response(result)
+
+
+def pose_response(result: PoseResult) -> PoseResponse:
+    """The REST edge of a result: each :class:`PersonPose` in its JSON form (as ``ditepose predict`` writes it)."""
+    return PoseResponse(
+        model=result.model,
+        image=ImageSize(width=result.width, height=result.height),
+        timings=Timings(**result.timings),
+        persons=[Person.model_validate(pose.to_dict(result.spec)) for pose in result.poses],
+    )

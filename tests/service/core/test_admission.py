@@ -23,6 +23,7 @@ from ditepose.service.core.admission import Admission
 from ditepose.service.core.errors import ServiceError
 from ditepose.service.core.settings import ModelSpec, Settings
 from ditepose.service.grpc.convert import ERROR_CODE_METADATA
+from ditepose.service.http.deps import context_of
 from ditepose.service.http.middleware import AdmissionControl
 from tests.reliability.support import serve, wait_until
 from tests.service.conftest import assert_error, encode, figure_image, post_pose
@@ -180,7 +181,7 @@ def live(tiny: Path) -> Iterator[tuple]:
 
 
 def _idle(app) -> bool:
-    return wait_until(lambda: app.state.admission.in_flight == 0, timeout=10)
+    return wait_until(lambda: context_of(app).admission.in_flight == 0, timeout=10)
 
 
 def test_slot_is_released_on_every_rest_outcome(live: tuple) -> None:
@@ -209,9 +210,9 @@ def test_slot_is_released_on_every_rest_outcome(live: tuple) -> None:
             assert _idle(app)
         finally:
             faults.delay_s = 0.0
-        wait_until(lambda: sum(app.state.pool.queue_depths().values()) == 0, timeout=10)
+        wait_until(lambda: sum(context_of(app).pool.queue_depths().values()) == 0, timeout=10)
         assert post_pose(client, image, boxes=BOX).status_code == 200
-    assert app.state.admission.in_flight == 0
+    assert context_of(app).admission.in_flight == 0
 
 
 def test_full_service_answers_429_without_reading_the_body(live: tuple) -> None:
@@ -219,10 +220,10 @@ def test_full_service_answers_429_without_reading_the_body(live: tuple) -> None:
     one waiting for 100-continue) whose bodies are never sent get 429 from their headers; hanging
     up frees the slot."""
     app, url, _ch, _faults = live
-    rejected_before = dict(app.state.admission.rejected)
+    rejected_before = dict(context_of(app).admission.rejected)
     holder = start_upload(url, 200_000, multipart_prefix())
     try:
-        assert wait_until(lambda: app.state.admission.in_flight == 1, timeout=10)
+        assert wait_until(lambda: context_of(app).admission.in_flight == 1, timeout=10)
         expect = {"Expect": "100-continue"}  # a client that waits for "100 Continue" before its body
         for content_type, sent, headers in ((None, multipart_prefix(), None),
                                             ("application/json", b'{"image": "/9j/4AAQ', None),
@@ -237,11 +238,11 @@ def test_full_service_answers_429_without_reading_the_body(live: tuple) -> None:
             assert answer.headers["retry-after"] == "2"
             body = json.loads(answer.body)
             assert body["error"]["code"] == "overloaded" and "in flight" in body["error"]["message"]
-        assert app.state.admission.in_flight == 1
+        assert context_of(app).admission.in_flight == 1
     finally:
         holder.close()  # the client hangs up mid-upload
     assert _idle(app)
-    assert app.state.admission.rejected["rest"] == rejected_before.get("rest", 0) + 3
+    assert context_of(app).admission.rejected["rest"] == rejected_before.get("rest", 0) + 3
     with httpx.Client(base_url=url, timeout=30) as client:
         assert post_pose(client, encode(figure_image(160, 120)), boxes=BOX).status_code == 200
         metrics = client.get("/metrics").text
@@ -256,7 +257,7 @@ def test_grpc_estimate_shares_the_limit(live: tuple) -> None:
     request = pose_pb2.EstimateRequest(image=image, boxes=[pose_pb2.Box(x=40, y=10, width=80, height=100)])
     holder = start_upload(url, 200_000, multipart_prefix())
     try:
-        assert wait_until(lambda: app.state.admission.in_flight == 1, timeout=10)
+        assert wait_until(lambda: context_of(app).admission.in_flight == 1, timeout=10)
         with pytest.raises(grpc.RpcError) as refused:
             stub(ch).Estimate(request, timeout=10)
     finally:
@@ -266,11 +267,11 @@ def test_grpc_estimate_shares_the_limit(live: tuple) -> None:
     assert "in flight" in err.details() and "limit is 1" in err.details()
     trailing = dict(err.trailing_metadata() or ())
     assert trailing[ERROR_CODE_METADATA] == "overloaded" and trailing["retry-after"] == "2"
-    assert app.state.admission.rejected["grpc"] >= 1
+    assert context_of(app).admission.rejected["grpc"] >= 1
     assert _idle(app)
     reply = stub(ch).Estimate(request, timeout=30)
-    assert len(reply.persons) == 1 and app.state.admission.in_flight == 0
+    assert len(reply.persons) == 1 and context_of(app).admission.in_flight == 0
     with pytest.raises(grpc.RpcError) as bad:
         stub(ch).Estimate(pose_pb2.EstimateRequest(image=b"junk"), timeout=10)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert app.state.admission.in_flight == 0
+    assert context_of(app).admission.in_flight == 0
