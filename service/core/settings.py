@@ -118,7 +118,21 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=40_000_000, ge=1, description="Largest width*height accepted, checked from the header before decoding."
     )
-    max_boxes: int = Field(default=64, ge=1, description="Most person boxes per request.")
+    max_boxes: int = Field(default=64, ge=1, description="Most person boxes per request (given or detected).")
+    detector: str = Field(
+        default="auto",
+        description="Person detector for requests without boxes: 'auto' (NanoDet when its weights are cached, "
+        "else the whole image as one box; the log, /readyz and /v1/models say which and why), 'nanodet', 'whole', "
+        "'hog' or 'torchvision'. A request may name another.",
+    )
+    det_score_threshold: float = Field(
+        default=0.3, ge=0.0, le=1.0, description="NanoDet: person boxes scoring below this are dropped."
+    )
+    weights_dir: Path | None = Field(
+        default=None,
+        description="Cache of downloaded weights (NanoDet's), filled by `ditepose weights fetch`. None: "
+        "$XDG_CACHE_HOME/ditepose/weights, else ~/.cache/ditepose/weights.",
+    )
     api_key: SecretStr | None = Field(
         default=None, description="If set, /v1 routes need this value in the X-API-Key header."
     )
@@ -184,6 +198,15 @@ class Settings(BaseSettings):
         if self.hard_time_limit_s <= self.soft_time_limit_s:
             raise ValueError("hard_time_limit_s must exceed soft_time_limit_s")
         return self
+
+    @field_validator("detector")
+    @classmethod
+    def _check_detector(cls, value: str) -> str:
+        from ditepose.model.detectors import DETECTORS
+
+        if value != "auto" and value not in DETECTORS:
+            raise ValueError(f"unknown detector {value!r}: use 'auto' or one of {list(DETECTORS)}")
+        return value
 
     @field_validator("devices")
     @classmethod

@@ -64,7 +64,7 @@ def request_from_proto(
         flip_test=options.flip_test if options.HasField("flip_test") else True,
         decoder=options.decoder or "default",
         score_threshold=threshold,
-        detector=options.detector or "whole",  # type: ignore[arg-type]  (checked by PoseService.detector)
+        detector=options.detector or None,  # type: ignore[arg-type]  (checked by PoseService.detector)
     )
 
 

@@ -34,11 +34,12 @@ class PoseOptions(BaseModel):
         description="Persons whose score is below this are left out (scores are heatmap peaks, "
         "about 0..1 for trained weights). None keeps every person.",
     )
-    detector: DetectorName = Field(
-        default="whole",
-        description="Used only without `boxes`: 'whole' = the whole image is one person box, "
-        "'hog' = OpenCV's HOG people detector, 'torchvision' = a torchvision detector (needs its weights "
-        "configured; 503 `unavailable` otherwise).",
+    detector: DetectorName | None = Field(
+        default=None,
+        description="Used only without `boxes`: 'nanodet' (a COCO person detector, the default when its weights "
+        "are cached), 'whole' (the whole image is one person box), 'hog' (OpenCV's HOG people detector), "
+        "'torchvision' (needs configured weights). Omitted: the server's default (see GET /v1/models). A detector "
+        "whose weights are missing answers 503 `unavailable`, naming the command that fetches them.",
     )
 
 
@@ -101,6 +102,10 @@ class ModelInfo(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    default_detector: str = Field(description="The person detector of requests without boxes that name none.")
+    detectors: dict[str, str] = Field(
+        default_factory=dict, description="Detectors that need downloaded weights: 'ready' or what is missing."
+    )
     failed: dict[str, str] = Field(
         default_factory=dict, description="Configured models that failed to load -> the reason (not served)."
     )
@@ -124,6 +129,11 @@ class ReadyResponse(BaseModel):
     models: dict[str, str] = Field(description="Model name -> 'loaded' or 'failed: <reason>'.")
     workers: list[WorkerStatus] = Field(description="Every inference worker of the pool.")
     queue_depth: dict[str, int] = Field(description="Crops waiting per model.")
+    detectors: dict[str, str] = Field(
+        default_factory=dict,
+        description="Detectors that need downloaded weights: 'ready' or what is missing and the command that "
+        "fetches it. Does not change the status code (requests with boxes, or another detector, are served).",
+    )
     jobs: dict | None = Field(
         default=None,
         description="Evaluation jobs: mode (embedded|celery), ready, error (e.g. Redis down). Does not "

@@ -18,7 +18,7 @@ def dockerfile(request: pytest.FixtureRequest):
     return request.param
 
 
-def test_builder_installs_the_wheel_and_runtime_copies_only_the_venv(dockerfile):
+def test_builder_installs_the_wheel_and_runtime_copies_only_the_venv_and_weights(dockerfile):
     stages = dockerfile_stages(dockerfile)
     assert [s.name for s in stages] == ["builder", "runtime"]
     builder, runtime = stages
@@ -27,7 +27,11 @@ def test_builder_installs_the_wheel_and_runtime_copies_only_the_venv(dockerfile)
     assert "torch==2.14.1" in runs and "torchvision==0.29.1" in runs
     copies = [copy_sources(rest) for kw, rest in runtime.instructions if kw == "COPY"]
     from_builder = [(src, flags) for src, flags in copies if flags.get("from") == "builder"]
-    assert from_builder == [(["/opt/venv"], {"from": "builder"})]
+    assert from_builder == [(["/opt/venv"], {"from": "builder"}), (["/opt/ditepose/weights"], {"from": "builder"})]
+    # the person detector's weights are fetched (and checked) at build time, where the runtime looks
+    assert "DITEPOSE_WEIGHTS_DIR=/opt/ditepose/weights ditepose weights fetch" in runs
+    env = " ".join(rest for kw, rest in runtime.instructions if kw == "ENV")
+    assert "DITEPOSE_WEIGHTS_DIR=/opt/ditepose/weights" in env
     # No source tree and no build tools in the runtime stage.
     runtime_runs = " ".join(rest for kw, rest in runtime.instructions if kw == "RUN")
     assert "pip install" not in runtime_runs and "build-essential" not in runtime_runs

@@ -40,6 +40,8 @@ async def readyz(context: ContextDep) -> JSONResponse:
             workers=pool.worker_status(),
             queue_depth=pool.queue_depths(),
         )
+    if context.service is not None:
+        body.detectors = context.service.detector_status()
     body.jobs = await asyncio.to_thread(jobs_readiness, context)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 

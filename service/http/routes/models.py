@@ -19,4 +19,6 @@ async def list_models(service: PoseServiceDep) -> ModelsResponse:
     return ModelsResponse(
         models=[ModelInfo(**m.describe(), default=m.name == default) for m in service.pool.models.values()],
         failed=dict(service.pool.failed_models),
+        default_detector=service.default_detector,
+        detectors=service.detector_status(),
     )

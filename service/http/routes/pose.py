@@ -42,7 +42,8 @@ _MULTIPART_SCHEMA = {
         "flip_test": {"type": "boolean", "default": True},
         "decoder": {"type": "string", "enum": list(DECODER_NAMES)},
         "score_threshold": {"type": "number", "description": "Drop persons scoring below this."},
-        "detector": {"type": "string", "enum": list(DETECTORS), "default": "whole"},
+        "detector": {"type": "string", "enum": list(DETECTORS),
+                     "description": "Without boxes: the person detector (default: the server's, see GET /v1/models)."},
     },
 }
 

@@ -141,7 +141,7 @@
       flip_test: $("flip").checked ? "true" : "false",
       decoder: $("decoder").value,
     };
-    if (!boxes.length) fields.detector = $("detector").value;
+    if (!boxes.length && $("detector").value) fields.detector = $("detector").value;
     for (const [k, v] of Object.entries(fields)) if (v !== "") form.append(k, v);
     return { form, fields };
   }

@@ -35,7 +35,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]
     proc = subprocess.Popen(
         python_cmd("serve", "--port", str(rest), "--grpc-port", str(rpc), "--devices", "cpu", "--model", f"tiny={ckpt}"),
         cwd=REPO_ROOT,
-        env=subprocess_env(DITEPOSE_MAX_DELAY_MS="2"),
+        env=subprocess_env(DITEPOSE_MAX_DELAY_MS="2", DITEPOSE_DETECTOR="whole"),  # one box per frame
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

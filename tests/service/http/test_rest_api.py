@@ -77,13 +77,17 @@ def test_json_base64_body_equals_multipart(server):
     assert as_json["persons"] == multipart["persons"]
 
 
-def test_without_boxes_uses_the_whole_image_or_hog(server):
+def test_without_boxes_the_named_detector_finds_the_persons(server):
     jpeg = encode(figure_image(seed=4))
     with server.client() as client:
-        whole = post_pose(client, jpeg, model="hrnet18", flip_test=False).json()
+        whole = post_pose(client, jpeg, model="hrnet18", flip_test=False, detector="whole").json()
         hog = post_pose(client, jpeg, model="hrnet18", detector="hog")
+        nanodet = post_pose(client, jpeg, model="hrnet18", detector="nanodet")
     assert whole["persons"][0]["bbox"] == [0.0, 0.0, 640.0, 480.0]
     assert hog.status_code == 200 and isinstance(hog.json()["persons"], list)
+    # a drawn stick figure is no photo: NanoDet may or may not see a person, but never the whole frame
+    assert nanodet.status_code == 200
+    assert all(p["bbox"] != [0.0, 0.0, 640.0, 480.0] for p in nanodet.json()["persons"])
 
 
 def test_second_model_is_chosen_per_request(server):
