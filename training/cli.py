@@ -31,18 +31,20 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _resolve_config(args.config, args.dataset)
     overrides = {
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "workers": args.workers,
+        "epochs": args.epochs, "global_batch": args.global_batch, "per_device_batch": args.per_device_batch,
+        "lr": args.lr, "workers": args.workers, "amp": args.amp,
         "max_iters": args.max_iters, "seed": args.seed, "input_size": args.input, "max_people": args.max_people,
         "eval_every": args.eval_every, "log_every": args.log_every, "grad_clip": args.grad_clip,
-        "ema_decay": args.ema, "warmup_iters": args.warmup_iters,
+        "ema_decay": args.ema, "warmup_iters": args.warmup_iters, "checkpoint_every": args.checkpoint_every,
+        "det_file": args.det_file, "test_boxes": args.test_boxes,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_aug:
         overrides["augment"] = AugmentConfig.none(cfg.augment.sigma)
     if args.sync_bn:
         overrides["sync_bn"] = True
-    if args.no_amp:
-        overrides["amp"] = False
+    if args.scale_lr:
+        overrides["scale_lr"] = True
     if args.no_flip:
         overrides["flip_test"] = False
     if args.model_overrides:
@@ -93,8 +95,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         coco_gt = ds.coco if meta.dataset == "coco" else None
         plots = [str(p) for p in write_evaluation_plots(args.plots, meta.dataset, preds, table, coco_gt=coco_gt)]
+    boxes = f"detections:{args.det_file}" if meta.dataset == "coco" and args.det_file else "gt"
     print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": meta.dataset, "samples": len(ds),
-                      "flip": not args.no_flip, "decoder": args.decoder, "metrics": table, "plots": plots}))
+                      "boxes": boxes, "flip": not args.no_flip, "decoder": args.decoder, "metrics": table,
+                      "plots": plots}))
     return 0
 
 
@@ -117,9 +121,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--work-dir", required=True)
     train.add_argument("--dataset", choices=["coco", "mpii"], default=None)
     train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int, help="per process")
-    train.add_argument("--lr", type=float)
-    train.add_argument("--workers", type=int)
+    train.add_argument("--global-batch", type=int,
+                       help="samples per optimizer step over all processes (recipe: 256 = the authors' 8 x 32)")
+    train.add_argument("--per-device-batch", type=int,
+                       help="micro-batch per process; less than global/processes accumulates gradients")
+    train.add_argument("--lr", type=float, help="peak lr for the recipe's global batch (recipe: 2e-3)")
+    train.add_argument("--scale-lr", action="store_true",
+                       help="linear scaling rule: lr x global-batch / 256 (off: lr is used as given)")
+    train.add_argument("--amp", choices=["none", "bf16", "fp16"],
+                       help="mixed precision (recipe: none = fp32, as the authors; fp16 needs CUDA)")
+    train.add_argument("--workers", type=int, help="data-loader workers per process (recipe: 6)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     train.add_argument("--resume", nargs="?", const=True, default=None,
                        help="resume from WORK_DIR/latest_state.pt (or the given file)")
@@ -130,10 +141,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-every", type=int, help="epochs; 0 = never")
     train.add_argument("--log-every", type=int, help="iterations")
     train.add_argument("--warmup-iters", type=int)
+    train.add_argument("--checkpoint-every", type=int, help="epochs between epoch_N.pt snapshots; 0 = none")
+    train.add_argument("--det-file", help="person detections json for the end-of-training COCO test "
+                       "(recipe: DATA/person_detection_results/COCO_val2017_detections_AP_H_56_person.json)")
+    train.add_argument("--test-boxes", choices=["gt", "detections"],
+                       help="boxes of the end-of-training evaluation (recipe: detections on COCO, gt on MPII)")
     train.add_argument("--grad-clip", type=float)
     train.add_argument("--ema", type=float, help="EMA decay, e.g. 0.999")
     train.add_argument("--sync-bn", action="store_true")
-    train.add_argument("--no-amp", action="store_true")
     train.add_argument("--no-aug", action="store_true", help="no random augmentation")
     train.add_argument("--no-flip", action="store_true", help="no flip test at evaluation")
     train.add_argument("--model-overrides", help="JSON dict of DiteHRNetConfig fields (e.g. a tiny net)")

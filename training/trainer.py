@@ -1,20 +1,34 @@
-"""The training loop: single process or torchrun DDP, exact resume, periodic evaluation.
+"""The training loop: single process or torchrun DDP, a global batch, exact resume, evaluation.
 
-Randomness is a pure function of the seed: model init from ``seed``, the sample order
-of epoch ``e`` from ``seed + e``, augmentation from ``(seed, epoch, index)``. So a run
-resumed from ``latest_state.pt`` (even mid-epoch) replays the same batches and gives
-the same loss curve as an uninterrupted one.
+Batches. Every optimizer step consumes one *global batch* of ``cfg.global_batch`` samples,
+whatever the number of processes: the samples of epoch ``e`` are ``randperm(N)`` drawn from
+``seed + e`` (torch's and mmpose's ``DistributedSampler`` order), padded by repetition to a
+multiple of ``cfg.sampler_pad`` (the authors' 8 processes), cut into ``len // global_batch``
+global batches (``drop_last``). A global batch is dealt to ``world_size x accumulation``
+*lanes*: lane ``v = m * world_size + rank`` (rank ``rank``, micro-step ``m``) takes every
+``lanes``-th sample from offset ``v``. With 8 processes and no accumulation that is exactly
+mmpose's ``DistributedSampler`` + ``drop_last=True`` loader; with 1, 2 or 8 processes the step
+sees the same 256 samples and the same learning rate. BatchNorm statistics are per lane (per
+process, per micro-batch), as in the authors' runs; ``sync_bn`` is opt-in.
+
+Randomness is a pure function of the seed: model init from ``seed``, the sample order of epoch
+``e`` from ``seed + e``, augmentation from ``(seed, epoch, index)``. So a run resumed from
+``latest_state.pt`` (even mid-epoch) replays the same batches and gives the same loss curve as
+an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
 import random
+import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +36,91 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ditepose.model import CheckpointMeta, build_model, save_checkpoint
-from ditepose.model.pipeline import module_infer
-from ditepose.training.config import TrainConfig
+from ditepose.model.pipeline import TopDownPipeline, module_infer
+from ditepose.training.config import (
+    AUTHORS_GPU_BATCH,
+    AUTHORS_REPO,
+    TrainConfig,
+    describe_differences,
+    differences,
+)
 from ditepose.training.data_layout import find_split
 from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset, TopDownDataset
-from ditepose.training.evaluate import pipeline_for, predict, primary_metric, score
+from ditepose.training.evaluate import predict, primary_metric, score
 from ditepose.training.logs import MetricsLogger
 from ditepose.training.loss import JointsMSELoss
 
 STATE_FILE = "latest_state.pt"
+EVAL_BATCH = 32  # the authors' val/test samples_per_gpu (no effect on the numbers)
 
 
 log = logging.getLogger(__name__)
 
 
 def lr_at(cfg: TrainConfig, epoch: int, global_iter: int) -> float:
-    """mmcv 'step' policy with linear warm-up: base x gamma^(steps passed) x warm-up factor."""
-    lr = cfg.lr * cfg.lr_gamma ** sum(1 for s in cfg.lr_steps if epoch >= s)
+    """mmcv 'step' policy with linear warm-up: base x gamma^(steps passed) x warm-up factor.
+
+    ``global_iter`` counts optimizer steps (global batches), so the schedule is the same on any
+    number of processes."""
+    lr = cfg.base_lr * cfg.lr_gamma ** sum(1 for s in cfg.lr_steps if epoch >= s)
     if global_iter < cfg.warmup_iters:
         lr *= 1 - (1 - global_iter / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
     return lr
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one global batch is split: ``world_size`` processes x ``accumulation`` micro-batches of ``per_device``."""
+
+    global_batch: int
+    world_size: int
+    per_device: int
+    accumulation: int
+
+    @property
+    def lanes(self) -> int:
+        return self.world_size * self.accumulation
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, world_size: int) -> BatchLayout:
+        g = cfg.global_batch
+        if g % world_size:
+            raise ValueError(f"global batch {g} is not divisible by {world_size} processes")
+        share = g // world_size
+        per_device = cfg.per_device_batch or share
+        if share % per_device:
+            raise ValueError(f"per-device batch {per_device} does not divide the {share} samples each of "
+                             f"{world_size} processes takes from a global batch of {g}")
+        if per_device < 2:
+            raise ValueError("a per-device batch of 1 breaks BatchNorm on the 1x1 attention maps; use >= 2")
+        return cls(g, world_size, per_device, share // per_device)
+
+
+def epoch_order(num_samples: int, cfg: TrainConfig, epoch: int) -> list[int]:
+    """The epoch's permutation (torch ``DistributedSampler``: ``randperm`` from ``seed + epoch``),
+    padded by repeating its head to a multiple of ``cfg.sampler_pad``."""
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    order = torch.randperm(num_samples, generator=g).tolist()
+    pad = (-len(order)) % cfg.sampler_pad
+    while pad and order:
+        head = order[:pad]
+        order += head
+        pad -= len(head)
+    return order
+
+
+def steps_per_epoch(num_samples: int, cfg: TrainConfig) -> int:
+    """Full global batches per epoch (the last partial one is dropped)."""
+    return (num_samples + (-num_samples) % cfg.sampler_pad) // cfg.global_batch
+
+
+def micro_batches(order: list[int], layout: BatchLayout, step: int, rank: int) -> list[list[int]]:
+    """The ``accumulation`` micro-batches of ``rank`` for global batch ``step`` of ``order``."""
+    chunk = order[step * layout.global_batch:(step + 1) * layout.global_batch]
+    return [chunk[m * layout.world_size + rank::layout.lanes] for m in range(layout.accumulation)]
 
 
 def build_dataset(cfg: TrainConfig, data_dir: Path, split: str, train: bool) -> tuple[TopDownDataset, Path | None]:
@@ -57,6 +133,16 @@ def build_dataset(cfg: TrainConfig, data_dir: Path, split: str, train: bool) -> 
         ds = MpiiKeypointDataset(layout.ann_file, layout.img_dir, cfg.input_size, train=train, recipe=cfg.augment,
                                  seed=cfg.seed, max_people=cfg.max_people if train else None)
     return ds, layout.gt_file
+
+
+def resolve_det_file(cfg: TrainConfig, data_dir: Path) -> Path | None:
+    """The recipe's detections file (absolute, or relative to the data folder), if it exists."""
+    if cfg.det_file is None:
+        return None
+    path = Path(cfg.det_file)
+    if not path.is_absolute():
+        path = data_dir / path
+    return path if path.is_file() else None
 
 
 class EMA:
@@ -77,6 +163,10 @@ class EMA:
                 e.copy_(p)
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 class Trainer:
     """Train ``cfg`` on ``data_dir`` writing checkpoints and logs to ``work_dir``."""
 
@@ -87,12 +177,15 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.distributed = self.world_size > 1
         self.rank = int(os.environ.get("RANK", "0"))
+        self.layout = BatchLayout.of(cfg, self.world_size)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None and self.distributed:
             self.device = torch.device("cuda", local_rank)
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp 'fp16' needs CUDA (GradScaler); use 'bf16' or 'none' on CPU")
         if self.distributed and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
@@ -110,15 +203,17 @@ class Trainer:
                 raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.use_amp = cfg.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.criterion = JointsMSELoss(use_target_weight=True)
 
         self.train_set, _ = build_dataset(cfg, self.data_dir, "train", train=True)
-        if len(self.train_set) == 0:
-            raise ValueError(f"no training samples in {self.data_dir}")
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_set)} training samples in {self.data_dir} do not fill one global "
+                             f"batch of {cfg.global_batch} (the last partial batch is dropped); lower global_batch")
         try:
             self.val_set, self.val_gt = build_dataset(cfg, self.data_dir, "val", train=False)
         except FileNotFoundError:
@@ -126,6 +221,8 @@ class Trainer:
         self.epoch, self.iter_in_epoch, self.global_iter = 0, 0, 0
         self.best: dict[str, Any] = {"metric": None, "value": None, "epoch": None}
         self.last_metrics: dict[str, float] = {}
+        self.last_eval_epoch: int | None = None
+        self.throughput: list[dict[str, Any]] = []
         if resume:
             self.load_state(self.work_dir / STATE_FILE if resume is True else Path(resume))
         self.ddp: nn.Module = self.model
@@ -135,6 +232,39 @@ class Trainer:
             # mask conv of the branch that the module's output does not use), hence find_unused_parameters.
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
         self.logger = MetricsLogger(self.work_dir, enabled=self.is_main)
+        if self.is_main:
+            self._announce()
+
+    # ---------------------------------------------------------------- recipe
+    def run_info(self) -> dict[str, Any]:
+        """What this run is: the recipe, what it changes from the authors', the batch layout, the precision."""
+        lay = self.layout
+        notes = []
+        if lay.per_device != AUTHORS_GPU_BATCH:
+            notes.append(f"BatchNorm sees {lay.per_device} samples per forward (authors: {AUTHORS_GPU_BATCH} per GPU)")
+        if self.cfg.sync_bn and self.distributed:
+            notes.append("BatchNorm statistics synchronised across processes (authors: per process)")
+        return {
+            "recipe": self.cfg.name, "reproduces": f"{AUTHORS_REPO}/{self.cfg.reproduces}" if self.cfg.reproduces
+            else None,
+            "differs_from_authors": differences(self.cfg), "layout": asdict(lay), "layout_notes": notes,
+            "amp": self.cfg.amp, "lr": self.cfg.base_lr, "steps_per_epoch": self.steps_per_epoch,
+            "train_samples": len(self.train_set), "device": str(self.device),
+        }
+
+    def _announce(self) -> None:
+        info = self.run_info()
+        lay = self.layout
+        precision = "fp32" if self.cfg.amp == "none" else f"{self.cfg.amp} autocast"
+        _say(f"recipe {self.cfg.name} (reproduces {info['reproduces'] or 'no authors config'}): "
+             f"global batch {lay.global_batch} = {lay.world_size} process(es) x {lay.per_device} "
+             f"x {lay.accumulation} accumulation; lr {self.cfg.base_lr:g}; {precision}; "
+             f"{self.steps_per_epoch} steps/epoch on {len(self.train_set)} samples")
+        diff = describe_differences(self.cfg)
+        _say("differs from the authors' config:\n" + diff if diff else "identical to the authors' config")
+        for note in info["layout_notes"]:
+            _say(f"  note: {note}")
+        (self.work_dir / "recipe.json").write_text(json.dumps({**info, "config": self.cfg.to_dict()}, indent=2))
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -144,6 +274,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
             "epoch": self.epoch, "iter_in_epoch": self.iter_in_epoch, "global_iter": self.global_iter,
             "best": json.dumps(self.best), "config": json.dumps(self.cfg.to_dict()),
+            "layout": json.dumps(asdict(self.layout)),
             "scheduler": {"policy": "step+linear-warmup", "lr": lr_at(self.cfg, self.epoch, self.global_iter)},
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -159,7 +290,8 @@ class Trainer:
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = json.loads(state["config"])
         current = json.loads(json.dumps(self.cfg.to_dict()))
-        clash = [k for k in ("arch", "dataset", "input_size", "model_overrides", "batch_size", "seed")
+        # The batch layout (processes, per-device batch) may change: the global batches stay the same.
+        clash = [k for k in ("arch", "dataset", "input_size", "model_overrides", "global_batch", "sampler_pad", "seed")
                  if saved.get(k) != current.get(k)]
         if clash:
             raise ValueError(f"cannot resume from {path}: recipe differs in {clash} "
@@ -187,46 +319,52 @@ class Trainer:
             torch.save(self.state_dict(), tmp)
             tmp.replace(self.work_dir / STATE_FILE)
 
-    def meta(self, metrics: dict[str, float] | None = None) -> CheckpointMeta:
+    def meta(self, metrics: dict[str, float] | None = None, boxes: str = "gt") -> CheckpointMeta:
         return CheckpointMeta(
             arch=self.cfg.arch, dataset=self.cfg.dataset, num_joints=self.cfg.num_joints,
             input_size=self.cfg.input_size, overrides=dict(self.cfg.model_overrides),
-            extra={"recipe": self.cfg.to_dict(), "metrics": metrics or {}, "epoch": self.epoch,
-                   "iterations": self.global_iter})
+            extra={"recipe": self.cfg.to_dict(), "reproduces": self.cfg.reproduces, "amp": self.cfg.amp,
+                   "differs_from_authors": differences(self.cfg), "layout": asdict(self.layout),
+                   "metrics": metrics or {}, "boxes": boxes, "epoch": self.epoch, "iterations": self.global_iter})
 
     def eval_module(self) -> nn.Module:
         return self.ema.module if self.ema else self.model
 
     # ---------------------------------------------------------------- loop
     def _loader(self) -> DataLoader:
+        """This process's micro-batches for the rest of the epoch (mid-epoch resume skips what was done)."""
         self.train_set.set_epoch(self.epoch)
-        if self.distributed:
-            sampler = DistributedSampler(self.train_set, shuffle=True, seed=self.cfg.seed, drop_last=True)
-            sampler.set_epoch(self.epoch)
-            order = list(sampler)
-        else:
-            g = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
-            order = torch.randperm(len(self.train_set), generator=g).tolist()
-        if len(order) % self.cfg.batch_size == 1 and len(order) > 1:
-            order = order[:-1]  # a batch of one breaks BatchNorm on 1x1 attention maps
-        self._batches_this_epoch = -(-len(order) // self.cfg.batch_size)
-        order = order[self.iter_in_epoch * self.cfg.batch_size:]  # mid-epoch resume skips what was done
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=order,
-                          num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda", drop_last=False)
+        order = epoch_order(len(self.train_set), self.cfg, self.epoch)
+        batches = [mb for step in range(self.iter_in_epoch, self.steps_per_epoch)
+                   for mb in micro_batches(order, self.layout, step, self.rank)]
+        return DataLoader(self.train_set, batch_sampler=batches, num_workers=self.cfg.workers,
+                          pin_memory=self.cfg.pin_memory and self.device.type == "cuda")
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> float:
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _step(self, micro: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over this process's micro-batches; returns their mean loss (this process)."""
         lr = lr_at(self.cfg, self.epoch, self.global_iter)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x = batch["input"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
-        weight = batch["target_weight"].to(self.device, non_blocking=True)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else contextlib.nullcontext()
-        with autocast:
-            out = self.ddp(x)
-        loss = self.criterion(out.float(), target, weight)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        accumulation = len(micro)
+        total = torch.zeros((), device=self.device)
+        for m, batch in enumerate(micro):
+            x = batch["input"].to(self.device, non_blocking=True)
+            target = batch["target"].to(self.device, non_blocking=True)
+            weight = batch["target_weight"].to(self.device, non_blocking=True)
+            last = m == accumulation - 1
+            sync = self.ddp.no_sync() if self.distributed and not last else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    out = self.ddp(x)
+                loss = self.criterion(out.float(), target, weight)
+                self.scaler.scale(loss / accumulation if accumulation > 1 else loss).backward()
+            total += loss.detach()
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -234,19 +372,56 @@ class Trainer:
         self.scaler.update()
         if self.ema:
             self.ema.update(self.model)
-        return float(loss.detach())
+        return total / accumulation
 
-    def evaluate(self) -> dict[str, float]:
-        if self.val_set is None:
+    def _global_mean(self, value: torch.Tensor) -> float:
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return float(value)
+
+    def _eval_pipeline(self, dataset: TopDownDataset) -> TopDownPipeline:
+        return TopDownPipeline(dataset.input_size_wh, dataset.spec, flip_test=self.cfg.flip_test,
+                               decoder=self.cfg.decoder, shift_heatmap=self.cfg.shift_heatmap,
+                               dark_kernel=self.cfg.modulate_kernel)
+
+    def evaluate(self, dataset: TopDownDataset | None = None) -> dict[str, float]:
+        """The metric table of the evaluated module (EMA if any) on ``dataset`` (default: val, GT boxes)."""
+        dataset = dataset if dataset is not None else self.val_set
+        if dataset is None:
             return {}
         module = self.eval_module()
         was_training = module.training
         try:
-            preds = predict(module_infer(module), self.val_set,
-                            pipeline_for(self.val_set, self.cfg.flip_test, self.cfg.decoder), self.cfg.batch_size)
+            preds = predict(module_infer(module), dataset, self._eval_pipeline(dataset), EVAL_BATCH)
         finally:
             module.train(was_training)
-        return score(self.val_set, preds, self.val_gt)
+        return score(dataset, preds, self.val_gt)
+
+    def test(self) -> dict[str, Any]:
+        """The end-of-training evaluation: the paper's protocol (COCO: detection boxes) when it can.
+
+        Returns ``{"boxes": "gt" | "detections:<file>", "metrics": {...}}`` (plus a ``note`` when
+        the recipe asks for detections but the file is missing)."""
+        if self.val_set is None:
+            return {}
+        cfg = self.cfg
+        result: dict[str, Any] = {}
+        if cfg.dataset == "coco" and cfg.test_boxes == "detections":
+            det = resolve_det_file(cfg, self.data_dir)
+            if det is not None:
+                layout = find_split(self.data_dir, "coco", "val")
+                ds = CocoKeypointDataset(layout.ann_file, layout.img_dir, cfg.input_size, train=False,
+                                         use_gt_bbox=False, det_file=det, det_score_thr=cfg.det_bbox_thr)
+                return {"boxes": f"detections:{det}", "metrics": self.evaluate(ds)}
+            result["note"] = (f"detections file {cfg.det_file} not found (relative to {self.data_dir}); "
+                              "scored on ground-truth boxes, which reads higher than the paper's protocol")
+        if self.last_eval_epoch == self.epoch and self.last_metrics:
+            metrics = self.last_metrics  # the final validation already scored this module on GT boxes
+        else:
+            metrics = self.evaluate()
+        return {"boxes": "gt", "metrics": metrics, **result}
 
     def _after_epoch(self) -> None:
         cfg = self.cfg
@@ -255,13 +430,39 @@ class Trainer:
             metrics = self.evaluate() if self.is_main else {}
             if self.is_main:
                 key = primary_metric(self.val_set)
-                self.logger.log({"kind": "eval", "epoch": self.epoch + 1, "iter": self.global_iter, **metrics})
+                self.logger.log({"kind": "eval", "epoch": self.epoch + 1, "iter": self.global_iter, "boxes": "gt",
+                                 **metrics})
                 self.last_metrics = metrics
+                self.last_eval_epoch = self.epoch + 1
                 if self.best["value"] is None or metrics[key] > self.best["value"]:
-                    self.best = {"metric": key, "value": metrics[key], "epoch": self.epoch + 1}
+                    self.best = {"metric": key, "value": metrics[key], "epoch": self.epoch + 1, "boxes": "gt"}
                     save_checkpoint(self.work_dir / "best.pt", self.eval_module(), self.meta(metrics))
             if self.distributed:
                 dist.barrier()
+        if self.is_main and cfg.checkpoint_every and (self.epoch + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(self.work_dir / f"epoch_{self.epoch + 1}.pt", self.eval_module(), self.meta())
+
+    def _epoch_stats(self, seen: list[list[int]], steps: int, seconds: float, wait: float) -> dict[str, Any]:
+        """images/s, loader wait (the slowest process's) and a digest of the global batches this epoch."""
+        lay = self.layout
+        if self.distributed:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, seen)
+            waits = torch.tensor([wait], dtype=torch.float64, device=self.device)
+            dist.all_reduce(waits, op=dist.ReduceOp.MAX)
+            wait = float(waits)
+        else:
+            gathered = [seen]
+        per_step = [sorted(i for rank_seen in gathered for mb in rank_seen[s * lay.accumulation:
+                                                                           (s + 1) * lay.accumulation] for i in mb)
+                    for s in range(steps)]
+        images = sum(len(b) for b in per_step)
+        return {
+            "kind": "epoch", "epoch": self.epoch + 1, "iter": self.global_iter, "steps": steps, "images": images,
+            "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 2) if seconds > 0 else None,
+            "loader_wait_s": round(wait, 3), "loader_wait_frac": round(wait / seconds, 4) if seconds > 0 else None,
+            "batches_sha1": hashlib.sha1(json.dumps(per_step).encode()).hexdigest(),
+        }
 
     def _write_plots(self) -> None:
         """Loss and AP/PCKh curves as PNG next to the logs; a plotting failure never fails training."""
@@ -285,46 +486,79 @@ class Trainer:
             if cfg.max_iters is not None and self.global_iter >= cfg.max_iters:
                 break
             self.ddp.train()
-            loader = self._loader()
-            bar = tqdm(total=len(loader), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not self.progress) if tqdm else None
-            for batch in loader:
-                loss = self._step(batch)
+            epoch_start = time.perf_counter()
+            wait = 0.0
+            seen: list[list[int]] = []
+            steps = 0
+            it = iter(self._loader())
+            bar = tqdm(total=self.steps_per_epoch - self.iter_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                       leave=False, disable=not self.progress) if tqdm else None
+            while self.iter_in_epoch < self.steps_per_epoch:
+                micro = []
+                for _ in range(self.layout.accumulation):
+                    t0 = time.perf_counter()
+                    batch = next(it)
+                    wait += time.perf_counter() - t0
+                    seen.append(batch["index"].tolist())
+                    micro.append(batch)
+                loss = self._step(micro)
                 self.iter_in_epoch += 1
                 self.global_iter += 1
+                steps += 1
+                logged = self.global_iter % cfg.log_every == 0 or self.global_iter == 1
+                if logged:
+                    mean_loss = self._global_mean(loss)
+                    self.logger.log({"kind": "train", "epoch": self.epoch + 1, "iter": self.global_iter,
+                                     "loss": mean_loss, "lr": lr_at(cfg, self.epoch, self.global_iter - 1),
+                                     "seconds": round(time.time() - start, 3)})
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3e}")
-                if self.global_iter % cfg.log_every == 0 or self.global_iter == 1:
-                    self.logger.log({"kind": "train", "epoch": self.epoch + 1, "iter": self.global_iter,
-                                     "loss": loss, "lr": lr_at(cfg, self.epoch, self.global_iter - 1),
-                                     "seconds": round(time.time() - start, 3)})
+                    if logged:
+                        bar.set_postfix(loss=f"{mean_loss:.3e}")
                 if cfg.max_iters is not None and self.global_iter >= cfg.max_iters:
                     stopped_early = True
                     break
+            del it
             if bar:
                 bar.close()
-            if self._epoch_done():
+            stats = self._epoch_stats(seen, steps, time.perf_counter() - epoch_start, wait)
+            stats["complete"] = self.iter_in_epoch >= self.steps_per_epoch
+            if self.is_main:
+                self.logger.log(stats)
+                self.throughput.append(stats)
+                _say(f"epoch {stats['epoch']}/{cfg.epochs}: {steps} steps, {stats['images']} images in "
+                     f"{stats['seconds']:.1f} s = {stats['images_per_s']} img/s; data-loader wait "
+                     f"{stats['loader_wait_s']:.1f} s ({100 * (stats['loader_wait_frac'] or 0):.0f}%)")
+            if stats["complete"]:
                 self._after_epoch()
                 self.epoch += 1
                 self.iter_in_epoch = 0
             self.save_state()
             if self.is_main:
                 save_checkpoint(self.work_dir / "latest.pt", self.eval_module(), self.meta())
+        finished = self.epoch >= cfg.epochs
+        test = self.test() if self.is_main and finished and cfg.eval_every else {}
+        if test and self.is_main:
+            self.logger.log({"kind": "test", "epoch": self.epoch, "iter": self.global_iter, "boxes": test["boxes"],
+                             **test["metrics"]})
         summary = {"epochs_done": self.epoch, "iterations": self.global_iter, "best": self.best,
                    "last_metrics": self.last_metrics,
+                   "validation": {"boxes": "gt", "epoch": self.last_eval_epoch, "metrics": self.last_metrics},
+                   "test": test, "recipe": self.cfg.name, "reproduces": self.cfg.reproduces, "amp": self.cfg.amp,
+                   "layout": asdict(self.layout), "differs_from_authors": differences(self.cfg),
+                   "throughput": [{k: s[k] for k in ("epoch", "steps", "images", "seconds", "images_per_s",
+                                                     "loader_wait_s", "loader_wait_frac")} for s in self.throughput],
                    "seconds": round(time.time() - start, 2), "work_dir": str(self.work_dir)}
         if self.is_main:
-            save_checkpoint(self.work_dir / "final.pt", self.eval_module(), self.meta(self.last_metrics))
+            final_metrics = test.get("metrics", self.last_metrics) if test else self.last_metrics
+            save_checkpoint(self.work_dir / "final.pt", self.eval_module(),
+                            self.meta(final_metrics, test.get("boxes", "gt") if test else "gt"))
             (self.work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self._write_plots()
         self.logger.close()
         if self.distributed:
             dist.barrier()
         return summary
-
-    def _epoch_done(self) -> bool:
-        return self.iter_in_epoch >= self._batches_this_epoch
 
 
 def cleanup_distributed() -> None:

@@ -31,25 +31,29 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(**kw: object):
-    base = dict(input_size=(64, 64), batch_size=3, epochs=2, workers=0, eval_every=0, log_every=1,
+    base = dict(input_size=(64, 64), global_batch=3, epochs=2, workers=0, eval_every=0, log_every=1,
                 max_people=6, warmup_iters=3, lr=1e-3, model_overrides=TINY)
     base.update(kw)
     return get_config("dite_hrnet_18_coco_256x192").replace(**base)
 
 
-def test_paper_recipe_defaults() -> None:
+def test_recipe_lookup_and_validation() -> None:
     cfg = get_config("dite_hrnet_18_coco_256x192")
-    assert (cfg.lr, cfg.warmup_iters, cfg.warmup_ratio, cfg.lr_steps, cfg.epochs, cfg.batch_size) == (
-        2e-3, 500, 0.001, (170, 200), 210, 32)
-    assert cfg.input_size == (192, 256) and cfg.augment.sigma == 2.0 and cfg.flip_test
     assert get_config("dite_hrnet_30_mpii_256x256").num_joints == 16
     assert "dite_hrnet_30_coco_256x192" in list_configs()
     with pytest.raises(KeyError):
         get_config("nope")
     with pytest.raises(KeyError):
         cfg.replace(not_a_field=1)
+    with pytest.raises(KeyError, match="global_batch"):
+        cfg.replace(batch_size=32)
     with pytest.raises(ValueError, match="divisible by 32"):
         cfg.replace(input_size=(100, 256))
+    with pytest.raises(ValueError, match="must divide"):
+        cfg.replace(per_device_batch=48)
+    with pytest.raises(ValueError, match="amp"):
+        cfg.replace(amp="fp8")
+    assert cfg.replace(amp=True).amp == "fp16" and cfg.replace(amp=False).amp == "none"  # old .json recipes
 
 
 def test_lr_schedule_warmup_and_steps() -> None:
@@ -89,7 +93,7 @@ def test_resume_reproduces_the_uninterrupted_run(synth_data: Path, tmp_path: Pat
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="recipe differs"):
-        Trainer(tiny_config(batch_size=2), synth_data, tmp_path / "part", device="cpu", resume=True, progress=False)
+        Trainer(tiny_config(global_batch=2), synth_data, tmp_path / "part", device="cpu", resume=True, progress=False)
     model, meta = load_pose_model(tmp_path / "full" / "final.pt")
     assert meta.arch == "dite_hrnet_18" and meta.input_size == (64, 64) and meta.extra["recipe"]["epochs"] == 2
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 17, 16, 16)
@@ -109,16 +113,21 @@ def test_cli_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[
                  "--seed", "4"]) == 0
     assert len(json.loads(capsys.readouterr().out)["annotations"]) == 2
     assert main(["train", "dite_hrnet_18", "--data", str(data), "--work-dir", str(work), "--epochs", "1",
-                 "--batch-size", "4", "--input", "64x64", "--workers", "0", "--eval-every", "1",
+                 "--global-batch", "4", "--input", "64x64", "--workers", "0", "--eval-every", "1",
                  "--max-people", "4", "--quiet", "--model-overrides", json.dumps(TINY)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["iterations"] == 1 and summary["best"]["metric"] == "AP"
+    # 4 people, padded to a multiple of the authors' 8 processes = 2 global batches of 4
+    assert summary["iterations"] == 2 and summary["best"]["metric"] == "AP"
+    assert summary["validation"]["boxes"] == "gt" and summary["best"]["boxes"] == "gt"
+    assert summary["test"]["boxes"] == "gt" and "not found" in summary["test"]["note"]  # no detections file here
+    assert summary["differs_from_authors"]["epochs"] == {"authors": 270, "now": 1, "affects_weights": True}
+    assert summary["throughput"][0]["images"] == 8 and summary["throughput"][0]["images_per_s"] > 0
     assert (work / "best.pt").is_file() and (work / "metrics.csv").is_file()
     assert (work / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # curves beside the logs
     assert main(["evaluate", str(work / "final.pt"), "--data", str(data), "--no-flip",
                  "--plots", str(tmp_path / "eval_plots")]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["metrics"]) >= {"AP", "AP50", "AR"} and result["samples"] > 0
+    assert set(result["metrics"]) >= {"AP", "AP50", "AR"} and result["samples"] > 0 and result["boxes"] == "gt"
     assert {Path(p).name for p in result["plots"]} == {"per_joint.png", "oks_hist.png"}
     assert all(Path(p).stat().st_size > 1000 for p in result["plots"])
     assert main(["train", "nope", "--data", str(data), "--work-dir", str(work)]) == 2
@@ -130,7 +139,7 @@ def test_torchrun_two_processes_on_cpu(synth_data: Path, tmp_path: Path) -> None
     work = tmp_path / "ddp"
     r = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ditepose",
              "train", "dite_hrnet_18", "--data", str(synth_data), "--work-dir", str(work), "--epochs", "1",
-             "--batch-size", "2", "--input", "64x64", "--workers", "0", "--max-iters", "2", "--eval-every", "0",
+             "--global-batch", "4", "--input", "64x64", "--workers", "0", "--max-iters", "2", "--eval-every", "0",
              "--log-every", "1", "--quiet", "--device", "cpu", "--model-overrides", json.dumps(TINY),
              timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -143,7 +152,7 @@ def test_mpii_training_evaluates_pckh(tmp_path: Path) -> None:
     synthesize("mpii", tmp_path / "data", 3, seed=2)
     synthesize("mpii", tmp_path / "data", 2, seed=3, split="val")
     cfg = get_config("dite_hrnet_18_mpii_256x256").replace(
-        input_size=(64, 64), batch_size=4, epochs=1, workers=0, eval_every=1, max_people=4, model_overrides=TINY,
+        input_size=(64, 64), global_batch=4, epochs=1, workers=0, eval_every=1, max_people=4, model_overrides=TINY,
         ema_decay=0.9, grad_clip=1.0)
     trainer = Trainer(cfg, tmp_path / "data", tmp_path / "work", device="cpu", progress=False)
     summary = trainer.fit()
