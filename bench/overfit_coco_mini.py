@@ -22,9 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.shared import shared_file  # noqa: E402
 from ditepose.model import build_model  # noqa: E402
+from ditepose.model.pipeline import module_infer  # noqa: E402
 from ditepose.training.augment import AugmentConfig  # noqa: E402
 from ditepose.training.datasets import CocoKeypointDataset  # noqa: E402
-from ditepose.training.evaluate import predict, score  # noqa: E402
+from ditepose.training.evaluate import pipeline_for, predict, score  # noqa: E402
 from ditepose.training.loss import JointsMSELoss  # noqa: E402
 
 
@@ -86,8 +87,12 @@ def main() -> int:
 
     def evaluate() -> dict[str, float]:
         """No-flip AP is the headline (the model never saw mirrored crops); flip-test AP is reported too."""
-        table = score(ds, predict(model, ds, batch_size=32, flip=False))
-        table["AP_flip_test"] = score(ds, predict(model, ds, batch_size=32, flip=True))["AP"]
+        was_training = model.training
+        try:
+            table = score(ds, predict(module_infer(model), ds, pipeline_for(ds, flip_test=False), 32))
+            table["AP_flip_test"] = score(ds, predict(module_infer(model), ds, pipeline_for(ds, flip_test=True), 32))["AP"]
+        finally:
+            model.train(was_training)
         return table
 
     t0 = time.time()

@@ -16,6 +16,7 @@ from ditepose.training.config import get_config
 from ditepose.training.data_layout import find_split
 from ditepose.training.synth import synthesize
 from ditepose.training.trainer import Trainer
+from tests.service.jobs.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = {"num_modules": (1, 1, 1), "num_blocks": (1, 1, 1),
@@ -60,7 +61,7 @@ def test_one_and_two_processes_see_the_same_global_batches(data: Path, tmp_path:
     accumulated = Trainer(cfg.replace(per_device_batch=2), data, tmp_path / "accum", device="cpu", progress=False)
     assert (accumulated.layout.per_device, accumulated.layout.accumulation) == (2, 2)
     accumulated.fit()
-    torchrun(cfg, data, tmp_path / "two", port=29541)  # 2 processes x 2 samples
+    torchrun(cfg, data, tmp_path / "two", port=free_port())  # 2 processes x 2 samples
 
     runs = {name: tmp_path / name for name in ("one", "accum", "two")}
     epochs = {name: [(r["steps"], r["images"], r["batches_sha1"]) for r in rows(w, "epoch")] for name, w in runs.items()}

@@ -16,6 +16,7 @@ from ditepose.training.config import get_config, list_configs
 from ditepose.training.loss import JointsMSELoss
 from ditepose.training.synth import synthesize
 from ditepose.training.trainer import Trainer, lr_at
+from tests.service.jobs.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = {"num_modules": (1, 1, 1), "num_blocks": (1, 1, 1),
@@ -137,7 +138,7 @@ def test_cli_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(synth_data: Path, tmp_path: Path) -> None:
     work = tmp_path / "ddp"
-    r = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ditepose",
+    r = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ditepose",
              "train", "dite_hrnet_18", "--data", str(synth_data), "--work-dir", str(work), "--epochs", "1",
              "--global-batch", "4", "--input", "64x64", "--workers", "0", "--max-iters", "2", "--eval-every", "0",
              "--log-every", "1", "--quiet", "--device", "cpu", "--model-overrides", json.dumps(TINY),
