@@ -1,4 +1,4 @@
-"""Fixtures for the training tests: the real COCO slice in ../shared (falls back to /work/shared)."""
+"""Fixtures for the training tests: the real COCO slice in ../shared (falls back to /work/shared), tiny synthetic sets."""
 
 from __future__ import annotations
 
@@ -17,3 +17,18 @@ def coco_mini() -> Path:
             return path
     pytest.skip("../shared/data/coco-mini is not present")
     raise AssertionError("unreachable")
+
+
+# A Dite-HRNet-18 shrunk to seconds per step (model_overrides of a recipe).
+TINY = {"num_modules": (1, 1, 1), "num_blocks": (1, 1, 1),
+        "num_channels": ((16, 32), (16, 32, 64), (16, 32, 64, 128))}
+
+
+def synth_set(tmp_path_factory: pytest.TempPathFactory, name: str, train: int, val: int, seed: int) -> Path:
+    """A synthetic COCO-layout set: ``train`` training and ``val`` validation images."""
+    from ditepose.training.synth import synthesize
+
+    out = tmp_path_factory.mktemp(name)
+    synthesize("coco", out, train, seed=seed)
+    synthesize("coco", out, val, seed=seed + 1, split="val")
+    return out

@@ -14,21 +14,16 @@ import torch
 from ditepose.model import load_pose_model
 from ditepose.training.config import get_config
 from ditepose.training.data_layout import find_split
-from ditepose.training.synth import synthesize
 from ditepose.training.trainer import Trainer
 from tests.service.jobs.support import free_port
+from tests.training.conftest import TINY, synth_set
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY = {"num_modules": (1, 1, 1), "num_blocks": (1, 1, 1),
-        "num_channels": ((16, 32), (16, 32, 64), (16, 32, 64, 128))}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth_global_batch")
-    synthesize("coco", out, 6, seed=21)
-    synthesize("coco", out, 2, seed=22, split="val")
-    return out
+    return synth_set(tmp_path_factory, "synth_global_batch", 6, 2, 21)
 
 
 def recipe(**kw: object):

@@ -15,20 +15,16 @@ from ditepose.model import load_pose_model
 from ditepose.training.config import get_config, list_configs
 from ditepose.training.loss import JointsMSELoss
 from ditepose.training.synth import synthesize
-from ditepose.training.trainer import Trainer, lr_at
+from ditepose.training.trainer import Trainer
 from tests.service.jobs.support import free_port
+from tests.training.conftest import TINY, synth_set
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY = {"num_modules": (1, 1, 1), "num_blocks": (1, 1, 1),
-        "num_channels": ((16, 32), (16, 32, 64), (16, 32, 64, 128))}
 
 
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth_train")
-    synthesize("coco", out, 5, seed=11)
-    synthesize("coco", out, 2, seed=12, split="val")
-    return out
+    return synth_set(tmp_path_factory, "synth_train", 5, 2, 11)
 
 
 def tiny_config(**kw: object):
@@ -55,15 +51,6 @@ def test_recipe_lookup_and_validation() -> None:
     with pytest.raises(ValueError, match="amp"):
         cfg.replace(amp="fp8")
     assert cfg.replace(amp=True).amp == "fp16" and cfg.replace(amp=False).amp == "none"  # old .json recipes
-
-
-def test_lr_schedule_warmup_and_steps() -> None:
-    cfg = get_config("dite_hrnet_18_coco_256x192")
-    assert lr_at(cfg, 0, 0) == pytest.approx(2e-6)
-    assert lr_at(cfg, 0, 250) == pytest.approx(2e-3 * (1 - 0.5 * 0.999))
-    assert lr_at(cfg, 5, 500) == pytest.approx(2e-3)
-    assert lr_at(cfg, 170, 10**6) == pytest.approx(2e-4)
-    assert lr_at(cfg, 200, 10**6) == pytest.approx(2e-5)
 
 
 def test_joints_mse_loss_matches_mmpose_loop() -> None:
