@@ -80,6 +80,8 @@ class PoseService:
         self.admission = admission or Admission(settings.resolved_max_in_flight, settings.retry_after_s)
         self._pipelines: dict[tuple[str, bool, str], TopDownPipeline] = {}
         self._detectors: dict[str, object] = {}
+        # Checked once (a sha256 over 7.6 MB): fetching the weights later takes a restart to be seen.
+        self._weight_issues = problems(NANODET, settings.weights_dir)
         self._lock = threading.Lock()
         # Per-request OpenCV work is one small warp per person: cv2's own thread pool only adds
         # hand-offs and competes with the inference threads for the cores (process-wide setting).
@@ -113,13 +115,13 @@ class PoseService:
         """The detector of requests that name none: ``Settings.detector``, 'auto' resolved."""
         if self.settings.detector != "auto":
             return self.settings.detector
-        return "nanodet" if not problems(NANODET, self.settings.weights_dir) else "whole"
+        return "whole" if self._weight_issues else "nanodet"
 
     def detector_status(self) -> dict[str, str]:
         """For /readyz and /v1/models: each detector that needs files, 'ready' or what is missing."""
-        issues = problems(NANODET, self.settings.weights_dir)
+        issues = self._weight_issues
         return {"nanodet": "ready" if not issues else
-                f"unavailable: {'; '.join(issues)}; run `{FETCH_COMMAND}`"}
+                f"unavailable: {'; '.join(issues)}; run `{FETCH_COMMAND}` and restart"}
 
     def detector(self, name: str | None) -> object:
         name = name or self.default_detector
