@@ -15,10 +15,9 @@ from ditepose.model import load_pose_model
 from ditepose.training.config import get_config
 from ditepose.training.data_layout import find_split
 from ditepose.training.trainer import Trainer
+from tests.conftest import REPO_ROOT
 from tests.service.jobs.support import free_port
 from tests.training.conftest import TINY, synth_set
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

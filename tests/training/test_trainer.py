@@ -16,10 +16,9 @@ from ditepose.training.config import get_config, list_configs
 from ditepose.training.loss import JointsMSELoss
 from ditepose.training.synth import synthesize
 from ditepose.training.trainer import Trainer
+from tests.conftest import REPO_ROOT
 from tests.service.jobs.support import free_port
 from tests.training.conftest import TINY, synth_set
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
