@@ -25,6 +25,17 @@ def _resolve_config(name: str, dataset: str | None) -> TrainConfig:
     return cfg
 
 
+def _epochs_list(text: str) -> tuple[int, ...]:
+    """``--lr-steps`` type: ``'57,67'`` -> ``(57, 67)`` (increasing epochs; empty: no step)."""
+    try:
+        steps = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lr steps must look like 170,200 (epochs), got {text!r}") from None
+    if any(s < 0 for s in steps) or list(steps) != sorted(steps):
+        raise argparse.ArgumentTypeError(f"lr steps must be increasing epochs >= 0, got {text!r}")
+    return steps
+
+
 def _train(args: argparse.Namespace) -> int:
     from ditepose.training.augment import AugmentConfig
     from ditepose.training.trainer import Trainer, cleanup_distributed
@@ -35,7 +46,8 @@ def _train(args: argparse.Namespace) -> int:
         "lr": args.lr, "workers": args.workers, "amp": args.amp,
         "max_iters": args.max_iters, "seed": args.seed, "input_size": args.input, "max_people": args.max_people,
         "eval_every": args.eval_every, "log_every": args.log_every, "grad_clip": args.grad_clip,
-        "ema_decay": args.ema, "warmup_iters": args.warmup_iters, "checkpoint_every": args.checkpoint_every,
+        "ema_decay": args.ema, "warmup_iters": args.warmup_iters, "lr_steps": args.lr_steps,
+        "checkpoint_every": args.checkpoint_every,
         "det_file": args.det_file, "test_boxes": args.test_boxes,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -141,6 +153,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-every", type=int, help="epochs; 0 = never")
     train.add_argument("--log-every", type=int, help="iterations")
     train.add_argument("--warmup-iters", type=int)
+    train.add_argument("--lr-steps", type=_epochs_list, metavar="E1,E2",
+                       help="epochs (0-based) where the lr drops x0.1 (recipe: 170,200 of 270); scale them "
+                       "with a shorter --epochs")
     train.add_argument("--checkpoint-every", type=int, help="epochs between epoch_N.pt snapshots; 0 = none")
     train.add_argument("--det-file", help="person detections json for the end-of-training COCO test "
                        "(recipe: DATA/person_detection_results/COCO_val2017_detections_AP_H_56_person.json)")
