@@ -11,11 +11,11 @@ import pytest
 from ditepose.model.detectors import (
     HogPersonDetector,
     PersonDetector,
-    TorchvisionDetector,
     WholeImageDetector,
     box_nms,
     build_detector,
 )
+from ditepose.model.torchvision_detector import TorchvisionDetector
 
 
 def _val_image(coco_mini: Path, name: str) -> np.ndarray:
