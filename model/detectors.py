@@ -7,14 +7,28 @@ built-in people SVM (in OpenCV 5 it ships with ``opencv-contrib-python-headless`
 
 Every detector answers ``detect(image_rgb) -> (boxes [N, 4] xywh float32 in image pixels,
 scores [N] float32)``, best first, at most ``max_persons``.
+
+CNN detectors are also a :class:`StagedDetector`: detection split where the device work begins,
+so that the service's worker pool batches it across requests on the pose network's devices
+(:meth:`~ditepose.service.batching.pool.WorkerPool.add_detector`)::
+
+    preprocess(image)        -> input [1, 3, H, W]           caller's thread, CPU
+    device_forward(device)   -> fn(input [N, 3, H, W]) -> candidates [N, K, 5]   worker, any device
+    postprocess(cands, hw)   -> (boxes xywh [M, 4], scores [M])   caller's thread, CPU
+
+Glossary: ``H, W`` the detector's fixed input size (``input_hw``); ``K`` candidates per image
+(fixed per detector, padding rows have score -1); a candidate row is ``x1, y1, x2, y2, score``
+in input pixels; :func:`input_to_image` is the one place input pixels become image pixels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
+import torch
 
 
 @runtime_checkable
@@ -22,6 +36,79 @@ class PersonDetector(Protocol):
     """``detect(image_rgb uint8 HxWx3) -> (boxes_xywh float32 [N, 4], scores float32 [N])``."""
 
     def detect(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+DeviceForward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class StagedDetector(PersonDetector, Protocol):
+    """A detector in three stages (module docstring), so a worker pool can batch its device work."""
+
+    name: str
+    input_hw: tuple[int, int]
+
+    def preprocess(self, image_rgb: np.ndarray) -> torch.Tensor:
+        """uint8 RGB [H0, W0, 3] -> float32 [1, 3, H, W] (``input_hw``)."""
+        ...
+
+    def device_forward(self, device: str) -> DeviceForward:
+        """The network on ``device``: input [N, 3, H, W] (any device) -> candidates [N, K, 5] on the CPU."""
+        ...
+
+    def postprocess(self, candidates: torch.Tensor, image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """One image's candidates [K, 5] -> (boxes xywh [M, 4] image px, scores [M]), best first."""
+        ...
+
+
+def detect_staged(detector: StagedDetector, images_rgb: list[np.ndarray], device: str = "cpu") -> list[
+        tuple[np.ndarray, np.ndarray]]:
+    """All three stages in this thread: one forward pass for the whole list."""
+    if not images_rgb:
+        return []
+    batch = torch.cat([detector.preprocess(check_image(img)) for img in images_rgb])
+    candidates = detector.device_forward(device)(batch)
+    return [detector.postprocess(c, img.shape[:2]) for c, img in zip(candidates, images_rgb, strict=True)]
+
+
+def check_image(image_rgb: np.ndarray) -> np.ndarray:
+    """``image_rgb`` if it is uint8 HxWx3, else ValueError naming what it is."""
+    img = np.asarray(image_rgb)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 HxWx3, got {img.dtype} {img.shape}")
+    return img
+
+
+def input_to_image(xyxy: np.ndarray, image_hw: tuple[int, int], input_hw: tuple[int, int],
+                   letterbox: bool = False) -> np.ndarray:
+    """Boxes x1, y1, x2, y2 [M, 4] in detector-input pixels -> xywh [M, 4] in image pixels, clipped.
+
+    ``letterbox=False``: the image was stretched to ``input_hw``; ``True``: scaled by one factor
+    to fit and padded right/bottom (the padding starts at the input's origin-far side)."""
+    (h0, w0), (h, w) = image_hw, input_hw
+    xyxy = np.asarray(xyxy, np.float32).reshape(-1, 4)
+    if letterbox:
+        factor = min(h / h0, w / w0)
+        sx = sy = 1.0 / factor
+    else:
+        sx, sy = w0 / w, h0 / h
+    out = xyxy * np.array([sx, sy, sx, sy], np.float32)
+    out[:, 0::2] = out[:, 0::2].clip(0, w0)
+    out[:, 1::2] = out[:, 1::2].clip(0, h0)
+    return np.concatenate([out[:, :2], out[:, 2:] - out[:, :2]], axis=1).astype(np.float32)
+
+
+def select_persons(candidates: torch.Tensor, score_thr: float, nms_iou: float,
+                   max_persons: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates [K, 5] -> (x1, y1, x2, y2 [M, 4], scores [M]): above ``score_thr``, IoU-NMS, best
+    ``max_persons``, best first."""
+    from torchvision.ops import nms
+
+    candidates = candidates.float().cpu()
+    keep = candidates[:, 4] > score_thr
+    boxes, scores = candidates[keep, :4], candidates[keep, 4]
+    order = nms(boxes, scores, nms_iou)[:max_persons]
+    return boxes[order].numpy(), scores[order].numpy().astype(np.float32)
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray]:
@@ -120,122 +207,62 @@ class HogPersonDetector:
         return out[valid], scores[valid].astype(np.float32)
 
 
-TORCHVISION_ARCHS = (
-    "fasterrcnn_mobilenet_v3_large_fpn",
-    "fasterrcnn_mobilenet_v3_large_320_fpn",
-    "fasterrcnn_resnet50_fpn",
-    "fasterrcnn_resnet50_fpn_v2",
-    "retinanet_resnet50_fpn",
-    "ssdlite320_mobilenet_v3_large",
-)
-COCO_PERSON_LABEL = 1
-
-
-def _load_state_dict(path: Path) -> dict:
-    import torch
-
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                return obj[key]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state_dict, got {type(obj).__name__}")
-    return obj
-
-
-class TorchvisionDetector:
-    """A torchvision COCO detector built offline (no weight download) from a local weights file."""
-
-    def __init__(
-        self,
-        weights_path: str | Path,
-        arch: str = "fasterrcnn_mobilenet_v3_large_fpn",
-        score_thr: float = 0.5,
-        device: str = "cpu",
-        num_classes: int = 91,
-    ) -> None:
-        import torch
-        from torchvision.models import detection
-
-        if arch not in TORCHVISION_ARCHS:
-            raise ValueError(f"unknown detector arch {arch!r}; choose one of {TORCHVISION_ARCHS}")
-        path = Path(weights_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"detector weights not found: {path} (torchvision {arch} state_dict)")
-        model = getattr(detection, arch)(weights=None, weights_backbone=None, num_classes=num_classes)
-        model.load_state_dict(_load_state_dict(path))
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
-        self.arch = arch
-        self.score_thr = score_thr
-
-    def detect(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        img = np.asarray(image_rgb)
-        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-            raise ValueError(f"image must be uint8 HxWx3, got {img.dtype} {img.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-        with torch.inference_mode():
-            out = self.model([tensor.to(self.device)])[0]
-        keep = (out["labels"] == COCO_PERSON_LABEL) & (out["scores"] >= self.score_thr)
-        xyxy = out["boxes"][keep].cpu().numpy().astype(np.float32)
-        scores = out["scores"][keep].cpu().numpy().astype(np.float32)
-        boxes = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1) if len(xyxy) else _empty()[0]
-        return boxes.astype(np.float32), scores
-
-
 class NanoDetDetector:
-    """NanoDet (:mod:`ditepose.model.nanodet`) on one image or a batch: stretch to 416x416, GFL
-    decode of the person class, IoU-NMS, a score threshold and a cap on persons.
+    """NanoDet (:mod:`ditepose.model.nanodet`) as a :class:`StagedDetector`: stretch to 416x416,
+    GFL decode of the person class on the device, then a score threshold, IoU-NMS and a cap on
+    persons.
 
-    The default threshold 0.3 is where, on coco-mini val, it finds 43 of the 57 clearly visible
-    people (recall 0.754 at IoU 0.5) with 0.71 false positives per image (``bench/detector.py``)."""
+    The default threshold 0.3 is where, on coco-mini val, it finds 44 of the 57 clearly visible
+    people (recall 0.772 at IoU 0.5) with 0.71 false positives per image (``bench/detector.py``)."""
+
+    name = "nanodet"
 
     def __init__(self, score_thr: float = 0.3, nms_iou: float = 0.6, max_persons: int = 100,
                  weights_dir: Path | None = None, device: str = "cpu") -> None:
-        import torch
-
-        from ditepose.model.nanodet import build_nanodet
+        from ditepose.model.nanodet import INPUT_SIZE, build_nanodet
         from ditepose.model.weight_store import NANODET, locate
 
         files = locate(NANODET, weights_dir)
-        self.device = torch.device(device)
-        self.model = build_nanodet(files["nanodet.json"], files["nanodet.bin"]).to(self.device)
+        self.device = device
+        self.model = build_nanodet(files["nanodet.json"], files["nanodet.bin"])
+        self._on_device: dict[str, torch.nn.Module] = {"cpu": self.model}
+        self.input_hw = (INPUT_SIZE, INPUT_SIZE)
         self.score_thr, self.nms_iou, self.max_persons = score_thr, nms_iou, max_persons
+
+    def preprocess(self, image_rgb: np.ndarray) -> torch.Tensor:
+        from ditepose.model.nanodet import preprocess
+
+        return preprocess(check_image(image_rgb))
+
+    def device_forward(self, device: str) -> DeviceForward:
+        import copy
+
+        from ditepose.model.nanodet import PERSON, decode_boxes
+
+        net = self._on_device.get(device)
+        if net is None:
+            net = self._on_device[device] = copy.deepcopy(self.model).to(device)
+        target = torch.device(device)
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                boxes, scores = decode_boxes(net(batch.to(target)))
+                return torch.cat((boxes, scores[..., PERSON : PERSON + 1]), -1).cpu()
+
+        return forward
+
+    def postprocess(self, candidates: torch.Tensor, image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        xyxy, scores = select_persons(candidates, self.score_thr, self.nms_iou, self.max_persons)
+        if not len(xyxy):
+            return _empty()
+        return input_to_image(xyxy, image_hw, self.input_hw), scores
 
     def detect(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.detect_batch([image_rgb])[0]
 
     def detect_batch(self, images_rgb: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """One forward pass for all images; per image (boxes xywh [N, 4], scores [N])."""
-        import torch
-
-        from ditepose.model.nanodet import INPUT_SIZE, PERSON, decode_boxes, preprocess
-
-        if not images_rgb:
-            return []
-        for img in images_rgb:
-            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                raise ValueError(f"image must be uint8 HxWx3, got {img.dtype} {img.shape}")
-        batch = torch.cat([preprocess(img) for img in images_rgb]).to(self.device)
-        with torch.inference_mode():
-            boxes, scores = decode_boxes(tuple(o.cpu() for o in self.model(batch)))
-        return [self._persons(b, s[:, PERSON], img.shape[1] / INPUT_SIZE, img.shape[0] / INPUT_SIZE)
-                for b, s, img in zip(boxes, scores, images_rgb, strict=True)]
-
-    def _persons(self, boxes, scores, scale_x: float, scale_y: float) -> tuple[np.ndarray, np.ndarray]:
-        from torchvision.ops import nms
-
-        keep = scores > self.score_thr
-        boxes, scores = boxes[keep], scores[keep]
-        order = nms(boxes, scores, self.nms_iou)[: self.max_persons]
-        xyxy = (boxes[order] * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])).numpy()
-        if not len(xyxy):
-            return _empty()
-        xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
-        return xywh.astype(np.float32), scores[order].numpy().astype(np.float32)
+        return detect_staged(self, images_rgb, self.device)
 
 
 # The one list of person detector names (REST, gRPC, CLIs).
@@ -260,5 +287,7 @@ def build_detector(name: str, **kwargs: object) -> PersonDetector:
     if key == "torchvision":
         if "weights_path" not in kwargs or kwargs["weights_path"] is None:
             raise ValueError("the torchvision detector needs weights_path=<state_dict file>")
+        from ditepose.model.torchvision_detector import TorchvisionDetector
+
         return TorchvisionDetector(**kwargs)  # type: ignore[arg-type]
     raise ValueError(f"unknown detector {name!r}; choose one of {DETECTORS}")

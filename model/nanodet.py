@@ -272,12 +272,13 @@ def decode_boxes(raw: RawOutputs) -> tuple[torch.Tensor, torch.Tensor]:
     GFL: softmax over each side's 11 bins, the expectation times the level's stride, from the
     anchor centre ((i + 0.5) * stride)."""
     cls, reg = raw[:3], raw[3:]
-    bins = torch.arange(REG_MAX + 1, dtype=torch.float32)
-    strides = torch.cat([torch.full((r.shape[1],), float(s)) for r, s in zip(reg, STRIDES, strict=True)])
+    device = reg[0].device
+    bins = torch.arange(REG_MAX + 1, dtype=torch.float32, device=device)
+    strides = torch.cat([torch.full((r.shape[1],), float(s), device=device) for r, s in zip(reg, STRIDES, strict=True)])
     logits = torch.cat([r.float() for r in reg], 1)
     n, a, _ = logits.shape
     dist = (F.softmax(logits.reshape(n, a, 4, REG_MAX + 1), -1) @ bins) * strides[None, :, None]
-    c = _centres()
+    c = _centres().to(device)
     boxes = torch.stack((c[:, 0] - dist[..., 0], c[:, 1] - dist[..., 1],
                          c[:, 0] + dist[..., 2], c[:, 1] + dist[..., 3]), -1).clamp(0, INPUT_SIZE)
     return boxes, torch.cat([s.float() for s in cls], 1)

@@ -172,10 +172,14 @@ class DynamicBatcher:
         default_timeout_s: float = 30.0,
         condition: threading.Condition | None = None,
         max_fill_ms: float | None = None,
+        detector: str | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1:
             raise ValueError("max_batch_size and queue_size must be >= 1")
         self.name = name
+        self.detector = detector  # a person detector's name when this batcher queues detector inputs
+        self._what = f"detector {detector!r}" if detector else f"model {name!r}"  # for error messages
+        self._unit = "images" if detector else "crops"
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
         # The most a free worker waits to fill a batch (default 10x max_delay_ms).
@@ -215,7 +219,7 @@ class DynamicBatcher:
         with self.condition:
             if self._pending >= self.queue_size:
                 self.rejected += 1
-                raise Overloaded(f"queue of model {self.name!r} is full ({self._pending} crops waiting)")
+                raise Overloaded(f"queue of {self._what} is full ({self._pending} {self._unit} waiting)")
 
     def announce(self) -> Arrival:
         """Tell the workers a submission is on its way (decoding, cropping): while one is, a free
@@ -248,7 +252,7 @@ class DynamicBatcher:
                 # queue is still served when the service is idle.
                 if self._pending and self._pending + count > self.queue_size:
                     self.rejected += 1
-                    raise Overloaded(f"queue of model {self.name!r} is full ({self._pending} crops waiting)")
+                    raise Overloaded(f"queue of {self._what} is full ({self._pending} {self._unit} waiting)")
                 self._items.extend(items)
                 self._pending += count
             self._last_arrival = now
@@ -299,7 +303,7 @@ class DynamicBatcher:
                 try:
                     outputs.append(item.future.result(timeout=max(remaining, 0.0)))
                 except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as exc:
-                    raise DeadlineExceeded(f"no answer from model {self.name!r} within the deadline") from exc
+                    raise DeadlineExceeded(f"no answer from {self._what} within the deadline") from exc
         except BaseException:
             self._cancel(items)
             raise
@@ -322,7 +326,7 @@ class DynamicBatcher:
         except TimeoutError as exc:
             self._cancel(items)
             gathered.add_done_callback(_retrieve_exception)
-            raise DeadlineExceeded(f"no answer from model {self.name!r} within the deadline") from exc
+            raise DeadlineExceeded(f"no answer from {self._what} within the deadline") from exc
         except BaseException:
             self._cancel(items)
             gathered.add_done_callback(_retrieve_exception)

@@ -3,7 +3,10 @@
 REST, gRPC and embedded evaluation jobs share one :class:`WorkerPool`: they submit crops to
 ``pool.batcher(model_name)`` (jobs as background submissions, which yield to live requests)
 and the workers run the batches. A model can join a running pool and leave it again
-(:meth:`WorkerPool.add_model`), e.g. a checkpoint an evaluation job names. A worker whose forward pass
+(:meth:`WorkerPool.add_model`), e.g. a checkpoint an evaluation job names. Person detection
+runs on the same workers and devices (:meth:`WorkerPool.add_detector`): a detector's batcher
+queues preprocessed images from many requests and the workers run them as one batch, so a GPU
+host detects on the GPU. A worker whose forward pass
 raises fails only that batch (its callers get :class:`~ditepose.service.batching.batcher.InferenceFailed`)
 and keeps serving. A worker thread that dies anyway (a fault below Python's ``Exception``,
 e.g. ``SystemExit`` from a native extension wrapper) first fails its in-flight batch, then
@@ -19,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ditepose.model.detectors import StagedDetector
 from ditepose.service.batching.batcher import Batch, DynamicBatcher, InferenceFailed, wait_for_batch
 from ditepose.service.batching.infer import InferFn, make_infer
 from ditepose.service.core.model_loader import LoadedModel
@@ -31,7 +35,10 @@ WORKER_STATES = ("starting", "idle", "busy", "stopped", "dead")
 
 
 class BatchObserver(Protocol):
-    """Receives one call per batch run (used for Prometheus metrics)."""
+    """Receives one call per batch run (used for Prometheus metrics).
+
+    Detection batches go to ``observe_detection(detector, device, size, infer_s, queued_s, ok)``
+    when the observer has that method (optional: observers that only count pose batches skip it)."""
 
     def observe_batch(
         self, model: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool, background: int = 0
@@ -146,10 +153,14 @@ class Worker:
         infer_s = time.perf_counter() - started
         self.batches += 1
         self.crops += size
+        detector = batch.batcher.detector
         for observer in self.observers:
             try:
-                observer.observe_batch(model, self.device, size, infer_s, batch.queued_s, ok,
-                                       background=batch.background_size)
+                if detector is None:
+                    observer.observe_batch(model, self.device, size, infer_s, batch.queued_s, ok,
+                                           background=batch.background_size)
+                elif hasattr(observer, "observe_detection"):
+                    observer.observe_detection(detector, self.device, size, infer_s, batch.queued_s, ok)
             except Exception:  # metrics must never take a worker down
                 log.exception("batch observer failed")
 
@@ -186,6 +197,7 @@ class WorkerPool:
             lambda m, device: make_infer(m.module, device, precision, process=worker_processes, threads=torch_threads)
         )
         self.extra_models: dict[str, LoadedModel] = {}  # in the pool but not served (evaluation jobs)
+        self.detectors: dict[str, StagedDetector] = {}  # detector name -> detector (batcher "detect:<name>")
         self.max_batch_size = max_batch_size
         self.max_delay_ms = max_delay_ms
         self.queue_size = queue_size
@@ -233,10 +245,11 @@ class WorkerPool:
             def build(device: str = device) -> dict[str, InferFn]:
                 return {name: self._infer_factory(m, device) for name, m in {**self.models, **self.extra_models}.items()}
 
+            detect = {detector_batcher_name(name): det.device_forward(device) for name, det in self.detectors.items()}
             shared = None if self._per_worker_engines(device) else build()
             for index in range(self.workers_per_device):
                 infers = shared if shared is not None else build()
-                self.workers.append(self._new_worker(f"{device}/{index}", device, infers))
+                self.workers.append(self._new_worker(f"{device}/{index}", device, {**infers, **detect}))
         for worker in self.workers:
             worker.start()
         self.started = True
@@ -309,6 +322,34 @@ class WorkerPool:
             self.condition.notify_all()
         return batcher
 
+    def add_detector(self, detector: StagedDetector, max_batch_size: int = 8) -> DynamicBatcher:
+        """Run ``detector``'s device stage on every device and worker from now on; returns its
+        batcher (named ``detect:<name>``), which takes preprocessed images [P, 3, H, W] and answers
+        candidates [P, K, 5]. Idempotent per detector name (the first detector of a name stays).
+
+        Its queue is bounded like a model's (``queue_size`` images) but batches are smaller: a
+        detector input is several times a pose crop's size."""
+        key = detector_batcher_name(detector.name)
+        with self.condition:
+            if key in self.batchers:
+                return self.batchers[key]
+        batcher = self._new_batcher(key, max_batch_size=max_batch_size, detector=detector.name)
+        forwards = {device: detector.device_forward(device) for device in dict.fromkeys(w.device for w in self.workers)}
+        with self.condition:
+            if key in self.batchers:  # a concurrent call won
+                return self.batchers[key]
+            for worker in self.workers:
+                worker.infers[key] = forwards[worker.device]
+                worker.batchers.append(batcher)
+            self.batchers[key] = batcher
+            self.detectors[detector.name] = detector
+            self.condition.notify_all()
+        return batcher
+
+    def detector_batcher(self, name: str) -> DynamicBatcher | None:
+        """The batcher of detector ``name`` if :meth:`add_detector` added it, else None."""
+        return self.batchers.get(detector_batcher_name(name))
+
     def remove_model(self, name: str) -> None:
         """Stop serving ``name``: its queued crops fail with BatcherClosed, its engines are closed."""
         with self.condition:
@@ -329,14 +370,15 @@ class WorkerPool:
         """Engine processes run one batch at a time: each worker has its own; others share the device's."""
         return self.worker_processes and device.startswith("cpu")
 
-    def _new_batcher(self, name: str) -> DynamicBatcher:
+    def _new_batcher(self, name: str, max_batch_size: int | None = None, detector: str | None = None) -> DynamicBatcher:
         return DynamicBatcher(
             name,
-            max_batch_size=self.max_batch_size,
+            max_batch_size=max_batch_size or self.max_batch_size,
             max_delay_ms=self.max_delay_ms,
             queue_size=self.queue_size,
             default_timeout_s=self.timeout_s,
             condition=self.condition,
+            detector=detector,
         )
 
     def add_observer(self, observer: BatchObserver) -> None:
@@ -360,7 +402,13 @@ class WorkerPool:
         return self.started and not self.stopped and bool(self.workers) and all(w.alive for w in self.workers)
 
     def queue_depths(self) -> dict[str, int]:
+        """Live items waiting per batcher: crops for models, images for ``detect:<name>``."""
         return {name: b.depth for name, b in self.batchers.items()}
+
+
+def detector_batcher_name(detector: str) -> str:
+    """The batcher key of a detector: its own namespace, so no model name can collide with it."""
+    return f"detect:{detector}"
 
 
 def _close_engines(infers: Sequence[InferFn]) -> None:

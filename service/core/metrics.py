@@ -88,13 +88,26 @@ class PoolCollector(Collector):
         expired = CounterMetricFamily(
             "ditepose_queue_expired", "Submissions that expired before a worker took them", labels=["model"]
         )
-        for name, batcher in self.pool.batchers.items():
+        detect_depth = GaugeMetricFamily(
+            "ditepose_detection_queue_depth", "Images waiting in a person detector's queue", labels=["detector"]
+        )
+        detect_rejected = CounterMetricFamily(
+            "ditepose_detection_queue_rejected", "Images refused because the detector's queue was full",
+            labels=["detector"],
+        )
+        for name, batcher in list(self.pool.batchers.items()):
+            if batcher.detector is not None:
+                detect_depth.add_metric([batcher.detector], batcher.depth)
+                detect_rejected.add_metric([batcher.detector], batcher.rejected)
+                continue
             depth.add_metric([name], batcher.depth)
             rejected.add_metric([name], batcher.rejected)
             expired.add_metric([name], batcher.expired)
         yield depth
         yield rejected
         yield expired
+        yield detect_depth
+        yield detect_rejected
 
         state = GaugeMetricFamily(
             "ditepose_worker_state", "1 for the current state of each worker", labels=["worker", "device", "state"]
@@ -181,6 +194,22 @@ class ServiceMetrics:
         self.batch_errors = Counter(
             "ditepose_batch_errors", "Batches whose inference raised", ["model", "device"], registry=self.registry
         )
+        self.detection_batch_size = Histogram(
+            "ditepose_detection_batch_size", "Images per person-detector forward pass", ["detector", "device"],
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self.detection = Histogram(
+            "ditepose_detection_duration_seconds", "Person-detector forward pass time of one batch",
+            ["detector", "device"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.detection_queue_wait = Histogram(
+            "ditepose_detection_queue_wait_seconds", "Time the oldest image of a detection batch waited for a worker",
+            ["detector"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.detection_errors = Counter(
+            "ditepose_detection_batch_errors", "Detection batches whose forward pass raised", ["detector", "device"],
+            registry=self.registry,
+        )
         self._pool_collector: PoolCollector | None = None
 
     def watch_pool(self, pool: WorkerPool) -> None:
@@ -204,6 +233,15 @@ class ServiceMetrics:
         self.queue_wait.labels(model).observe(queued_s)
         if not ok:
             self.batch_errors.labels(model, device).inc()
+
+    def observe_detection(
+        self, detector: str, device: str, size: int, infer_s: float, queued_s: float, ok: bool
+    ) -> None:
+        self.detection_batch_size.labels(detector, device).observe(size)
+        self.detection.labels(detector, device).observe(infer_s)
+        self.detection_queue_wait.labels(detector).observe(queued_s)
+        if not ok:
+            self.detection_errors.labels(detector, device).inc()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ditepose.model.codec import DecoderName
-from ditepose.model.detectors import DETECTORS, DetectorName
+from ditepose.model.detectors import DETECTORS, DetectorName, PersonDetector, StagedDetector
 from ditepose.model.keypoints import KeypointSpec
 from ditepose.model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
 from ditepose.model.weight_store import FETCH_COMMAND, NANODET, problems
@@ -123,7 +123,10 @@ class PoseService:
         return {"nanodet": "ready" if not issues else
                 f"unavailable: {'; '.join(issues)}; run `{FETCH_COMMAND}` and restart"}
 
-    def detector(self, name: str | None) -> object:
+    def detector(self, name: str | None) -> PersonDetector:
+        """The detector ``name`` (None: the default), built once; a staged one (NanoDet,
+        torchvision) also joins the worker pool, so its forward passes are batched across
+        requests on the pose network's devices."""
         name = name or self.default_detector
         if name not in DETECTORS:
             raise ServiceError("invalid_request", f"unknown detector {name!r}; choose one of {DETECTORS}")
@@ -138,6 +141,8 @@ class PoseService:
                     det = self._detectors[name] = build_detector(name, **options)
                 except (ValueError, TypeError, FileNotFoundError) as exc:
                     raise ServiceError("unavailable", f"detector {name!r} cannot run here: {exc}") from exc
+        if isinstance(det, StagedDetector) and self.pool.detector_batcher(det.name) is None:
+            self.pool.add_detector(det, self.settings.det_max_batch_size)
         return det
 
     def check_boxes(self, boxes: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
@@ -167,16 +172,14 @@ class PoseService:
     def decode(self, data: bytes) -> np.ndarray:
         return decode_image(data, self.settings.max_upload_bytes, self.settings.max_image_pixels)
 
-    def prepare(
-        self, request: PoseRequest, model: LoadedModel, image: np.ndarray
+    def crops(
+        self, request: PoseRequest, model: LoadedModel, image: np.ndarray,
+        boxes: np.ndarray, scores: np.ndarray | None,
     ) -> tuple[TopDownPipeline, PreparedBatch]:
+        """The affine crops of ``boxes`` (caller's, checked; or detected, capped at ``max_boxes``)."""
         pipe = self.pipeline(model, request.flip_test, request.decoder)
-        height, width = image.shape[:2]
-        if request.boxes is not None:
-            boxes, scores = self.check_boxes(request.boxes, width, height), None
-        else:
-            boxes, scores = self.detector(request.detector).detect(image)  # type: ignore[attr-defined]
-            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[: self.settings.max_boxes]
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[: self.settings.max_boxes]
+        if scores is not None:
             scores = np.asarray(scores, np.float32).reshape(-1)[: len(boxes)]
         return pipe, pipe.prepare(image, boxes, scores)
 
@@ -189,50 +192,94 @@ class PoseService:
         return poses
 
     # ------------------------------------------------------------ whole requests
-    def _decode_prepare(
-        self, request: PoseRequest, model: LoadedModel
-    ) -> tuple[np.ndarray, float, TopDownPipeline, PreparedBatch]:
-        """Decode and crop in one go (one thread hop for the async path); the float is when decoding ended."""
+    def _decode_detect_input(
+        self, request: PoseRequest, detector: PersonDetector | None
+    ) -> tuple[np.ndarray, float, torch.Tensor | None, tuple[np.ndarray, np.ndarray | None] | None]:
+        """Decode (one thread hop), then the boxes if they need no pool: the caller's, or an
+        in-thread detector's (whole image, HOG). A staged detector's input comes back instead.
+        The float is when decoding ended."""
         image = self.decode(request.image_bytes)
         decoded = time.perf_counter()
-        return (image, decoded, *self.prepare(request, model, image))
+        height, width = image.shape[:2]
+        if request.boxes is not None:
+            return image, decoded, None, (self.check_boxes(request.boxes, width, height), None)
+        if isinstance(detector, StagedDetector):
+            return image, decoded, detector.preprocess(image), None
+        return image, decoded, None, detector.detect(image)  # type: ignore[union-attr]
+
+    async def _ready_detector(self, name: str | None) -> PersonDetector:
+        """:meth:`detector`, built in a thread the first time (loading weights must not stall the loop)."""
+        det = self._detectors.get(name or self.default_detector)
+        if det is not None and (not isinstance(det, StagedDetector) or self.pool.detector_batcher(det.name)):
+            return det
+        return await asyncio.to_thread(self.detector, name)
+
+    async def _detect_on_pool(
+        self, detector: StagedDetector, image: np.ndarray, detector_input: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        batcher = self.pool.detector_batcher(detector.name)
+        if batcher is None:  # the pool was rebuilt since the detector was cached
+            self.pool.add_detector(detector, self.settings.det_max_batch_size)
+            batcher = self.pool.detector_batcher(detector.name)
+        try:
+            candidates = await batcher.submit(detector_input, self.settings.request_timeout_s)  # type: ignore[union-attr]
+        except BatcherError as exc:
+            raise from_batcher_error(exc, self.settings.retry_after_s) from exc
+        return await asyncio.to_thread(detector.postprocess, candidates[0], image.shape[:2])
 
     async def estimate(self, request: PoseRequest) -> PoseResult:
-        """Run one request without blocking the event loop (decoding and cropping run in a thread)."""
+        """Run one request without blocking the event loop: decoding, cropping and decoding the
+        heatmaps run in threads; detection (if the request has no boxes) and the network run as
+        batches on the worker pool, shared with every other request."""
         model = self.resolve_model(request.model)  # once per request
         batcher = self.pool.batcher(model.name)
+        detector = None if request.boxes is not None else await self._ready_detector(request.detector)
         try:
-            batcher.check_admission()  # shed before decoding what the queue could not take anyway
+            # shed before decoding what the queues could not take anyway
+            batcher.check_admission()
+            if isinstance(detector, StagedDetector):
+                self.pool.detector_batcher(detector.name).check_admission()  # type: ignore[union-attr]
         except BatcherError as exc:
             raise from_batcher_error(exc, self.settings.retry_after_s) from exc
         t0 = time.perf_counter()
-        # Announced before decoding, so a free worker waits for these crops rather than
-        # running a partial batch without them (see DynamicBatcher.announce).
-        arrival = batcher.announce()
+        deadline = t0 + self.settings.request_timeout_s
+        # Announced before decoding, so a free worker waits for these crops rather than running a
+        # partial batch without them (see DynamicBatcher.announce). A request that goes through
+        # the detector's queue first announces its crops only once its boxes are known.
+        arrival = batcher.announce() if not isinstance(detector, StagedDetector) else None
         try:
-            image, t1, pipe, prepared = await asyncio.to_thread(self._decode_prepare, request, model)
+            image, t1, detector_input, found = await asyncio.to_thread(self._decode_detect_input, request, detector)
+            if found is None:
+                found = await self._detect_on_pool(detector, image, detector_input)  # type: ignore[arg-type]
+                arrival = batcher.announce()
+            timeout_s = max(deadline - time.perf_counter(), 1e-3)  # one deadline for detection and pose
+            t_detect = t1 if request.boxes is not None else time.perf_counter()
+            pipe, prepared = await asyncio.to_thread(self.crops, request, model, image, *found)
             t2 = time.perf_counter()
             if len(prepared.crops) == 0:
                 heatmaps = torch.zeros(0, *pipe.heatmap_shape)
             else:
                 try:
-                    heatmaps = await batcher.submit(prepared.crops, self.settings.request_timeout_s, arrival)
+                    heatmaps = await batcher.submit(prepared.crops, timeout_s, arrival)
                 except BatcherError as exc:
                     raise from_batcher_error(exc, self.settings.retry_after_s) from exc
         finally:
-            arrival.settle()
+            if arrival is not None:
+                arrival.settle()
         t3 = time.perf_counter()
         poses = await asyncio.to_thread(self.finish, request, pipe, prepared, heatmaps)
-        return self._result(model, image, poses, (t0, t1, t2, t3, time.perf_counter()))
+        return self._result(model, image, poses, (t0, t1, t_detect, t2, t3, time.perf_counter()))
 
     @staticmethod
     def _result(
-        model: LoadedModel, image: np.ndarray, poses: list[PersonPose], marks: tuple[float, float, float, float, float]
+        model: LoadedModel, image: np.ndarray, poses: list[PersonPose],
+        marks: tuple[float, float, float, float, float, float],
     ) -> PoseResult:
-        t0, t1, t2, t3, t4 = marks
+        t0, t1, t_detect, t2, t3, t4 = marks
         timings = {
             "decode_ms": _ms(t1 - t0),
-            "preprocess_ms": _ms(t2 - t1),
+            "detect_ms": _ms(t_detect - t1),
+            "preprocess_ms": _ms(t2 - t_detect),
             "inference_ms": _ms(t3 - t2),
             "postprocess_ms": _ms(t4 - t3),
             "total_ms": _ms(t4 - t0),

@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     det_score_threshold: float = Field(
         default=0.3, ge=0.0, le=1.0, description="NanoDet: person boxes scoring below this are dropped."
     )
+    det_max_batch_size: int = Field(
+        default=8, ge=1, description="Most images per person-detector forward pass (NanoDet, torchvision); "
+        "detection is batched across requests on the pose workers' devices, with its own queue.",
+    )
     weights_dir: Path | None = Field(
         default=None,
         description="Cache of downloaded weights (NanoDet's), filled by `ditepose weights fetch`. None: "

@@ -71,7 +71,9 @@ class Timings(BaseModel):
     """Milliseconds spent in each stage of this request."""
 
     decode_ms: float = Field(description="Reading the upload and decoding the image.")
-    preprocess_ms: float = Field(description="Person detection (if any) and affine crops.")
+    detect_ms: float = Field(default=0.0, description="Person detection: 0 when the request gave boxes; for "
+                             "NanoDet/torchvision the detector queue's wait plus its batched forward pass.")
+    preprocess_ms: float = Field(description="Affine crops of the persons' boxes.")
     inference_ms: float = Field(description="Waiting in the batch queue plus the forward pass.")
     postprocess_ms: float = Field(description="Heatmap decoding back to image coordinates.")
     total_ms: float = Field(description="Whole request inside the service.")

@@ -68,3 +68,46 @@ def test_detector_setting_is_checked() -> None:
 
     with pytest.raises(ValidationError, match="unknown detector"):
         Settings(_env_file=None, detector="yolo")
+
+
+def test_one_detection_batch_serves_two_requests(hrnet18_checkpoint: Path, coco_jpeg: bytes) -> None:
+    """Detection runs on the worker pool with its own queue: two requests without boxes that
+    arrive together go through the detector in one forward pass, and each gets its own persons."""
+    import concurrent.futures
+
+    import cv2
+    import numpy as np
+
+    from ditepose.model.detectors import build_detector
+
+    rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(coco_jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    mirrored = cv2.imencode(".png", cv2.cvtColor(rgb[:, ::-1], cv2.COLOR_RGB2BGR))[1].tobytes()
+    alone = build_detector("nanodet").detect_batch([rgb, np.ascontiguousarray(rgb[:, ::-1])])
+    # a long quiet window, so the worker waits for the second image instead of running the first alone
+    with start_server(models=[ModelSpec(name="hrnet18", checkpoint=hrnet18_checkpoint)],
+                      max_delay_ms=1000.0) as live, live.client() as client:
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            replies = list(ex.map(lambda img: post_pose(client, img), [coco_jpeg, mirrored]))
+        metrics = client.get("/metrics").text
+    assert [r.status_code for r in replies] == [200, 200]
+    for reply, (boxes, _) in zip(replies, alone, strict=True):
+        body = reply.json()
+        got = [p["bbox"] for p in body["persons"]]
+        assert len(got) == len(boxes)
+        np.testing.assert_allclose(sorted(b[0] for b in got), sorted(boxes[:, 0]), atol=0.05)
+        assert body["timings"]["detect_ms"] > 0
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+               if line.startswith("ditepose_detection_batch_size_")}
+    assert samples['ditepose_detection_batch_size_count{detector="nanodet",device="cpu"}'] == 1.0
+    assert samples['ditepose_detection_batch_size_sum{detector="nanodet",device="cpu"}'] == 2.0
+    assert 'ditepose_detection_queue_depth{detector="nanodet"} 0.0' in metrics
+    assert 'ditepose_queue_depth{model="detect:nanodet"}' not in metrics
+
+
+def test_caller_boxes_skip_detection(hrnet18_checkpoint: Path, coco_jpeg: bytes) -> None:
+    with start_server(models=[ModelSpec(name="hrnet18", checkpoint=hrnet18_checkpoint)]) as live, \
+            live.client() as client:
+        body = post_pose(client, coco_jpeg, boxes=[COCO_BOXES[0]]).json()
+        metrics = client.get("/metrics").text
+    assert len(body["persons"]) == 1 and body["timings"]["detect_ms"] == 0.0
+    assert "ditepose_detection_batch_size_count" not in metrics
