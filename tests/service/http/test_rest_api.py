@@ -29,7 +29,8 @@ def test_multipart_jpeg_gives_17_keypoints_in_image_coordinates(server, coco_jpe
     body = response.json()
     assert body["model"] == "hrnet18"
     assert body["image"] == {"width": 640, "height": 427}
-    assert set(body["timings"]) == {"decode_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms"}
+    assert set(body["timings"]) == {"decode_ms", "detect_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms"}
+    assert body["timings"]["detect_ms"] == 0.0  # the caller gave boxes
     assert body["timings"]["total_ms"] >= body["timings"]["inference_ms"] > 0
     assert len(body["persons"]) == len(COCO_BOXES)
     for person, box in zip(body["persons"], COCO_BOXES, strict=True):
