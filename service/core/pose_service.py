@@ -1,4 +1,10 @@
-"""The service layer: decode -> prepare -> batcher -> finish, shared by REST and gRPC.
+"""The service layer: decode -> detect -> crops -> batcher -> finish, shared by REST and gRPC.
+
+Detection (requests without boxes) with a :class:`~ditepose.model.detectors.StagedDetector`
+(NanoDet, torchvision) is itself a batched stage on the worker pool: the image is preprocessed
+in a thread, queued on the detector's batcher (``detect:<name>``), run with other requests'
+images on a pose worker's device, and post-processed in a thread; in-thread detectors (whole
+image, HOG) run beside decoding.
 
 Every front-end builds a :class:`PoseRequest` and awaits :meth:`PoseService.estimate`;
 failures are :class:`~ditepose.service.core.errors.ServiceError` with a stable code. Persons
