@@ -2,7 +2,8 @@
 
 All of them run offline: nothing is downloaded at run time. ``NanoDetDetector`` (the default
 when its weights are cached: ``ditepose weights fetch``) is a real COCO person detector;
-``TorchvisionDetector`` needs a weights file on disk; ``HogPersonDetector`` uses OpenCV's
+``TorchvisionDetector`` needs a state-dict file or torchvision's cached weights (downloaded only when
+its caller asks: :mod:`ditepose.model.torchvision_detector`); ``HogPersonDetector`` uses OpenCV's
 built-in people SVM (in OpenCV 5 it ships with ``opencv-contrib-python-headless``).
 
 Every detector answers ``detect(image_rgb) -> (boxes [N, 4] xywh float32 in image pixels,
@@ -271,7 +272,8 @@ DETECTORS: tuple[str, ...] = get_args(DetectorName)
 
 
 def build_detector(name: str, **kwargs: object) -> PersonDetector:
-    """'nanodet' | 'whole' | 'hog' | 'torchvision' (needs ``weights_path=``); kwargs go to the constructor.
+    """'nanodet' | 'whole' | 'hog' | 'torchvision' (``arch=``, and ``weights=`` or ``weights_path=``);
+    kwargs go to the constructor.
 
     'nanodet' raises :class:`~ditepose.model.weight_store.WeightsMissing` (naming the fetch command)
     when its weights are not cached."""
@@ -284,9 +286,7 @@ def build_detector(name: str, **kwargs: object) -> PersonDetector:
         return WholeImageDetector()
     if key == "hog":
         return HogPersonDetector(**kwargs)  # type: ignore[arg-type]
-    if key == "torchvision":
-        if "weights_path" not in kwargs or kwargs["weights_path"] is None:
-            raise ValueError("the torchvision detector needs weights_path=<state_dict file>")
+    if key == "torchvision":  # the constructor says what is missing (weights= or weights_path=)
         from ditepose.model.torchvision_detector import TorchvisionDetector
 
         return TorchvisionDetector(**kwargs)  # type: ignore[arg-type]

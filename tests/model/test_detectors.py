@@ -1,4 +1,4 @@
-"""Person detectors: whole image, OpenCV HOG on a real photo, torchvision weight loading."""
+"""Person detectors: whole image, OpenCV HOG on a real photo (torchvision: test_torchvision_detector.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from ditepose.model.detectors import (
     box_nms,
     build_detector,
 )
-from ditepose.model.torchvision_detector import TorchvisionDetector
 
 
 def _val_image(coco_mini: Path, name: str) -> np.ndarray:
@@ -60,28 +59,3 @@ def test_hog_detector_runs_on_a_real_photo(coco_mini: Path) -> None:
     # a tiny image cannot hold the 64x128 window: no boxes, no error
     small_boxes, _ = det.detect(np.zeros((60, 40, 3), np.uint8))
     assert small_boxes.shape == (0, 4)
-
-
-def test_torchvision_missing_weights_names_the_path(tmp_path: Path) -> None:
-    missing = tmp_path / "nope" / "detector.pth"
-    with pytest.raises(FileNotFoundError, match=r"nope/detector\.pth"):
-        TorchvisionDetector(missing)
-    with pytest.raises(ValueError, match="weights_path"):
-        build_detector("torchvision")
-    with pytest.raises(ValueError, match="unknown detector"):
-        build_detector("yolo")
-
-
-def test_torchvision_detector_loads_a_state_dict(tmp_path: Path) -> None:
-    import torch
-    from torchvision.models import detection
-
-    torch.manual_seed(0)
-    arch = "ssdlite320_mobilenet_v3_large"  # the smallest of the supported architectures
-    model = getattr(detection, arch)(weights=None, weights_backbone=None, num_classes=91)
-    path = tmp_path / "det.pth"
-    torch.save({"state_dict": model.state_dict()}, path)
-    det = build_detector("torchvision", weights_path=path, arch=arch, score_thr=0.0)
-    boxes, scores = det.detect(np.full((240, 320, 3), 128, np.uint8))
-    assert boxes.shape[1:] == (4,) and boxes.dtype == np.float32 and len(scores) == len(boxes)
-    assert (boxes[:, 2:] >= 0).all()
