@@ -141,8 +141,7 @@ class PoseService:
             if det is None:
                 from ditepose.model.detectors import build_detector
 
-                options = {"score_thr": self.settings.det_score_threshold, "max_persons": self.settings.max_boxes,
-                           "weights_dir": self.settings.weights_dir} if name == "nanodet" else {}
+                options = self._detector_options(name)
                 try:
                     det = self._detectors[name] = build_detector(name, **options)
                 except (ValueError, TypeError, FileNotFoundError) as exc:
@@ -150,6 +149,19 @@ class PoseService:
         if isinstance(det, StagedDetector) and self.pool.detector_batcher(det.name) is None:
             self.pool.add_detector(det, self.settings.det_max_batch_size)
         return det
+
+    def _detector_options(self, name: str) -> dict[str, object]:
+        """Constructor options of detector ``name`` from the settings (nothing is ever downloaded)."""
+        settings = self.settings
+        if name == "nanodet":
+            return {"score_thr": settings.det_score_threshold, "max_persons": settings.max_boxes,
+                    "weights_dir": settings.weights_dir}
+        if name == "torchvision":
+            weights = settings.torchvision_weights
+            is_file = weights.endswith((".pth", ".pt")) or "/" in weights
+            return {"arch": settings.torchvision_arch, "max_persons": settings.max_boxes, "download": False,
+                    **({"weights_path": weights} if is_file else {"weights": weights})}
+        return {}
 
     def check_boxes(self, boxes: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
         """Boxes as float32 [N, 4]; ``bad_boxes`` for anything the pipeline must not see."""

@@ -128,6 +128,16 @@ class Settings(BaseSettings):
     det_score_threshold: float = Field(
         default=0.3, ge=0.0, le=1.0, description="NanoDet: person boxes scoring below this are dropped."
     )
+    torchvision_arch: str = Field(
+        default="fasterrcnn_mobilenet_v3_large_fpn",
+        description="The torchvision architecture behind detector 'torchvision' (see model/torchvision_detector.py).",
+    )
+    torchvision_weights: str = Field(
+        default="DEFAULT",
+        description="Its weights: a torchvision weights name ('DEFAULT', 'COCO_V1') read from torchvision's cache "
+        "($TORCH_HOME/hub/checkpoints; the service never downloads: `python -m ditepose.model.torchvision_detector "
+        "fetch ARCH` does) or a state-dict file path.",
+    )
     det_max_batch_size: int = Field(
         default=8, ge=1, description="Most images per person-detector forward pass (NanoDet, torchvision); "
         "detection is batched across requests on the pose workers' devices, with its own queue.",

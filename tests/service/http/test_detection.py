@@ -111,3 +111,29 @@ def test_caller_boxes_skip_detection(hrnet18_checkpoint: Path, coco_jpeg: bytes)
         metrics = client.get("/metrics").text
     assert len(body["persons"]) == 1 and body["timings"]["detect_ms"] == 0.0
     assert "ditepose_detection_batch_size_count" not in metrics
+
+
+def test_torchvision_detector_runs_on_the_pool_from_a_local_state_dict(
+        hrnet18_checkpoint: Path, coco_jpeg: bytes, tmp_path: Path, monkeypatch) -> None:
+    """detector=torchvision: the configured arch and weights file, batched on the pool like NanoDet;
+    without its weights (an empty TORCH_HOME, never a download) a 503 naming the fetch command."""
+    import torch
+
+    from tests.model.test_torchvision_detector import SSD, _random_state_dict
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    models = [ModelSpec(name="hrnet18", checkpoint=hrnet18_checkpoint)]
+    with start_server(models=models, torchvision_arch=SSD) as live, live.client() as client:
+        body = assert_error(post_pose(client, coco_jpeg, detector="torchvision"), 503, "unavailable")
+        assert "fetch" in body["error"]["message"] and SSD in body["error"]["message"]
+        assert not (tmp_path / "torch-home").exists() or not any((tmp_path / "torch-home").rglob("*.pth"))
+    weights = tmp_path / "ssdlite.pth"
+    torch.save(_random_state_dict(SSD), weights)
+    with start_server(models=models, torchvision_arch=SSD, torchvision_weights=str(weights)) as live, \
+            live.client() as client:
+        reply = post_pose(client, coco_jpeg, detector="torchvision")
+        metrics = client.get("/metrics").text
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["timings"]["detect_ms"] > 0
+    label = f'detector="torchvision:{SSD}@320x320",device="cpu"'
+    assert f"ditepose_detection_batch_size_count{{{label}}} 1.0" in metrics
