@@ -90,11 +90,24 @@ def register_stream(subparsers: argparse._SubParsersAction) -> None:
     stream.add_argument("--no-flip", action="store_true", help="skip the flip test (about 2x faster)")
     stream.add_argument("--no-track", action="store_true", help="no track ids")
     stream.add_argument("--smooth", action="store_true", help="One Euro smoothing of keypoints per track")
+    stream.add_argument("--detect-interval", type=_non_negative_int, default=0, metavar="N",
+                        help="run the person detector on every N-th frame and carry the boxes from the poses "
+                        "in between (0 = the server's default, 5; 1 = every frame)")
     stream.add_argument("--fps", type=float, help="frame rate for timestamps (default: the video's, 30 for folders)")
     stream.add_argument("--realtime", action="store_true", help="send frames at --fps like a live camera")
     stream.add_argument("--limit", type=int, help="send at most this many frames")
     stream.add_argument("--api-key", help="x-api-key metadata (default: $DITEPOSE_API_KEY)")
     stream.set_defaults(func=_stream)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _stream(args: argparse.Namespace) -> int:
@@ -121,6 +134,7 @@ def _stream(args: argparse.Namespace) -> int:
             flip_test=not args.no_flip,
             tracking=not args.no_track,
             smoothing=args.smooth,
+            detect_interval=args.detect_interval,
             fps=args.fps,
             pace=args.realtime,
             limit=args.limit,

@@ -121,7 +121,12 @@ def annotate(image_bgr: np.ndarray, persons: list) -> np.ndarray:
     return out
 
 
+BOX_SOURCES = {1: "detected", 2: "carried", 3: "client"}  # pose_pb2.BoxSource -> the JSON word
+
+
 def result_record(result) -> dict:
+    """One JSON line; ``boxes`` says whether the server ran its detector on the frame ("detected"),
+    carried the boxes from an earlier frame ("carried", ``--detect-interval``) or had them sent."""
     from ditepose.service.grpc.convert import person_dict
 
     record: dict = {
@@ -129,6 +134,8 @@ def result_record(result) -> dict:
         "timestamp": result.timestamp,
         "dropped_before": list(result.dropped_sequence_numbers),
     }
+    if result.box_source in BOX_SOURCES:
+        record["boxes"] = BOX_SOURCES[result.box_source]
     if result.HasField("error"):
         record["error"] = {"code": result.error.code, "message": result.error.message}
     else:
@@ -141,12 +148,16 @@ def result_record(result) -> dict:
 
 
 def stream_config(*, policy: str = "queue", max_in_flight: int = 4, max_queued: int = 1, model: str = "",
-                  flip_test: bool = True, tracking: bool = True, smoothing: bool = False):  # -> pose_pb2.StreamConfig
-    """The stream's opening message; ``policy`` is ``'queue'`` or ``'drop-oldest'``."""
+                  flip_test: bool = True, tracking: bool = True, smoothing: bool = False,
+                  detect_interval: int = 0):  # -> pose_pb2.StreamConfig
+    """The stream's opening message; ``policy`` is ``'queue'`` or ``'drop-oldest'``; ``detect_interval``
+    N runs the server's person detector on every N-th frame (0: the server's default, 1: every frame)."""
     from ditepose.proto.ditepose.v1 import pose_pb2
 
     if policy not in ("queue", "drop-oldest"):
         raise ValueError(f"policy must be 'queue' or 'drop-oldest', got {policy!r}")
+    if detect_interval < 0:
+        raise ValueError(f"detect_interval must be >= 0 (0 = the server's default), got {detect_interval}")
     return pose_pb2.StreamConfig(
         options=pose_pb2.PoseOptions(model=model, flip_test=flip_test),
         policy=pose_pb2.OVERFLOW_POLICY_DROP_OLDEST if policy == "drop-oldest" else pose_pb2.OVERFLOW_POLICY_QUEUE,
@@ -154,6 +165,7 @@ def stream_config(*, policy: str = "queue", max_in_flight: int = 4, max_queued: 
         max_queued=max_queued,
         tracking=pose_pb2.TrackingConfig(enabled=tracking or smoothing),
         smoothing=pose_pb2.SmoothingConfig(enabled=smoothing),
+        detect_interval=detect_interval,
     )
 
 
@@ -277,6 +289,7 @@ def run_stream(
     flip_test: bool = True,
     tracking: bool = True,
     smoothing: bool = False,
+    detect_interval: int = 0,
     fps: float | None = None,
     pace: bool = False,
     limit: int | None = None,
@@ -289,7 +302,8 @@ def run_stream(
     from ditepose.proto.ditepose.v1 import pose_pb2_grpc
 
     config = stream_config(policy=policy, max_in_flight=max_in_flight, max_queued=max_queued, model=model,
-                           flip_test=flip_test, tracking=tracking, smoothing=smoothing)
+                           flip_test=flip_test, tracking=tracking, smoothing=smoothing,
+                           detect_interval=detect_interval)
     frames = read_source(source, out_video is not None, fps, limit)
     in_flight = _InFlight(max(8, 4 * (max_in_flight + max_queued)))
     summary = StreamSummary()

@@ -11,8 +11,19 @@ class OverflowPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OVERFLOW_POLICY_QUEUE: _ClassVar[OverflowPolicy]
     OVERFLOW_POLICY_DROP_OLDEST: _ClassVar[OverflowPolicy]
+
+class BoxSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BOX_SOURCE_UNSPECIFIED: _ClassVar[BoxSource]
+    BOX_SOURCE_DETECTED: _ClassVar[BoxSource]
+    BOX_SOURCE_CARRIED: _ClassVar[BoxSource]
+    BOX_SOURCE_CLIENT: _ClassVar[BoxSource]
 OVERFLOW_POLICY_QUEUE: OverflowPolicy
 OVERFLOW_POLICY_DROP_OLDEST: OverflowPolicy
+BOX_SOURCE_UNSPECIFIED: BoxSource
+BOX_SOURCE_DETECTED: BoxSource
+BOX_SOURCE_CARRIED: BoxSource
+BOX_SOURCE_CLIENT: BoxSource
 
 class Box(_message.Message):
     __slots__ = ("x", "y", "width", "height")
@@ -75,18 +86,20 @@ class Person(_message.Message):
     def __init__(self, bbox: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("decode_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms")
+    __slots__ = ("decode_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms", "detect_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
     POSTPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    DETECT_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     preprocess_ms: float
     inference_ms: float
     postprocess_ms: float
     total_ms: float
-    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    detect_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., detect_ms: _Optional[float] = ...) -> None: ...
 
 class EstimateResponse(_message.Message):
     __slots__ = ("model", "width", "height", "persons", "timings")
@@ -125,20 +138,22 @@ class SmoothingConfig(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., min_cutoff: _Optional[float] = ..., beta: _Optional[float] = ..., d_cutoff: _Optional[float] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("options", "policy", "max_in_flight", "max_queued", "tracking", "smoothing")
+    __slots__ = ("options", "policy", "max_in_flight", "max_queued", "tracking", "smoothing", "detect_interval")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
     TRACKING_FIELD_NUMBER: _ClassVar[int]
     SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    DETECT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     options: PoseOptions
     policy: OverflowPolicy
     max_in_flight: int
     max_queued: int
     tracking: TrackingConfig
     smoothing: SmoothingConfig
-    def __init__(self, options: _Optional[_Union[PoseOptions, _Mapping]] = ..., policy: _Optional[_Union[OverflowPolicy, str]] = ..., max_in_flight: _Optional[int] = ..., max_queued: _Optional[int] = ..., tracking: _Optional[_Union[TrackingConfig, _Mapping]] = ..., smoothing: _Optional[_Union[SmoothingConfig, _Mapping]] = ...) -> None: ...
+    detect_interval: int
+    def __init__(self, options: _Optional[_Union[PoseOptions, _Mapping]] = ..., policy: _Optional[_Union[OverflowPolicy, str]] = ..., max_in_flight: _Optional[int] = ..., max_queued: _Optional[int] = ..., tracking: _Optional[_Union[TrackingConfig, _Mapping]] = ..., smoothing: _Optional[_Union[SmoothingConfig, _Mapping]] = ..., detect_interval: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("sequence_number", "timestamp", "image", "boxes")
@@ -169,7 +184,7 @@ class FrameError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StreamResult(_message.Message):
-    __slots__ = ("sequence_number", "timestamp", "width", "height", "persons", "timings", "dropped_sequence_numbers", "error", "model")
+    __slots__ = ("sequence_number", "timestamp", "width", "height", "persons", "timings", "dropped_sequence_numbers", "error", "model", "box_source")
     SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +194,7 @@ class StreamResult(_message.Message):
     DROPPED_SEQUENCE_NUMBERS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    BOX_SOURCE_FIELD_NUMBER: _ClassVar[int]
     sequence_number: int
     timestamp: float
     width: int
@@ -188,7 +204,8 @@ class StreamResult(_message.Message):
     dropped_sequence_numbers: _containers.RepeatedScalarFieldContainer[int]
     error: FrameError
     model: str
-    def __init__(self, sequence_number: _Optional[int] = ..., timestamp: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., dropped_sequence_numbers: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    box_source: BoxSource
+    def __init__(self, sequence_number: _Optional[int] = ..., timestamp: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., dropped_sequence_numbers: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., model: _Optional[str] = ..., box_source: _Optional[_Union[BoxSource, str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
