@@ -2,7 +2,8 @@
 
 ``CocoKeypointDataset`` follows ``TopDownCocoDataset`` (box cleaning, people without
 keypoints skipped, xywh -> centre/scale with padding 1.25 and the 0.3-probability
-centre jitter drawn once at load time in train mode, detection boxes for eval);
+centre jitter drawn once at load time in train mode, detection boxes for eval: from a detections
+file or from a live detector, see :mod:`ditepose.training.boxes`);
 ``MpiiKeypointDataset`` follows ``TopDownMpiiDataset`` (1-based json, centre y +15*scale,
 scale x1.25). Samples are dicts of numpy arrays, so the default collate works.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,10 @@ from torch.utils.data import Dataset
 from ditepose.model.keypoints import COCO, MPII, KeypointSpec
 from ditepose.model.transforms import PIXEL_STD, box_to_center_scale
 from ditepose.training.augment import AugmentConfig, apply_pipeline
+
+# A live detector's step for the dataset: [(image_id, image file)] -> detections in the detections
+# file's format [{image_id, bbox xywh, score, category_id}] (see ditepose.training.boxes).
+DetectImages = Callable[[Sequence[tuple[int, Path]]], list[dict[str, Any]]]
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -74,7 +80,14 @@ class TopDownDataset(Dataset):
 
 
 class CocoKeypointDataset(TopDownDataset):
-    """COCO person keypoints, one sample per (cleaned) GT box or detection box."""
+    """COCO person keypoints, one sample per (cleaned) GT box or detection box.
+
+    Boxes (``use_gt_bbox=False``) come from ``det_file`` (the paper's protocol) or from
+    ``detect_images`` (a live detector run on the images to be scored); either way a record's
+    ``bbox_score`` is the detection's score, which COCO rescoring multiplies in. ``max_images``
+    keeps the first N images (by id) that hold annotated persons, whatever the boxes, so GT and
+    detection boxes are scored on the same images. Each record keeps its source box as ``bbox``
+    (xywh, image pixels)."""
 
     def __init__(
         self,
@@ -89,6 +102,7 @@ class CocoKeypointDataset(TopDownDataset):
         seed: int = 0,
         max_people: int | None = None,
         max_images: int | None = None,
+        detect_images: DetectImages | None = None,
     ) -> None:
         super().__init__(input_size_wh, train, recipe, seed)
         from pycocotools.coco import COCO as CocoApi
@@ -99,17 +113,38 @@ class CocoKeypointDataset(TopDownDataset):
             raise FileNotFoundError(f"COCO annotation file not found: {self.ann_file}")
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.img_dir}")
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = CocoApi(str(self.ann_file))
         jitter_rng = np.random.default_rng([seed, 12345])
-        if use_gt_bbox:
-            for img_id in sorted(self.coco.getImgIds()):
-                self.records += self._gt_records(img_id, jitter_rng)
-        else:
-            if det_file is None:
-                raise ValueError("use_gt_bbox=False needs det_file (json list of {image_id, bbox, score, category_id})")
-            self.records = self._det_records(Path(det_file), det_score_thr)
+        gt_records: list[dict[str, Any]] = []
+        for img_id in sorted(self.coco.getImgIds()):
+            gt_records += self._gt_records(img_id, jitter_rng)
         self.eval_image_ids: list[int] | None = None  # None: score on every image of the annotations
+        if max_images is not None:
+            # The first images (by id) that have persons; scored on those images only.
+            self.eval_image_ids = sorted({r["image_id"] for r in gt_records})[:max_images]
+        if use_gt_bbox:
+            if det_file is not None or detect_images is not None:
+                raise ValueError("use_gt_bbox=True takes neither det_file nor detect_images")
+            self.records = gt_records
+        else:
+            if (det_file is None) == (detect_images is None):
+                raise ValueError("use_gt_bbox=False needs det_file (json list of {image_id, bbox, score, "
+                                 "category_id}) or detect_images (a live detector), exactly one of them")
+            images = self.eval_image_ids if self.eval_image_ids is not None else sorted(self.coco.getImgIds())
+            if det_file is not None:
+                source = str(det_file)
+                dets = self._read_det_file(Path(det_file))
+            else:
+                source = "the detector"
+                files = [(img_id, self.img_dir / self.coco.loadImgs(img_id)[0]["file_name"]) for img_id in images]
+                dets = detect_images(files)  # type: ignore[misc]
+            self.records = self._det_records(dets, det_score_thr, source, set(images))
+        if self.eval_image_ids is not None:
+            kept = set(self.eval_image_ids)
+            self.records = [r for r in self.records if r["image_id"] in kept]
         if max_people is not None and len(self.records) > max_people:
             # Cut at an image boundary and score only those images, so unseen people are not misses.
             last = self.records[max_people - 1]["image_id"]
@@ -118,12 +153,6 @@ class CocoKeypointDataset(TopDownDataset):
                 keep += 1
             self.records = self.records[:keep]
             self.eval_image_ids = sorted({r["image_id"] for r in self.records})
-        if max_images is not None:
-            # The first images (by id) that have persons; scored on those images only.
-            keep_ids = sorted({r["image_id"] for r in self.records})[:max_images]
-            kept = set(keep_ids)
-            self.records = [r for r in self.records if r["image_id"] in kept]
-            self.eval_image_ids = keep_ids
 
     def _center_scale(self, box: list[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         _x, _y, w, h = box
@@ -152,30 +181,51 @@ class CocoKeypointDataset(TopDownDataset):
                 "image_file": self.img_dir / info["file_name"], "image_id": img_id,
                 "joints": kpts[:, :2].copy(), "visible": np.minimum(1, kpts[:, 2]),
                 "center": center, "scale": scale, "bbox_score": 1.0, "ann_id": obj["id"],
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
             })
         return out
 
-    def _det_records(self, det_file: Path, thr: float) -> list[dict[str, Any]]:
+    @staticmethod
+    def _read_det_file(det_file: Path) -> list[dict[str, Any]]:
         if not det_file.is_file():
             raise FileNotFoundError(f"detection file not found: {det_file}")
-        dets = json.loads(det_file.read_text())
+        try:
+            dets = json.loads(det_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{det_file}: not JSON: {exc}") from exc
         if not isinstance(dets, list):
             raise ValueError(f"{det_file}: expected a json list of detections")
+        return dets
+
+    def _det_records(self, dets: list[dict[str, Any]], thr: float, source: str,
+                     images: set[int]) -> list[dict[str, Any]]:
+        """Person detections (score >= ``thr``) on ``images`` -> records; an image id the
+        annotations do not know is an error (a detections file for another split)."""
         known = set(self.coco.getImgIds())
         rng = np.random.default_rng(0)
         out = []
-        for det in dets:
-            if det.get("category_id", 1) != 1 or float(det["score"]) < thr:
+        for i, det in enumerate(dets):
+            try:
+                image_id, score = det["image_id"], float(det["score"])
+                box = [float(v) for v in det["bbox"][:4]]
+                if len(box) != 4:
+                    raise ValueError("bbox needs 4 numbers")
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise ValueError(f"{source}: detection {i} is not {{image_id, bbox, score, category_id}}: "
+                                 f"{det!r}") from exc
+            if det.get("category_id", 1) != 1 or score < thr:
                 continue
-            if det["image_id"] not in known:
-                raise ValueError(f"{det_file}: image_id {det['image_id']} is not in {self.ann_file.name}")
-            info = self.coco.loadImgs(det["image_id"])[0]
-            center, scale = self._center_scale([float(v) for v in det["bbox"][:4]], rng)
+            if image_id not in known:
+                raise ValueError(f"{source}: image_id {image_id} is not in {self.ann_file.name}")
+            if image_id not in images:
+                continue
+            info = self.coco.loadImgs(image_id)[0]
+            center, scale = self._center_scale(box, rng)
             k = self.spec.num_joints
             out.append({
-                "image_file": self.img_dir / info["file_name"], "image_id": det["image_id"],
+                "image_file": self.img_dir / info["file_name"], "image_id": image_id,
                 "joints": np.zeros((k, 2), np.float32), "visible": np.ones(k, np.float32),
-                "center": center, "scale": scale, "bbox_score": float(det["score"]),
+                "center": center, "scale": scale, "bbox_score": score, "bbox": box,
             })
         return out
 
