@@ -1,4 +1,5 @@
-"""Training sub-commands: ``train``, ``evaluate`` and ``synth`` (heavy imports inside the commands)."""
+"""Training sub-commands: ``train``, ``evaluate``, ``evaluate-detector`` and ``synth`` (heavy
+imports inside the commands)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import TYPE_CHECKING
 
 from ditepose.cli import parse_size
 
+BOX_CHOICES = ("gt", "detections", "detector")  # ditepose.training.boxes.BOX_SOURCES (not imported: --help stays fast)
+
 if TYPE_CHECKING:
+    from ditepose.training.boxes import BoxSource
     from ditepose.training.config import TrainConfig
 
 
@@ -34,6 +38,16 @@ def _epochs_list(text: str) -> tuple[int, ...]:
     if any(s < 0 for s in steps) or list(steps) != sorted(steps):
         raise argparse.ArgumentTypeError(f"lr steps must be increasing epochs >= 0, got {text!r}")
     return steps
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -62,6 +76,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.model_overrides:
         overrides["model_overrides"] = json.loads(args.model_overrides)
     cfg = cfg.replace(**overrides)
+    _check_test_boxes(cfg, args)
     try:
         trainer = Trainer(cfg, args.data, args.work_dir, device=args.device, resume=args.resume or None,
                           progress=not args.quiet)
@@ -73,44 +88,88 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_test_boxes(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """What the end-of-training test needs, checked before hours of training rather than after.
+
+    The recipe's own detections file may be absent (the test then scores GT boxes and says so),
+    but one named on the command line, or asked for with ``--test-boxes detections``, must exist;
+    ``--test-boxes detector`` needs the detector's weights."""
+    from ditepose.training.trainer import resolve_det_file
+
+    explicit = bool(args.det_file or args.test_boxes)
+    if (cfg.dataset == "coco" and cfg.test_boxes == "detections" and explicit
+            and resolve_det_file(cfg, Path(args.data)) is None):
+        raise FileNotFoundError(f"detections file {cfg.det_file} not found (absolute, or relative to --data "
+                                f"{args.data}); the end-of-training test needs it for --test-boxes detections")
+    if cfg.test_boxes == "detector":
+        from ditepose.training.boxes import BoxSource, make_detector
+
+        make_detector(BoxSource("detector"))  # WeightsMissing names the fetch command
+
+
+def _box_source(args: argparse.Namespace) -> BoxSource:
+    """``--boxes`` with ``--det-file`` / ``--detector`` / ``--det-score-thr`` (``--det-file`` alone: detections)."""
+    from ditepose.training.boxes import BoxSource
+
+    return BoxSource.parse(args.boxes, args.det_file, args.detector, args.det_score_thr)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from ditepose.model import load_pose_model
     from ditepose.model.pipeline import module_infer
+    from ditepose.training.boxes import evaluation_set
     from ditepose.training.data_layout import find_split
-    from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset
     from ditepose.training.evaluate import pipeline_for, predict, score
 
+    boxes = _box_source(args)  # bad box options fail before the checkpoint loads
+    if args.ann is None and args.data is None:
+        raise ValueError("evaluate needs --data DIR or --ann FILE (with --img-dir)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_pose_model(args.checkpoint, map_location=device)
     model.to(device)
-    if args.ann is None and args.data is None:
-        raise ValueError("evaluate needs --data DIR or --ann FILE (with --img-dir)")
     layout = find_split(args.data, meta.dataset, args.split) if args.data else None
     ann = Path(args.ann) if args.ann else layout.ann_file
     if args.img_dir is None and layout is None:
         raise ValueError("--ann needs --img-dir (or --data)")
     img_dir = Path(args.img_dir) if args.img_dir else layout.img_dir
-    if meta.dataset == "coco":
-        ds = CocoKeypointDataset(ann, img_dir, meta.input_size, train=False, use_gt_bbox=args.det_file is None,
-                                 det_file=args.det_file, det_score_thr=args.det_score_thr)
-        gt = None
-    else:
-        ds = MpiiKeypointDataset(ann, img_dir, meta.input_size, train=False)
-        gt = args.gt or (layout.gt_file if layout else None)
+    gt = args.gt or (layout.gt_file if layout else None)
+    eval_set = evaluation_set(meta.dataset, ann, img_dir, meta.input_size, boxes, gt_file=gt,
+                              max_images=args.max_images, device=device, detector_batch=args.detector_batch)
+    ds = eval_set.dataset
     preds = predict(module_infer(model), ds, pipeline_for(ds, not args.no_flip, args.decoder), args.batch_size)
-    table = score(ds, preds, gt)
+    table = score(ds, preds, eval_set.gt_file)
     plots: list[str] = []
     if args.plots:
         from ditepose.training.eval_breakdown import write_evaluation_plots
 
         coco_gt = ds.coco if meta.dataset == "coco" else None
         plots = [str(p) for p in write_evaluation_plots(args.plots, meta.dataset, preds, table, coco_gt=coco_gt)]
-    boxes = f"detections:{args.det_file}" if meta.dataset == "coco" and args.det_file else "gt"
     print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": meta.dataset, "samples": len(ds),
-                      "boxes": boxes, "flip": not args.no_flip, "decoder": args.decoder, "metrics": table,
-                      "plots": plots}))
+                      **eval_set.describe(), "max_images": args.max_images, "flip": not args.no_flip,
+                      "decoder": args.decoder, "metrics": table, "plots": plots}))
+    return 0
+
+
+def _evaluate_detector(args: argparse.Namespace) -> int:
+    import torch
+
+    from ditepose.training.boxes import BoxSource, make_detector
+    from ditepose.training.data_layout import find_split
+    from ditepose.training.detection_eval import evaluate_detector
+
+    source = BoxSource("detector", score_thr=args.det_score_thr, detector=args.detector)
+    if args.ann is None and args.data is None:
+        raise ValueError("evaluate-detector needs --data DIR or --ann FILE (with --img-dir)")
+    if args.ann is not None and args.img_dir is None and args.data is None:
+        raise ValueError("--ann needs --img-dir (or --data)")
+    layout = find_split(args.data, "coco", args.split) if args.data else None
+    ann = Path(args.ann) if args.ann else layout.ann_file
+    img_dir = Path(args.img_dir) if args.img_dir else layout.img_dir
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    report = evaluate_detector(make_detector(source, device), ann, img_dir, args.max_images, args.batch_size)
+    print(json.dumps({"annotations": str(ann), "device": device, **report}))
     return 0
 
 
@@ -159,8 +218,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--checkpoint-every", type=int, help="epochs between epoch_N.pt snapshots; 0 = none")
     train.add_argument("--det-file", help="person detections json for the end-of-training COCO test "
                        "(recipe: DATA/person_detection_results/COCO_val2017_detections_AP_H_56_person.json)")
-    train.add_argument("--test-boxes", choices=["gt", "detections"],
-                       help="boxes of the end-of-training evaluation (recipe: detections on COCO, gt on MPII)")
+    train.add_argument("--test-boxes", choices=BOX_CHOICES,
+                       help="boxes of the end-of-training evaluation, as `evaluate --boxes` (recipe: detections "
+                       "on COCO, gt on MPII; detector = NanoDet at its threshold); periodic validation stays gt")
     train.add_argument("--grad-clip", type=float)
     train.add_argument("--ema", type=float, help="EMA decay, e.g. 0.999")
     train.add_argument("--sync-bn", action="store_true")
@@ -176,8 +236,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--split", default="val")
     ev.add_argument("--ann", help="annotation file (overrides --data)")
     ev.add_argument("--img-dir", help="image folder (with --ann)")
-    ev.add_argument("--det-file", help="COCO detections json [{image_id,bbox,score,category_id}]")
-    ev.add_argument("--det-score-thr", type=float, default=0.0)
+    ev.add_argument("--boxes", choices=BOX_CHOICES,
+                    help="person boxes to crop: gt (annotated), detections (--det-file; the paper's protocol) or "
+                    "detector (a live detector, --detector; the result adds its report). Default: detections with "
+                    "--det-file, else gt. MPII: gt only")
+    ev.add_argument("--det-file", help="COCO detections json [{image_id,bbox,score,category_id}] for --boxes detections")
+    ev.add_argument("--detector", help="the live detector of --boxes detector (default nanodet): nanodet, hog, "
+                    "whole or torchvision")
+    ev.add_argument("--det-score-thr", type=float, default=None,
+                    help="boxes scoring below it are dropped: detections default 0.0 (the authors' det_bbox_thr), "
+                    "detector default its own (NanoDet 0.3)")
+    ev.add_argument("--detector-batch", type=_positive_int, default=8, help="images per detector forward pass")
+    ev.add_argument("--max-images", type=_positive_int,
+                    help="COCO: the first N images (by id) that hold people, scored on those alone (quick checks)")
     ev.add_argument("--gt", help="MPII ground truth (.json/.npz/.mat)")
     ev.add_argument("--no-flip", action="store_true")
     ev.add_argument("--decoder", default="default", choices=["default", "dark", "argmax"])
@@ -185,6 +256,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default=None)
     ev.add_argument("--plots", metavar="DIR", help="write per-joint accuracy and OKS histogram PNGs here")
     ev.set_defaults(func=_evaluate)
+
+    dv = subparsers.add_parser("evaluate-detector", help="a person detector's recall, false positives, box AP "
+                               "and time per image on a COCO keypoints set, printed as JSON")
+    dv.add_argument("--data", help="COCO dataset folder (its val split is used unless --ann)")
+    dv.add_argument("--split", default="val")
+    dv.add_argument("--ann", help="COCO keypoints annotation file (overrides --data)")
+    dv.add_argument("--img-dir", help="image folder (with --ann)")
+    dv.add_argument("--detector", default="nanodet", help="nanodet (default), hog, whole or torchvision")
+    dv.add_argument("--det-score-thr", type=float, default=None, help="the detector's threshold (default its own)")
+    dv.add_argument("--max-images", type=_positive_int, help="the first N images (by id) that hold people")
+    dv.add_argument("--batch-size", type=_positive_int, default=1,
+                    help="images per forward pass (1: timed one image at a time, as bench/detector.py)")
+    dv.add_argument("--device", default=None)
+    dv.set_defaults(func=_evaluate_detector)
 
     syn = subparsers.add_parser("synth", help="write a synthetic people dataset (COCO or MPII format)")
     syn.add_argument("--format", choices=["coco", "mpii"], default="coco")

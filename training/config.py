@@ -37,7 +37,7 @@ from ditepose.training.augment import AugmentConfig
 
 DATASET_JOINTS = {"coco": 17, "mpii": 16}
 AMP_MODES = ("none", "bf16", "fp16")
-TEST_BOXES = ("gt", "detections")
+TEST_BOXES = ("gt", "detections", "detector")  # = ditepose.training.boxes.BOX_SOURCES
 AUTHORS_REPO = "ZiyiZhang27/Dite-HRNet"
 AUTHORS_GPUS = 8  # the authors' runs: 8 processes ...
 AUTHORS_GPU_BATCH = 32  # ... of 32 samples each (so BatchNorm statistics over 32 samples)
@@ -78,7 +78,9 @@ class TrainConfig:
     shift_heatmap: bool = True
     decoder: str = "default"  # mmpose post_process
     modulate_kernel: int = 11  # DARK's Gaussian modulation (unused by 'default')
-    test_boxes: str = "detections"  # end-of-training evaluation: 'detections' (COCO paper protocol) or 'gt'
+    # end-of-training evaluation: 'detections' (COCO paper protocol: det_file), 'gt', or 'detector'
+    # (the live default detector, NanoDet at its threshold; training/boxes.py)
+    test_boxes: str = "detections"
     det_file: str | None = COCO_DET_FILE  # relative to the data folder, or absolute
     det_bbox_thr: float = 0.0
     workers: int = 6  # per process

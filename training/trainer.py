@@ -319,13 +319,19 @@ class Trainer:
             torch.save(self.state_dict(), tmp)
             tmp.replace(self.work_dir / STATE_FILE)
 
-    def meta(self, metrics: dict[str, float] | None = None, boxes: str = "gt") -> CheckpointMeta:
+    def meta(self, metrics: dict[str, float] | None = None, boxes: dict[str, Any] | None = None) -> CheckpointMeta:
+        """Checkpoint metadata; ``boxes``: the ``box_source`` record of ``metrics`` (None: GT boxes),
+        stored with its older one-string label ``boxes`` (:mod:`ditepose.training.boxes`)."""
+        from ditepose.training.boxes import box_label, box_record
+
+        record = box_record(boxes)
         return CheckpointMeta(
             arch=self.cfg.arch, dataset=self.cfg.dataset, num_joints=self.cfg.num_joints,
             input_size=self.cfg.input_size, overrides=dict(self.cfg.model_overrides),
             extra={"recipe": self.cfg.to_dict(), "reproduces": self.cfg.reproduces, "amp": self.cfg.amp,
                    "differs_from_authors": differences(self.cfg), "layout": asdict(self.layout),
-                   "metrics": metrics or {}, "boxes": boxes, "epoch": self.epoch, "iterations": self.global_iter})
+                   "metrics": metrics or {}, "boxes": box_label(record), "box_source": record, "epoch": self.epoch,
+                   "iterations": self.global_iter})
 
     def eval_module(self) -> nn.Module:
         return self.ema.module if self.ema else self.model
@@ -402,26 +408,31 @@ class Trainer:
     def test(self) -> dict[str, Any]:
         """The end-of-training evaluation: the paper's protocol (COCO: detection boxes) when it can.
 
-        Returns ``{"boxes": "gt" | "detections:<file>", "metrics": {...}}`` (plus a ``note`` when
-        the recipe asks for detections but the file is missing)."""
+        ``test_boxes``: 'detections' reads the detections file (missing: GT boxes, with a
+        ``note``), 'detector' runs the default live detector over the val images, 'gt' the
+        annotated boxes. Returns ``{"boxes": label, "box_source": record, "metrics": {...}}``
+        (:mod:`ditepose.training.boxes`; plus ``detector_report`` for 'detector' and the ``note``)."""
+        from ditepose.training.boxes import BoxSource, evaluation_set
+
         if self.val_set is None:
             return {}
         cfg = self.cfg
         result: dict[str, Any] = {}
-        if cfg.dataset == "coco" and cfg.test_boxes == "detections":
-            det = resolve_det_file(cfg, self.data_dir)
-            if det is not None:
+        if cfg.dataset == "coco" and cfg.test_boxes in ("detections", "detector"):
+            det = resolve_det_file(cfg, self.data_dir) if cfg.test_boxes == "detections" else None
+            if cfg.test_boxes == "detector" or det is not None:
+                source = BoxSource("detector") if det is None else BoxSource("detections", det, cfg.det_bbox_thr)
                 layout = find_split(self.data_dir, "coco", "val")
-                ds = CocoKeypointDataset(layout.ann_file, layout.img_dir, cfg.input_size, train=False,
-                                         use_gt_bbox=False, det_file=det, det_score_thr=cfg.det_bbox_thr)
-                return {"boxes": f"detections:{det}", "metrics": self.evaluate(ds)}
+                test_set = evaluation_set("coco", layout.ann_file, layout.img_dir, cfg.input_size, source,
+                                          device=str(self.device))
+                return {**test_set.describe(), "metrics": self.evaluate(test_set.dataset)}
             result["note"] = (f"detections file {cfg.det_file} not found (relative to {self.data_dir}); "
                               "scored on ground-truth boxes, which reads higher than the paper's protocol")
         if self.last_eval_epoch == self.epoch and self.last_metrics:
             metrics = self.last_metrics  # the final validation already scored this module on GT boxes
         else:
             metrics = self.evaluate()
-        return {"boxes": "gt", "metrics": metrics, **result}
+        return {"boxes": "gt", "box_source": {"source": "gt"}, "metrics": metrics, **result}
 
     def _after_epoch(self) -> None:
         cfg = self.cfg
@@ -540,7 +551,7 @@ class Trainer:
         test = self.test() if self.is_main and finished and cfg.eval_every else {}
         if test and self.is_main:
             self.logger.log({"kind": "test", "epoch": self.epoch, "iter": self.global_iter, "boxes": test["boxes"],
-                             **test["metrics"]})
+                             "box_source": test["box_source"], **test["metrics"]})
         summary = {"epochs_done": self.epoch, "iterations": self.global_iter, "best": self.best,
                    "last_metrics": self.last_metrics,
                    "validation": {"boxes": "gt", "epoch": self.last_eval_epoch, "metrics": self.last_metrics},
@@ -552,7 +563,7 @@ class Trainer:
         if self.is_main:
             final_metrics = test.get("metrics", self.last_metrics) if test else self.last_metrics
             save_checkpoint(self.work_dir / "final.pt", self.eval_module(),
-                            self.meta(final_metrics, test.get("boxes", "gt") if test else "gt"))
+                            self.meta(final_metrics, test.get("box_source") if test else None))
             (self.work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self._write_plots()
         self.logger.close()
