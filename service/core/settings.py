@@ -44,7 +44,7 @@ class DatasetSpec(BaseModel):
     ann_file: Path = Field(description="COCO annotation json, or mmpose's MPII annotation json.")
     img_dir: Path = Field(description="Folder holding the images the annotations name.")
     det_file: Path | None = Field(
-        default=None, description="COCO only: person detections json (needed for use_gt_boxes=false)."
+        default=None, description="COCO only: person detections json (needed for boxes='detections')."
     )
     gt_file: Path | None = Field(default=None, description="MPII only: ground truth (.json/.npz/.mat) for PCKh.")
 

@@ -7,6 +7,11 @@ pool's batcher as background work. In embedded mode that pool is the serving poo
 crops are batched with live requests and yield to them; a Celery worker process runs the same
 code on a pool of its own. Progress, cancellation and the soft time limit are checked between
 batches; the predictions file is written atomically before the metrics are computed.
+
+The person boxes are the plan's ``boxes`` (:mod:`ditepose.training.boxes`, as ``ditepose
+evaluate``): ground truth, the dataset's detections file, or a live detector whose device stage
+runs on the same pool as background batches (:class:`PoolDetector`); the result records them
+(``box_source``) and, for a detector, adds its report.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,6 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from ditepose.model.detectors import PersonDetector, StagedDetector
 from ditepose.service.batching.batcher import DeadlineExceeded
 from ditepose.service.batching.infer import BatcherInfer
 from ditepose.service.batching.pool import WorkerPool
@@ -29,7 +39,7 @@ from ditepose.service.core.model_loader import LoadedModel, load_model
 from ditepose.service.jobs.lease import Lease, LeaseLost
 from ditepose.service.jobs.plan import JobPlan
 from ditepose.service.jobs.records import JobRecord, JobStore, atomic_write_text
-from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset, TopDownDataset
+from ditepose.training.boxes import EvalSet
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +63,74 @@ def predictions_path(jobs_dir: Path, job_id: str) -> Path:
     return jobs_dir / job_id / "predictions.json"
 
 
-def load_dataset(plan: JobPlan, input_size: tuple[int, int]) -> TopDownDataset:
-    """The plan's dataset in evaluation mode, at the model's input size."""
+class PoolDetector:
+    """A staged detector (NanoDet, torchvision) whose device stage runs as background work on a
+    worker pool's detector batcher, as a job's pose crops do: batched with live requests'
+    detections on the pool's devices, yielding to them. Pre- and post-processing (threshold,
+    NMS) stay here, with this job's threshold."""
+
+    def __init__(self, detector: StagedDetector, pool: WorkerPool, timeout_s: float) -> None:
+        self.detector, self.timeout_s = detector, timeout_s
+        self.name = detector.name
+        self.score_thr = getattr(detector, "score_thr", None)
+        # the pool keeps one device stage per detector name: the network, whatever the threshold
+        self.batcher = pool.add_detector(detector)
+
+    def detect_batch(self, images_rgb: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not images_rgb:
+            return []
+        batch = torch.cat([self.detector.preprocess(img) for img in images_rgb])
+        candidates = self.batcher.submit_sync(batch, self.timeout_s, background=True)
+        return [self.detector.postprocess(c, img.shape[:2]) for c, img in zip(candidates, images_rgb, strict=True)]
+
+    def detect(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.detect_batch([image_rgb])[0]
+
+
+_detectors: dict[str, PersonDetector] = {}
+_detectors_lock = threading.Lock()
+
+
+def job_detector(plan: JobPlan, pool: WorkerPool, timeout_s: float) -> PersonDetector:
+    """The plan's live detector, built once per process and threshold (weights load once); a
+    staged one runs on ``pool`` (:class:`PoolDetector`)."""
+    from ditepose.training.boxes import BoxSource, make_detector
+
+    opts = plan.options
+    source = BoxSource("detector", score_thr=opts.det_score_thr, detector=opts.detector or "nanodet")
+    key = json.dumps([source.detector, source.score_thr, opts.detector_options], sort_keys=True)
+    with _detectors_lock:
+        det = _detectors.get(key)
+        if det is None:
+            det = _detectors[key] = make_detector(source, "cpu", **(opts.detector_options or {}))
+    if isinstance(det, StagedDetector):
+        return PoolDetector(det, pool, timeout_s)
+    return det
+
+
+def load_dataset(plan: JobPlan, input_size: tuple[int, int], pool: WorkerPool | None = None,
+                 timeout_s: float = 3600.0, between_batches: Callable[[], None] | None = None) -> EvalSet:
+    """The plan's dataset in evaluation mode, at the model's input size, with the plan's boxes
+    (:func:`ditepose.training.boxes.evaluation_set`, as ``ditepose evaluate``)."""
+    from ditepose.training.boxes import BoxSource, evaluation_set
+
     spec, opts = plan.dataset, plan.options
-    if spec.format == "coco":
-        if not opts.use_gt_boxes and spec.det_file is None:
-            raise ValueError("use_gt_boxes=false needs a dataset with det_file (person detections json)")
-        return CocoKeypointDataset(spec.ann_file, spec.img_dir, input_size, train=False,
-                                   use_gt_bbox=opts.use_gt_boxes, det_file=spec.det_file, max_images=opts.max_images)
-    if opts.max_images is not None:
-        raise ValueError("max_images applies to COCO datasets only (MPII PCKh needs every annotated person)")
-    if not opts.use_gt_boxes:
-        raise ValueError("MPII evaluation uses the annotated person centres; use_gt_boxes must be true")
-    return MpiiKeypointDataset(spec.ann_file, spec.img_dir, input_size, train=False)
+    if spec.format == "coco" and opts.boxes == "detections" and spec.det_file is None:
+        raise ValueError(f"boxes 'detections' needs a dataset with det_file (person detections json); "
+                         f"{plan.dataset_name!r} has none")
+    if opts.boxes == "detections":
+        boxes = BoxSource("detections", spec.det_file, opts.det_score_thr)
+    elif opts.boxes == "detector":
+        boxes = BoxSource("detector", score_thr=opts.det_score_thr, detector=opts.detector or "nanodet")
+    else:
+        boxes = BoxSource(opts.boxes)
+    detector = None
+    if boxes.source == "detector" and spec.format == "coco":
+        if pool is None:
+            raise ValueError("boxes 'detector' needs the job's worker pool")
+        detector = job_detector(plan, pool, timeout_s)
+    return evaluation_set(spec.format, spec.ann_file, spec.img_dir, input_size, boxes, gt_file=spec.gt_file,
+                          max_images=opts.max_images, detector=detector, between_batches=between_batches)
 
 
 @contextmanager
@@ -97,21 +162,24 @@ def evaluate_plan(
         if model.dataset != plan.dataset.format:
             raise ValueError(f"model {plan.model.name!r} predicts {model.dataset.upper()} keypoints but dataset "
                              f"{plan.dataset_name!r} is {plan.dataset.format.upper()}")
-        dataset = load_dataset(plan, model.input_size)
+        eval_set = load_dataset(plan, model.input_size, pool, timeout_s, lambda: between_batches(0.0))
+        dataset = eval_set.dataset
         pipeline = pipeline_for(dataset, plan.options.flip_test, plan.options.decoder)
         t1 = time.perf_counter()
         infer = BatcherInfer(pool.batcher(model.name), timeout_s)
         predictions = predict(infer, dataset, pipeline, plan.options.batch_size, between_batches)
     t2 = time.perf_counter()
     doc = {"job_id": job_id, "model": plan.model.name, "dataset": plan.dataset_name, "format": plan.dataset.format,
-           "options": plan.to_dict()["options"], "images": predictions_by_image(predictions)}
+           "options": plan.to_dict()["options"], "box_source": eval_set.box_source,
+           "images": predictions_by_image(predictions)}
     atomic_write_text(out_file, json.dumps(doc))
-    metrics = score(dataset, predictions, plan.dataset.gt_file)
+    metrics = score(dataset, predictions, eval_set.gt_file)
     t3 = time.perf_counter()
     return {
         "metrics": metrics,
         "num_images": len(doc["images"]),
         "num_persons": len(dataset.records),
+        **eval_set.describe(),
         "demo_weights": model.demo_weights,
         "input_size": list(model.input_size),
         "timings": {"load_s": t1 - t0, "inference_s": t2 - t1, "metric_s": t3 - t2},

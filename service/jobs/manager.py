@@ -13,7 +13,7 @@ from ditepose.service.core.settings import ModelSpec, Settings
 from ditepose.service.jobs.catalogue import Catalogue, UnknownName
 from ditepose.service.jobs.executor import BrokerUnavailable, Executor, make_executor
 from ditepose.service.jobs.metrics import JobMetrics
-from ditepose.service.jobs.plan import EvalOptions, JobPlan
+from ditepose.service.jobs.plan import JobPlan, eval_options
 from ditepose.service.jobs.records import JobRecord, JobStore, make_store
 from ditepose.service.jobs.schemas import EvaluateRequest
 
@@ -93,10 +93,10 @@ class JobService:
     def plan(self, req: EvaluateRequest) -> JobPlan:
         dataset = self.catalogue.dataset(req.dataset)
         model, served = self.resolve_model(req, dataset.spec.format)
-        if req.max_images is not None and dataset.spec.format != "coco":
-            raise InvalidRequest("max_images applies to COCO datasets only (MPII PCKh needs every person)")
-        options = EvalOptions(flip_test=req.flip_test, decoder=req.decoder, use_gt_boxes=req.use_gt_boxes,
-                              batch_size=req.batch_size, max_images=req.max_images)
+        try:
+            options = eval_options(req, dataset.name, dataset.spec, self.settings)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
         return JobPlan(model, served, dataset.name, dataset.spec, options)
 
     def submit(self, req: EvaluateRequest) -> JobRecord:

@@ -10,16 +10,34 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ditepose.service.core.settings import DatasetSpec, ModelSpec
+from ditepose.service.core.settings import DatasetSpec, ModelSpec, Settings
+from ditepose.service.jobs.schemas import EvaluateRequest
 
 
 @dataclass(frozen=True)
 class EvalOptions:
+    """How the plan's model is evaluated. ``boxes`` is :mod:`ditepose.training.boxes`'s option:
+    'gt', 'detections' (the dataset's ``det_file``) or 'detector' (``detector`` run by the job, built
+    with ``detector_options``: where the server keeps its weights). ``det_score_thr`` None: the
+    source's default (detections 0.0, detector its own)."""
+
     flip_test: bool = True
     decoder: str = "default"
-    use_gt_boxes: bool = True
+    boxes: str = "gt"
+    detector: str | None = None  # boxes='detector' only
+    det_score_thr: float | None = None
+    detector_options: dict[str, Any] | None = None  # the server's constructor options (weights), JSON
     batch_size: int = 32
     max_images: int | None = None  # COCO only: the first N images that hold persons
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalOptions:
+        """Also reads plans stored before ``boxes`` (``use_gt_boxes``: true = gt, false = detections)."""
+        data = dict(data)
+        legacy = data.pop("use_gt_boxes", None)
+        if legacy is not None and "boxes" not in data:
+            data["boxes"] = "gt" if legacy else "detections"
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -48,5 +66,52 @@ class JobPlan:
             served=bool(data["served"]),
             dataset_name=str(data["dataset_name"]),
             dataset=DatasetSpec.model_validate(data["dataset"]),
-            options=EvalOptions(**data["options"]),
+            options=EvalOptions.from_dict(data["options"]),
         )
+
+
+def job_detector(settings: Settings, requested: str | None) -> str:
+    """The detector of a boxes='detector' job: the request's, else the service's default ('auto':
+    nanodet -- an evaluation never falls back to whole-image boxes silently)."""
+    if requested is not None:
+        return requested
+    return "nanodet" if settings.detector == "auto" else settings.detector
+
+
+def detector_options(settings: Settings, name: str) -> dict[str, Any]:
+    """Where the server's detector ``name`` finds its weights (the service's own settings)."""
+    if name == "nanodet":
+        return {"weights_dir": str(settings.weights_dir)} if settings.weights_dir is not None else {}
+    if name == "torchvision":
+        weights = settings.torchvision_weights
+        is_file = weights.endswith((".pth", ".pt")) or "/" in weights
+        return {"arch": settings.torchvision_arch, **({"weights_path": weights} if is_file else {"weights": weights})}
+    return {}
+
+
+def eval_options(req: EvaluateRequest, dataset_name: str, dataset: DatasetSpec, settings: Settings) -> EvalOptions:
+    """The request's options, checked against the dataset; ValueError says what does not fit."""
+    from ditepose.training.boxes import BoxSource
+
+    if req.max_images is not None and dataset.format != "coco":
+        raise ValueError("max_images applies to COCO datasets only (MPII PCKh needs every person)")
+    boxes = req.box_source
+    if dataset.format == "mpii" and boxes != "gt":
+        raise ValueError(f"boxes {boxes!r} does not apply to MPII dataset {dataset_name!r}: MPII is scored on its "
+                         "annotated person centres and scales (boxes 'gt')")
+    if boxes == "detections" and dataset.det_file is None and req.boxes is not None:
+        # (the deprecated use_gt_boxes=false keeps its old behaviour: the job fails naming det_file)
+        raise ValueError(f"boxes 'detections' needs a dataset with a det_file (person detections json); "
+                         f"{dataset_name!r} has none: use boxes 'gt' or 'detector'")
+    detector, thr, options = None, req.det_score_thr, None
+    if boxes == "detector":
+        detector = job_detector(settings, req.detector)
+        if thr is None and detector == "nanodet":
+            thr = settings.det_score_threshold  # the service's threshold, as for POST /v1/pose
+        BoxSource("detector", score_thr=thr, detector=detector)  # the same checks as the CLI's
+        if detector == "whole" and thr is not None:
+            raise ValueError("det_score_thr: detector 'whole' has no score threshold")
+        options = detector_options(settings, detector)
+    return EvalOptions(flip_test=req.flip_test, decoder=req.decoder, boxes=boxes, detector=detector,
+                       det_score_thr=thr, detector_options=options, batch_size=req.batch_size,
+                       max_images=req.max_images)

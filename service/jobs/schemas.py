@@ -8,7 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ditepose.model.codec import DecoderName
+from ditepose.model.detectors import DetectorName
 from ditepose.service.jobs.records import JobRecord
+from ditepose.training.boxes import BoxSourceName
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -28,8 +30,21 @@ class EvaluateRequest(BaseModel):
     decoder: DecoderName = Field(
         default="default", description="Heatmap decoding, as in POST /v1/pose."
     )
-    use_gt_boxes: bool = Field(default=True, description="Ground-truth person boxes; false = the dataset's "
-                               "detection boxes (COCO sets with a det_file).")
+    boxes: BoxSourceName | None = Field(
+        default=None, description="Person boxes to crop: 'gt' (annotated), 'detections' (the dataset's detections "
+        "file, the paper's protocol; COCO sets with a det_file) or 'detector' (a live person detector run by the job; "
+        "the result adds its report). MPII: 'gt' only. Default: 'gt' (or what `use_gt_boxes` says).",
+        examples=["detector"])
+    detector: DetectorName | None = Field(
+        default=None, description="boxes='detector' only: which detector. Default: the service's default detector "
+        "(nanodet for 'auto').")
+    det_score_thr: float | None = Field(
+        default=None, ge=0.0, description="Boxes scoring below this are dropped. Default: 0.0 for 'detections' "
+        "(the authors' det_bbox_thr); for 'detector' the service's threshold (DITEPOSE_DET_SCORE_THRESHOLD) for "
+        "nanodet, else the detector's own.")
+    use_gt_boxes: bool | None = Field(
+        default=None, description="Deprecated: use `boxes`. true = 'gt', false = 'detections' "
+        "(as before `boxes`: a dataset without a det_file fails the job rather than the request).")
     batch_size: int = Field(default=32, ge=1, le=512, description="Persons per forward pass.")
     max_images: int | None = Field(
         default=None, ge=1, description="COCO only: evaluate the first N images (by id) that hold persons, "
@@ -40,13 +55,29 @@ class EvaluateRequest(BaseModel):
     def _one_model(self) -> EvaluateRequest:
         if self.model is not None and self.checkpoint is not None:
             raise ValueError("give either `model` or `checkpoint`, not both")
+        if self.boxes is not None and self.use_gt_boxes is not None and \
+                (self.boxes == "gt") != self.use_gt_boxes:
+            raise ValueError(f"`boxes` {self.boxes!r} contradicts `use_gt_boxes` {self.use_gt_boxes}; give `boxes` "
+                             "alone")
+        if self.detector is not None and self.box_source != "detector":
+            raise ValueError(f"`detector` is for boxes 'detector', not {self.box_source!r}")
+        if self.det_score_thr is not None and self.box_source == "gt":
+            raise ValueError("`det_score_thr` is for boxes 'detections' or 'detector', not 'gt'")
         return self
+
+    @property
+    def box_source(self) -> str:
+        """``boxes``, or what the deprecated ``use_gt_boxes`` means."""
+        if self.boxes is not None:
+            return self.boxes
+        return "detections" if self.use_gt_boxes is False else "gt"
 
 
 class JobTimings(BaseModel):
     queued_s: float | None = Field(description="Submission to start of the (last) run.")
     run_s: float | None = Field(description="Start of the (last) run to its end, or until now.")
-    load_s: float | None = Field(default=None, description="Model and dataset loading.")
+    load_s: float | None = Field(default=None, description="Model and dataset loading (with boxes='detector': "
+                                 "the detector's pass over the images too).")
     inference_s: float | None = Field(default=None, description="Crops, forward passes and decoding.")
     metric_s: float | None = Field(default=None, description="Writing predictions and computing the metrics.")
 
@@ -63,7 +94,16 @@ class JobResponse(BaseModel):
     metrics: dict[str, float] | None = Field(description="COCO: AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, "
                                              "ARl. MPII: PCKh@0.5 per joint group and mean (PCKh), PCKh@0.1.")
     num_images: int | None = None
-    num_persons: int | None = None
+    num_persons: int | None = Field(default=None, description="Person boxes evaluated (with detected boxes: the "
+                                    "detections kept).")
+    boxes: str | None = Field(default=None, description="The boxes' one-string label: 'gt', 'detections:<file>' "
+                              "or 'detector:<name>'.")
+    box_source: dict | None = Field(default=None, description='The boxes used: {"source": "gt"}, {"source": '
+                                    '"detections", "file", "det_bbox_thr"} or {"source": "detector", "detector", '
+                                    '"score_thr"}.')
+    detector_report: dict | None = Field(default=None, description="boxes='detector': the detector's recall at IoU "
+                                         "0.5 of people with >= 5 labelled joints, false positives per image, "
+                                         "person box AP/AP50 and ms per image on the scored images.")
     demo_weights: bool | None = Field(default=None, description="True: the model had no checkpoint (random).")
     predictions_url: str | None = Field(description="Per-image predictions JSON, once the job succeeded.")
     error: str | None
@@ -104,6 +144,9 @@ def job_response(rec: JobRecord, now: float) -> JobResponse:
         metrics=result.get("metrics"),
         num_images=result.get("num_images"),
         num_persons=result.get("num_persons"),
+        boxes=result.get("boxes"),
+        box_source=result.get("box_source"),
+        detector_report=result.get("detector_report"),
         demo_weights=result.get("demo_weights"),
         predictions_url=f"/v1/jobs/{rec.id}/predictions" if rec.state == "succeeded" and rec.predictions else None,
         error=rec.error,
