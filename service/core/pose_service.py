@@ -211,26 +211,32 @@ class PoseService:
 
     # ------------------------------------------------------------ whole requests
     def _decode_detect_input(
-        self, request: PoseRequest, detector: PersonDetector | None
-    ) -> tuple[np.ndarray, float, torch.Tensor | None, tuple[np.ndarray, np.ndarray | None] | None]:
+        self, request: PoseRequest
+    ) -> tuple[np.ndarray, float, StagedDetector | None, torch.Tensor | None, tuple[np.ndarray, np.ndarray | None] | None]:
         """Decode (one thread hop), then the boxes if they need no pool: the caller's, or an
-        in-thread detector's (whole image, HOG). A staged detector's input comes back instead.
-        The float is when decoding ended."""
+        in-thread detector's (whole image, HOG). For a staged detector, it and its input come back
+        instead. The float is when decoding ended. The detector is resolved (and built, the first
+        time) only after the image decoded: a bad upload is a 4xx whatever detector it names."""
         image = self.decode(request.image_bytes)
         decoded = time.perf_counter()
         height, width = image.shape[:2]
         if request.boxes is not None:
-            return image, decoded, None, (self.check_boxes(request.boxes, width, height), None)
+            return image, decoded, None, None, (self.check_boxes(request.boxes, width, height), None)
+        detector = self.detector(request.detector)
         if isinstance(detector, StagedDetector):
-            return image, decoded, detector.preprocess(image), None
-        return image, decoded, None, detector.detect(image)  # type: ignore[union-attr]
+            try:
+                self.pool.detector_batcher(detector.name).check_admission()  # type: ignore[union-attr]
+            except BatcherError as exc:
+                raise from_batcher_error(exc, self.settings.retry_after_s) from exc
+            return image, decoded, detector, detector.preprocess(image), None
+        return image, decoded, None, None, detector.detect(image)
 
-    async def _ready_detector(self, name: str | None) -> PersonDetector:
-        """:meth:`detector`, built in a thread the first time (loading weights must not stall the loop)."""
-        det = self._detectors.get(name or self.default_detector)
-        if det is not None and (not isinstance(det, StagedDetector) or self.pool.detector_batcher(det.name)):
-            return det
-        return await asyncio.to_thread(self.detector, name)
+    def _goes_through_detector_queue(self, request: PoseRequest) -> bool:
+        """Whether the request's boxes come from a staged detector (unbuilt detectors count as staged)."""
+        if request.boxes is not None:
+            return False
+        det = self._detectors.get(request.detector or self.default_detector)
+        return det is None or isinstance(det, StagedDetector)
 
     async def _detect_on_pool(
         self, detector: StagedDetector, image: np.ndarray, detector_input: torch.Tensor
@@ -251,12 +257,8 @@ class PoseService:
         batches on the worker pool, shared with every other request."""
         model = self.resolve_model(request.model)  # once per request
         batcher = self.pool.batcher(model.name)
-        detector = None if request.boxes is not None else await self._ready_detector(request.detector)
         try:
-            # shed before decoding what the queues could not take anyway
-            batcher.check_admission()
-            if isinstance(detector, StagedDetector):
-                self.pool.detector_batcher(detector.name).check_admission()  # type: ignore[union-attr]
+            batcher.check_admission()  # shed before decoding what the queue could not take anyway
         except BatcherError as exc:
             raise from_batcher_error(exc, self.settings.retry_after_s) from exc
         t0 = time.perf_counter()
@@ -264,11 +266,12 @@ class PoseService:
         # Announced before decoding, so a free worker waits for these crops rather than running a
         # partial batch without them (see DynamicBatcher.announce). A request that goes through
         # the detector's queue first announces its crops only once its boxes are known.
-        arrival = batcher.announce() if not isinstance(detector, StagedDetector) else None
+        arrival = None if self._goes_through_detector_queue(request) else batcher.announce()
         try:
-            image, t1, detector_input, found = await asyncio.to_thread(self._decode_detect_input, request, detector)
+            image, t1, detector, detector_input, found = await asyncio.to_thread(self._decode_detect_input, request)
             if found is None:
                 found = await self._detect_on_pool(detector, image, detector_input)  # type: ignore[arg-type]
+            if arrival is None:
                 arrival = batcher.announce()
             timeout_s = max(deadline - time.perf_counter(), 1e-3)  # one deadline for detection and pose
             t_detect = t1 if request.boxes is not None else time.perf_counter()
