@@ -18,7 +18,10 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
-CPU_OVERRIDE = REPO_ROOT / "docker" / "compose.cpu.yml"
+# Read by Compose with docker-compose.yml when no -f is given: the published host ports only.
+PORTS_OVERRIDE = REPO_ROOT / "docker-compose.override.yml"
+GPU_OVERRIDE = REPO_ROOT / "docker" / "compose.gpu.yml"
+DATASETS_TARGET = "/etc/ditepose/datasets.json"
 DOCKERFILES = (REPO_ROOT / "docker" / "Dockerfile.cpu", REPO_ROOT / "docker" / "Dockerfile.cuda")
 PROMETHEUS_FILE = REPO_ROOT / "docker" / "prometheus" / "prometheus.yml"
 DASHBOARD_FILE = REPO_ROOT / "docker" / "grafana" / "dashboards" / "ditepose.json"
@@ -47,11 +50,26 @@ def load_yaml(path: Path) -> Any:
 
 @cache
 def compose() -> dict[str, Any]:
-    return load_yaml(COMPOSE_FILE)
+    """What `docker compose up` sees without -f: docker-compose.yml plus the ports of its override."""
+    doc = load_yaml(COMPOSE_FILE)
+    for name, extra in load_yaml(PORTS_OVERRIDE)["services"].items():
+        assert set(extra) == {"ports"}, f"docker-compose.override.yml: {name} sets more than ports"
+        service = doc["services"][name]
+        service["ports"] = [*service.get("ports", []), *extra["ports"]]
+    return doc
 
 
 def services() -> dict[str, dict[str, Any]]:
     return compose()["services"]
+
+
+def bind_source(service: dict[str, Any], target: str) -> str | None:
+    """The host path (as written) a service bind-mounts at ``target``."""
+    for volume in service.get("volumes", []):
+        source, mount = volume.split(":")[:2]
+        if mount == target and source.startswith("."):
+            return source
+    return None
 
 
 def as_argv(value: str | list[str] | None) -> list[str]:

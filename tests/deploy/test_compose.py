@@ -15,10 +15,15 @@ from ditepose.service.core.settings import Settings
 from ditepose.service.http.app import create_app
 from tests.conftest import REPO_ROOT
 from tests.deploy.compose_support import (
-    CPU_OVERRIDE,
+    COMPOSE_FILE,
     DASHBOARD_FILE,
+    DATASETS_TARGET,
+    GPU_OVERRIDE,
     GRAFANA_PROVISIONING,
+    PORTS_OVERRIDE,
     PROMETHEUS_FILE,
+    bind_source,
+    compose,
     container_ports,
     ditepose_args,
     environment,
@@ -146,27 +151,44 @@ def test_redis_persists_to_a_volume_and_everyone_finds_it():
         assert services()[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
-def test_workers_reserve_gpus_and_share_the_jobs_volume_with_the_api():
-    for name in OUR_SERVICES:
-        (device,) = services()[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+def test_api_and_workers_share_the_jobs_volume():
     jobs_dir = environment(services()["api"])["DITEPOSE_JOBS_DIR"]
     assert environment(services()["worker"])["DITEPOSE_JOBS_DIR"] == jobs_dir
     for name in OUR_SERVICES:
         assert f"jobs:{jobs_dir}" in services()[name]["volumes"]
 
 
-def test_cpu_override_drops_gpu_reservations_and_uses_the_cpu_image():
-    override = load_yaml(CPU_OVERRIDE)["services"]
-    assert set(override) == set(OUR_SERVICES)
+def test_base_file_runs_anywhere_and_the_gpu_override_adds_cuda_and_gpus():
+    """Additive overrides only: Compose v1 (docker-compose 1.29) can add to a service, not remove
+    (no ``!reset``), so the base file is the CPU image without reservations."""
+    assert "name" not in compose()  # Compose v1 rejects a top-level name
+    override = load_yaml(GPU_OVERRIDE)
+    assert "!reset" not in GPU_OVERRIDE.read_text() and "!override" not in GPU_OVERRIDE.read_text()
+    assert set(override["services"]) == set(OUR_SERVICES)
     for name in OUR_SERVICES:
-        assert override[name]["deploy"] == {"__tag__": "!reset"}
-        assert (REPO_ROOT / override[name]["build"]["dockerfile"]).is_file()
-        assert "cuda" in services()[name]["build"]["dockerfile"]
+        base = services()[name]
+        assert "deploy" not in base and base["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+        assert base["image"].endswith(":cpu")
+        gpu = override["services"][name]
+        (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+        assert gpu["build"]["dockerfile"] == "docker/Dockerfile.cuda" and gpu["image"].endswith(":cuda")
+        assert (REPO_ROOT / gpu["build"]["context"] / gpu["build"]["dockerfile"]).is_file()
+
+
+def test_host_ports_are_published_by_the_default_override_only():
+    """docker-compose.yml publishes nothing (a host-network stack can then use it as is, as the compose
+    test does); docker-compose.override.yml, read by default, publishes the api, Prometheus and Grafana."""
+    base = load_yaml(COMPOSE_FILE)["services"]
+    assert not any("ports" in service for service in base.values())
+    override = load_yaml(PORTS_OVERRIDE)["services"]
+    assert set(override) == {"api", "prometheus", "grafana"}
+    assert all(set(service) == {"ports"} for service in override.values())
 
 
 def test_files_the_compose_file_mounts_exist():
     doc = load_yaml(REPO_ROOT / "docker-compose.yml")
+    assert "configs" not in doc  # Compose v1 ignores `configs:` outside a swarm: plain bind mounts
     for name, service in services().items():
         if "build" in service:
             assert (REPO_ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file(), name
@@ -174,10 +196,13 @@ def test_files_the_compose_file_mounts_exist():
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert source in OPERATOR_FOLDERS or (REPO_ROOT / source).exists(), f"{name}: {source} missing"
-    for section in ("secrets", "configs"):
-        for entry in doc[section].values():
-            assert (REPO_ROOT / entry["file"]).is_file(), entry
-    datasets = json.loads((REPO_ROOT / doc["configs"]["datasets"]["file"]).read_text())
+    for entry in doc["secrets"].values():
+        assert (REPO_ROOT / entry["file"]).is_file(), entry
+    sources = {bind_source(services()[name], DATASETS_TARGET) for name in OUR_SERVICES}
+    assert len(sources) == 1 and None not in sources, sources
+    for name in OUR_SERVICES:
+        assert environment(services()[name])["DITEPOSE_DATASETS_FILE"] == DATASETS_TARGET
+    datasets = json.loads((REPO_ROOT / sources.pop()).read_text())
     from ditepose.service.core.settings import DatasetSpec
 
     for spec in datasets.values():

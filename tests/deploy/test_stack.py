@@ -1,7 +1,7 @@
 """docker-compose.yml's redis, api and worker started for real without Docker: a pose and a job through them.
 
 The processes, their flags and their DITEPOSE_* environment come from the compose file (see
-tests/deploy/stack_support.py); /models, /data, the config and the secret map to folders here.
+tests/deploy/stack_support.py); /models, /data, the catalogue and the secret map to folders here.
 The dataset is the shipped catalogue's ``coco-val`` entry, with /data holding three coco-mini images.
 """
 
@@ -22,7 +22,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ditepose.cli import build_parser
 from tests.conftest import REPO_ROOT
-from tests.deploy.compose_support import DASHBOARD_FILE, PROMETHEUS_FILE, compose, load_yaml, services
+from tests.deploy.compose_support import (
+    DASHBOARD_FILE,
+    DATASETS_TARGET,
+    PROMETHEUS_FILE,
+    bind_source,
+    compose,
+    load_yaml,
+    services,
+)
 from tests.deploy.stack_support import Mounts, Stack, wait_for
 
 
@@ -75,11 +83,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, coco_mini: Path) -> Iterator
     named = {name: work / "volumes" / name for name in compose()["volumes"]}
     for path in named.values():
         path.mkdir(parents=True)
-    mounts = Mounts(named, {"./models": work / "models", "./data": work / "data"})
     # The catalogue is the shipped one; its /data paths point into the worker's /data mount.
-    catalogue = (REPO_ROOT / compose()["configs"]["datasets"]["file"]).read_text()
+    catalogue_source = bind_source(services()["worker"], DATASETS_TARGET)
+    assert catalogue_source is not None
+    catalogue = (REPO_ROOT / catalogue_source).read_text()
     (work / "datasets.json").write_text(catalogue.replace('"/data/', f'"{work / "data"}/'))
-    mounts.files["datasets"] = work / "datasets.json"
+    mounts = Mounts(named, {"./models": work / "models", "./data": work / "data",
+                            catalogue_source: work / "datasets.json"})
     # Only for this 2-core test box: one torch thread per process (api + worker + worker child).
     stack = Stack(work, mounts, extra_env={"DITEPOSE_TORCH_THREADS": "1"})
     try:
