@@ -28,7 +28,15 @@ finished, so it cannot always wait for that one; what it gets is fixed here:
   e.g. a smaller frame than the one they came from).
 
 So which frames run the detector depends only on the stream and its results, not on timing,
-as long as no carried frame comes back with nobody in it.
+as long as no carried frame comes back with nobody in it. Why wait for the anchor rather than
+take whatever frame had finished (possibly one from before the last detection): on a 2-core CPU
+VM the second way streamed no faster (bench/stream_detect.py, within the noise of a shared
+machine) and split more tracks (10 track ids instead of 5 over 40 frames of 4 people), as the
+frames just after a detection went on with the boxes from before it.
+
+A carried person's ``score`` is its keypoints' mean alone, as with caller boxes: there is no
+detector score to weigh it by, so the same person scores differently on detected and carried
+frames (mind that with ``score_threshold``).
 
 Cancelling the call cancels all three and every frame in flight; nothing outlives it.
 """
@@ -54,8 +62,10 @@ from ditepose.service.video.tracking import PoseTracker, TrackerConfig
 DEFAULT_MAX_IN_FLIGHT = 4
 MAX_IN_FLIGHT_LIMIT = 64
 MAX_QUEUED_LIMIT = 64
-# On a 2-core CPU VM NanoDet costs ~75 ms of a frame's ~0.3-1 s (bench/stream_detect.py); every
-# 5th frame keeps a person entering the picture unseen for at most 1/6 s at 30 frames/s.
+# bench/stream_detect.py on a 2-core CPU VM, HRNet-18 256x192 + NanoDet: every 5th frame streams at
+# 104 ms/frame against 126 detecting every frame (4 people; caller boxes: 78), 1011 against 1181
+# (28 boxes; 561). Every 10th measured no faster than every 5th (145 vs 144 ms, 4 people), and 5
+# leaves a person entering the picture unseen for at most 1/6 s at 30 frames/s.
 DEFAULT_DETECT_INTERVAL = 5
 MAX_DETECT_INTERVAL = 300  # 10 s at 30 frames/s: longer and people entering the picture go unseen too long
 
