@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ditepose.cli import parse_size
+from ditepose.cli import parse_size, whole_number
 
 BOX_CHOICES = ("gt", "detections", "detector")  # ditepose.training.boxes.BOX_SOURCES (not imported: --help stays fast)
 
@@ -40,14 +40,6 @@ def _epochs_list(text: str) -> tuple[int, ...]:
     return steps
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -246,8 +238,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--det-score-thr", type=float, default=None,
                     help="boxes scoring below it are dropped: detections default 0.0 (the authors' det_bbox_thr), "
                     "detector default its own (NanoDet 0.3)")
-    ev.add_argument("--detector-batch", type=_positive_int, default=8, help="images per detector forward pass")
-    ev.add_argument("--max-images", type=_positive_int,
+    ev.add_argument("--detector-batch", type=whole_number(1), default=8, help="images per detector forward pass")
+    ev.add_argument("--max-images", type=whole_number(1),
                     help="COCO: the first N images (by id) that hold people, scored on those alone (quick checks)")
     ev.add_argument("--gt", help="MPII ground truth (.json/.npz/.mat)")
     ev.add_argument("--no-flip", action="store_true")
@@ -265,8 +257,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dv.add_argument("--img-dir", help="image folder (with --ann)")
     dv.add_argument("--detector", default="nanodet", help="nanodet (default), hog, whole or torchvision")
     dv.add_argument("--det-score-thr", type=float, default=None, help="the detector's threshold (default its own)")
-    dv.add_argument("--max-images", type=_positive_int, help="the first N images (by id) that hold people")
-    dv.add_argument("--batch-size", type=_positive_int, default=1,
+    dv.add_argument("--max-images", type=whole_number(1), help="the first N images (by id) that hold people")
+    dv.add_argument("--batch-size", type=whole_number(1), default=1,
                     help="images per forward pass (1: timed one image at a time, as bench/detector.py)")
     dv.add_argument("--device", default=None)
     dv.set_defaults(func=_evaluate_detector)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ditepose.cli import whole_number
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the service's sub-commands to the ``ditepose`` parser."""
@@ -90,7 +92,7 @@ def register_stream(subparsers: argparse._SubParsersAction) -> None:
     stream.add_argument("--no-flip", action="store_true", help="skip the flip test (about 2x faster)")
     stream.add_argument("--no-track", action="store_true", help="no track ids")
     stream.add_argument("--smooth", action="store_true", help="One Euro smoothing of keypoints per track")
-    stream.add_argument("--detect-interval", type=_non_negative_int, default=0, metavar="N",
+    stream.add_argument("--detect-interval", type=whole_number(0), default=0, metavar="N",
                         help="run the person detector on every N-th frame and carry the boxes from the poses "
                         "in between (0 = the server's default, 5; 1 = every frame)")
     stream.add_argument("--fps", type=float, help="frame rate for timestamps (default: the video's, 30 for folders)")
@@ -100,14 +102,6 @@ def register_stream(subparsers: argparse._SubParsersAction) -> None:
     stream.set_defaults(func=_stream)
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _stream(args: argparse.Namespace) -> int:
