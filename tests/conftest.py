@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +37,37 @@ def coco_mini(shared_dir: Path) -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data/coco-mini is not present")
     return path
+
+
+# ----------------------------------------------------------------------------- no silent skips
+# `make test` sets DITEPOSE_REQUIRE_SYSTEM=1 (after scripts/ensure-system-deps installed or
+# started what it could): a skip because a real component is missing (redis-server, chromium,
+# the Docker engine, the shared data, ...) then fails the test instead. Run alone (plain
+# `pytest tests/...`), such tests still skip. A new test that needs a system component skips
+# with a reason saying it "is not installed", "is not present" or "is not running".
+REQUIRE_SYSTEM_ENV = "DITEPOSE_REQUIRE_SYSTEM"
+MISSING_SYSTEM_RE = re.compile(r"\b(is|are) not (installed|present|running|reachable)\b|\bnot on this branch\b")
+
+
+def missing_system_component(reason: str) -> bool:
+    """Whether a skip reason says a system component (package, engine, shared data) is missing."""
+    return bool(MISSING_SYSTEM_RE.search(reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and os.environ.get(REQUIRE_SYSTEM_ENV) == "1"):
+        return
+    if hasattr(report, "wasxfail") or not isinstance(report.longrepr, tuple):
+        return
+    reason = str(report.longrepr[2])
+    if missing_system_component(reason):
+        report.outcome = "failed"
+        report.longrepr = (f"{reason}\n{REQUIRE_SYSTEM_ENV}=1 (make test): a missing system component fails the "
+                           "test instead of skipping it. Install it (scripts/ensure-system-deps does, as root), "
+                           "or run `make test-reduced`.")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
