@@ -62,13 +62,14 @@ class StagedDetector(PersonDetector, Protocol):
         ...
 
 
-def detect_staged(detector: StagedDetector, images_rgb: list[np.ndarray], device: str = "cpu") -> list[
-        tuple[np.ndarray, np.ndarray]]:
-    """All three stages in this thread: one forward pass for the whole list."""
+def detect_staged(detector: StagedDetector, images_rgb: list[np.ndarray], device: str = "cpu",
+                  forward: DeviceForward | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The three stages for the whole list, with one forward pass: ``detector.device_forward(device)``
+    in this thread, or ``forward`` (e.g. a worker pool's detector batcher)."""
     if not images_rgb:
         return []
     batch = torch.cat([detector.preprocess(check_image(img)) for img in images_rgb])
-    candidates = detector.device_forward(device)(batch)
+    candidates = (forward or detector.device_forward(device))(batch)
     return [detector.postprocess(c, img.shape[:2]) for c, img in zip(candidates, images_rgb, strict=True)]
 
 

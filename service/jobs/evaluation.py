@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditepose.model.detectors import PersonDetector, StagedDetector
+from ditepose.model.detectors import PersonDetector, StagedDetector, detect_staged
 from ditepose.service.batching.batcher import DeadlineExceeded
 from ditepose.service.batching.infer import BatcherInfer
 from ditepose.service.batching.pool import WorkerPool
@@ -77,11 +77,10 @@ class PoolDetector:
         self.batcher = pool.add_detector(detector)
 
     def detect_batch(self, images_rgb: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        if not images_rgb:
-            return []
-        batch = torch.cat([self.detector.preprocess(img) for img in images_rgb])
-        candidates = self.batcher.submit_sync(batch, self.timeout_s, background=True)
-        return [self.detector.postprocess(c, img.shape[:2]) for c, img in zip(candidates, images_rgb, strict=True)]
+        return detect_staged(self.detector, images_rgb, forward=self._on_pool)
+
+    def _on_pool(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.batcher.submit_sync(batch, self.timeout_s, background=True)
 
     def detect(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.detect_batch([image_rgb])[0]
