@@ -6,8 +6,12 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from ditepose.model.detectors import NanoDetDetector
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,3 +111,15 @@ def stop_process(proc, grace_s: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def nanodet() -> NanoDetDetector:
+    """The service's default person detector, built once for the tests that run it."""
+    from ditepose.model.detectors import build_detector
+    from ditepose.model.weight_store import WeightsMissing
+
+    try:
+        return build_detector("nanodet")
+    except WeightsMissing as exc:
+        pytest.skip(f"NanoDet weights are not cached: {exc}")

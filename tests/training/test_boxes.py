@@ -32,17 +32,6 @@ def demo() -> tuple[Any, Any]:
     return load_pose_model(path)
 
 
-@pytest.fixture(scope="module")
-def nanodet() -> Any:
-    from ditepose.model.detectors import build_detector
-    from ditepose.model.weight_store import WeightsMissing
-
-    try:
-        return build_detector("nanodet")
-    except WeightsMissing as exc:
-        pytest.skip(f"NanoDet weights are not cached: {exc}")
-
-
 def _ap(demo: tuple[Any, Any], dataset: Any) -> dict[str, float]:
     from ditepose.model.pipeline import module_infer
     from ditepose.training.evaluate import pipeline_for, predict, score

@@ -40,17 +40,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def nanodet() -> Any:
-    from ditepose.model.detectors import build_detector
-    from ditepose.model.weight_store import WeightsMissing
-
-    try:
-        return build_detector("nanodet")
-    except WeightsMissing as exc:
-        pytest.skip(f"NanoDet weights are not cached: {exc}")
-
-
-@pytest.fixture(scope="module")
 def datasets(tiny_eval: TinyEval, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
     """The tiny catalogue plus the tiny set with a detections file of its exact GT boxes, and an MPII entry."""
     from ditepose.training.datasets import CocoKeypointDataset
