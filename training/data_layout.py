@@ -19,7 +19,7 @@ def _first(candidates: list[Path]) -> Path | None:
 
 def find_split(data_dir: str | Path, dataset: str, split: str) -> SplitFiles:
     """COCO: annotations/person_keypoints_{split}[2017].json + {split}[2017]/ (or images/).
-    MPII: annotations/mpii_{split}.json + images/ + annotations/mpii_gt_{split}.{json,npz,mat}."""
+    MPII: annotations/mpii_{split}.json + images/ + annotations/mpii_gt_{split}.{mat,json,npz}."""
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
@@ -31,7 +31,7 @@ def find_split(data_dir: str | Path, dataset: str, split: str) -> SplitFiles:
     elif dataset == "mpii":
         ann = _first([ann_dir / f"mpii_{split}.json"])
         img = _first([root / "images"])
-        gt = _first([ann_dir / f"mpii_gt_{split}.{ext}" for ext in ("json", "npz", "mat")])
+        gt = _first([ann_dir / f"mpii_gt_{split}.{ext}" for ext in ("mat", "json", "npz")])  # the official .mat first
     else:
         raise ValueError(f"unknown dataset {dataset!r}")
     if ann is None or img is None:

@@ -1,9 +1,13 @@
 """MPII PCKh exactly as mmpose 0.16 ``TopDownMpiiDataset.evaluate`` computes it.
 
-The ground truth is mmpose's ``mpii_gt_val.mat`` layout: ``dataset_joints`` (16 names),
-``jnt_missing`` [16, N], ``pos_gt_src`` [16, 2, N] (1-based pixels) and
-``headboxes_src`` [2, 2, N]. The same arrays may come from a .json/.npz we write
-(see :func:`save_mpii_gt`), or a .mat when scipy is installed.
+The official ground truth is ``mpii_gt_val.mat`` (read with ``scipy.io.loadmat``):
+``dataset_joints`` (a 1x16 cell of joint codes), ``jnt_missing`` [16, N], ``pos_gt_src``
+[16, 2, N] (1-based MATLAB pixels) and ``headboxes_src`` [2, 2, N]. The same arrays may come
+from a .json/.npz (:func:`save_mpii_gt`, what ``ditepose synth`` writes); every format goes
+through :func:`load_mpii_gt` into the one scorer, :func:`evaluate_mpii`, which is the
+arithmetic of mmpose 0.16 ``TopDownMpiiDataset.evaluate``: predictions +1 (1-based), head size =
+0.6 x the headbox diagonal, errors over visible joints (``1 - jnt_missing``), pelvis and thorax
+(rows 6 and 7) masked out of the count-weighted mean.
 """
 
 from __future__ import annotations
@@ -49,11 +53,13 @@ def load_mpii_gt(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
             with np.load(path, allow_pickle=False) as data:
                 raw = {k: data[k] for k in data.files}
         elif path.suffix == ".mat":
+            from scipy.io import loadmat  # imported here: scipy costs a few hundred ms to import
+            from scipy.io.matlab import MatReadError
+
             try:
-                from scipy.io import loadmat
-            except ImportError as exc:
-                raise ValueError("reading a .mat ground truth needs scipy; convert it to .json/.npz") from exc
-            raw = loadmat(str(path))
+                raw = loadmat(str(path))
+            except (MatReadError, ValueError, TypeError, OSError) as exc:  # scipy's errors for a file that is not a .mat
+                raise ValueError(f"{path}: not a readable MATLAB .mat file ({exc})") from exc
         else:
             raise ValueError(f"unsupported MPII ground-truth format: {path.suffix} (want .json/.npz/.mat)")
     missing = [k for k in _GT_KEYS if k not in raw]
@@ -69,7 +75,11 @@ def load_mpii_gt(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if (gt["pos_gt_src"].shape != (16, 2, n) or gt["jnt_missing"].shape != (16, n)
             or gt["headboxes_src"].shape != (2, 2, n)):
         raise ValueError("MPII ground truth shapes must be pos_gt_src [16,2,N], jnt_missing [16,N], "
-                         "headboxes_src [2,2,N]")
+                         f"headboxes_src [2,2,N]; got {gt['pos_gt_src'].shape}, {gt['jnt_missing'].shape}, "
+                         f"{gt['headboxes_src'].shape}")
+    unknown = sorted(set(MPII_JOINT_CODES) - set(gt["dataset_joints"]))
+    if len(gt["dataset_joints"]) != 16 or unknown:
+        raise ValueError(f"MPII ground truth dataset_joints must name the 16 MPII joints; lacks {unknown}")
     return gt
 
 
