@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ditepose.model.codec import decode_heatmaps, flip_test_merge, normalize_decoder
+from ditepose.model.device_crops import crop_matrices, image_to_device, warp_crops
 from ditepose.model.keypoints import COCO, KeypointSpec
 from ditepose.model.oks import oks_nms_indices
 from ditepose.model.transforms import PIXEL_STD, box_to_center_scale, get_affine_transform
@@ -24,6 +25,9 @@ from ditepose.model.transforms import PIXEL_STD, box_to_center_scale, get_affine
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIS_THR = 0.2  # mmpose's COCO evaluation: joints above it count toward the person score
+# Who cuts the crops: "cv2" one warpAffine per person on the host; "torch" all persons in one
+# grid_sample on ``crop_device`` (model/device_crops.py; within 1 grey level of cv2).
+CROP_BACKENDS = ("cv2", "torch")
 
 
 @dataclass
@@ -31,7 +35,8 @@ class PreparedBatch:
     """Network input for the persons of one image plus what :meth:`finish` needs to map back."""
 
     # [P * (2 if flip else 1), 3, H, W] float32 normalised RGB, mirrored crops last; or, with
-    # ``normalize_on_cpu=False``, the uint8 [.., H, W, 3] crops (see :func:`normalize_crops`)
+    # ``normalize_on_cpu=False``, the uint8 [.., H, W, 3] crops (see :func:`normalize_crops`).
+    # On the CPU, except with ``crop_backend="torch", crops_on_device=True`` (on ``crop_device``).
     crops: torch.Tensor
     centers: np.ndarray  # [P, 2] float32 box centres (px)
     scales: np.ndarray  # [P, 2] float32 padded box sizes in units of 200 px
@@ -126,7 +131,16 @@ def _check_boxes(
 
 
 class TopDownPipeline:
-    """Pre- and post-processing around a heatmap network (mmpose 0.16 top-down test pipeline)."""
+    """Pre- and post-processing around a heatmap network (mmpose 0.16 top-down test pipeline).
+
+    ``crop_backend`` picks who cuts the crops (:data:`CROP_BACKENDS`): "cv2" (the default) on the
+    host, or "torch" on ``crop_device`` (default: "cuda" when present, else "cpu"), which uploads
+    the uint8 image once and samples every person (and the mirrored copies) in one call. Either
+    way ``normalize_on_cpu`` says whether crops come normalised (float32 NCHW; with "torch" the
+    normalisation runs on ``crop_device``) or as uint8 NHWC. Crops come back to the CPU, the
+    layout every engine, batcher and process boundary takes, unless ``crops_on_device``: then
+    they stay on ``crop_device`` for an engine in this process on that same device.
+    """
 
     def __init__(
         self,
@@ -138,8 +152,23 @@ class TopDownPipeline:
         shift_heatmap: bool = True,
         dark_kernel: int = 11,
         normalize_on_cpu: bool = True,
+        crop_backend: str = "cv2",
+        crop_device: str | torch.device | None = None,
+        crops_on_device: bool = False,
     ) -> None:
         normalize_decoder(decoder)  # fail early on a typo
+        if crop_backend not in CROP_BACKENDS:
+            raise ValueError(f"unknown crop backend {crop_backend!r}; choose one of {CROP_BACKENDS}")
+        if crop_backend == "cv2" and (crops_on_device or (crop_device is not None and
+                                                         torch.device(crop_device).type != "cpu")):
+            raise ValueError("crop_backend='cv2' cuts crops on the CPU; crop_device/crops_on_device need 'torch'")
+        if crop_device is None:
+            crop_device = "cuda" if crop_backend == "torch" and torch.cuda.is_available() else "cpu"
+        if torch.device(crop_device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"crop_device {crop_device!r}: no CUDA device here")
+        self.crop_backend = crop_backend
+        self.crop_device = torch.device(crop_device)
+        self.crops_on_device = crops_on_device
         self.input_size_wh = (int(input_size_wh[0]), int(input_size_wh[1]))
         self.spec = spec
         self.flip_test = flip_test
@@ -193,6 +222,9 @@ class TopDownPipeline:
     def _crop(
         self, img: np.ndarray, centers: np.ndarray, scales: np.ndarray, boxes: np.ndarray, scores: np.ndarray
     ) -> PreparedBatch:
+        if self.crop_backend == "torch":
+            return PreparedBatch(self._torch_crops(img, centers, scales), centers, scales, boxes, scores,
+                                 self.flip_test)
         n = len(centers)
         in_w, in_h = self.input_size_wh
         copies = 2 if self.flip_test else 1
@@ -209,6 +241,18 @@ class TopDownPipeline:
         crops.copy_(torch.from_numpy(raw).permute(0, 3, 1, 2))
         crops.mul_(self._norm_scale).add_(self._norm_shift)
         return PreparedBatch(crops, centers, scales, boxes, scores, self.flip_test)
+
+    def _torch_crops(self, img: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> torch.Tensor:
+        """The crops of :meth:`_crop` cut on ``crop_device``: [P or 2P, 3, H, W] float32 normalised, or
+        uint8 [.., H, W, 3] with ``normalize_on_cpu=False``; same normalisation ops as the cv2 path."""
+        device = self.crop_device
+        grey = warp_crops(image_to_device(img, device), crop_matrices(centers, scales, self.input_size_wh),
+                          self.input_size_wh, flip=self.flip_test)  # whole grey levels, float32 NCHW
+        if self.normalize_on_cpu:
+            crops = grey.mul_(self._norm_scale.to(device)).add_(self._norm_shift.to(device))
+        else:
+            crops = grey.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return crops if self.crops_on_device else crops.to("cpu")
 
     def finish(self, prepared: PreparedBatch, heatmaps: torch.Tensor | np.ndarray) -> list[PersonPose]:
         """Merge flip-test heatmaps, decode to image pixels and rescore persons like mmpose's evaluation."""
