@@ -46,8 +46,11 @@ def pipeline_for(dataset: TopDownDataset, flip_test: bool = True, decoder: str =
     return TopDownPipeline(dataset.input_size_wh, dataset.spec, flip_test=flip_test, decoder=decoder)
 
 
-def _images(dataset: TopDownDataset) -> list[list[int]]:
-    """Record indices grouped by image, in order of first appearance (each image is read once)."""
+def image_groups(dataset: TopDownDataset) -> list[list[int]]:
+    """Record indices grouped by image, in order of first appearance (each image is read once).
+
+    A sharded evaluation job splits this list into contiguous runs, one per shard (``images``
+    of :func:`predict`), so each image's persons stay in one shard."""
     groups: dict[Path, list[int]] = {}
     for index, record in enumerate(dataset.records):
         groups.setdefault(Path(record["image_file"]), []).append(index)
@@ -75,14 +78,17 @@ def predict(
     pipeline: TopDownPipeline,
     batch_size: int = 32,
     between_batches: Progress | None = None,
+    images: list[list[int]] | None = None,
 ) -> list[Prediction]:
-    """One prediction per dataset record, in record order.
+    """One prediction per dataset record, in record order; with ``images`` (a slice of
+    :func:`image_groups`), for those images' records only (a job's shard).
 
     ``between_batches(percent)`` runs after each chunk of about ``batch_size`` persons; it may
     raise to stop the loop (a job's cancel or time limit)."""
-    total = max(len(dataset.records), 1)
+    groups = image_groups(dataset) if images is None else images
+    total = max(sum(len(g) for g in groups), 1)
     out: list[Prediction] = []
-    for chunk in _chunks(_images(dataset), batch_size):
+    for chunk in _chunks(groups, batch_size):
         prepared = []
         for indices in chunk:
             records = [dataset.records[i] for i in indices]

@@ -190,6 +190,16 @@ class Settings(BaseSettings):
     )
     job_queue: str = Field(default="ditepose-eval", description="Celery queue of the evaluation tasks.")
     embedded_workers: int = Field(default=1, ge=1, le=8, description="Evaluation threads in embedded mode.")
+    shard_size: int = Field(
+        default=500, ge=1,
+        description="Images per shard of an evaluation job: a job over more images is split into shards, each "
+        "its own task (any worker may run it), merged and scored once at the end. A request may ask for "
+        "smaller shards (its shard_size).",
+    )
+    max_shards: int = Field(
+        default=32, ge=1, le=1024,
+        description="At most this many shards per job (larger shards instead); 1 turns sharding off.",
+    )
     soft_time_limit_s: float = Field(default=3600.0, gt=0, description="A job running longer fails (checked per batch).")
     hard_time_limit_s: float = Field(
         default=3900.0, gt=0, description="Celery kills a task running longer (prefork pool only)."

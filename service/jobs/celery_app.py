@@ -25,6 +25,7 @@ from ditepose.service.core.settings import Settings
 log = logging.getLogger(__name__)
 
 TASK_NAME = "ditepose.evaluate"
+SHARD_TASK_NAME = "ditepose.evaluate_shard"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -94,18 +95,37 @@ def make_celery(settings: Settings) -> Celery:
             contexts["ctx"] = _WorkerContext(settings)
         return contexts["ctx"]
 
+    def dispatch_shards(shard_ids: list[str]) -> None:
+        """A split job's shards, one task each (task id = shard id, so a cancel can revoke them)."""
+        for shard_id in shard_ids:
+            app.send_task(SHARD_TASK_NAME, args=[shard_id], task_id=shard_id, queue=settings.job_queue)
+
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
     def evaluate(self: Any, job_id: str) -> str:
-        import redis
-
         from ditepose.service.jobs.evaluation import run_job
 
         ctx = context()
+        return _deliver(self, job_id, lambda: run_job(
+            job_id, ctx.store, ctx.pool, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
+            soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics, dispatch=dispatch_shards,
+        ))
+
+    @app.task(name=SHARD_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def evaluate_shard(self: Any, shard_id: str) -> str:
+        from ditepose.service.jobs.shards import run_shard
+
+        ctx = context()
+        return _deliver(self, shard_id, lambda: run_shard(
+            shard_id, ctx.store, ctx.pool, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
+            soft_time_limit_s=settings.soft_time_limit_s,
+        ))
+
+    def _deliver(self: Any, job_id: str, body: Any) -> str:
+        """A job's or a shard's run, with the same answers to a lost Redis and to a busy lease."""
+        import redis
+
         try:
-            outcome = run_job(
-                job_id, ctx.store, ctx.pool, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
-                soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics,
-            )
+            outcome = body()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             # Redis went away mid-job (e.g. a restart). Failing here would ack the message and leave
             # the record 'running' forever: wait for Redis, then queue a fresh copy of the task.
@@ -119,6 +139,7 @@ def make_celery(settings: Settings) -> Celery:
         return outcome
 
     app.evaluate_task = evaluate  # type: ignore[attr-defined]
+    app.evaluate_shard_task = evaluate_shard  # type: ignore[attr-defined]
     if settings.torch_threads:
         _set_torch_threads_in_children(settings.torch_threads)
     return app

@@ -148,11 +148,19 @@ def model_in_pool(pool: WorkerPool, plan: JobPlan, job_id: str) -> Iterator[Load
         pool.remove_model(loaded.name)
 
 
+Split = Callable[[list[tuple[int, int]]], None]
+
+
 def evaluate_plan(
-    plan: JobPlan, job_id: str, pool: WorkerPool, out_file: Path, between_batches: Progress, timeout_s: float
-) -> dict[str, Any]:
-    """Run one job end to end on ``pool``; returns the job result (metrics, counts, timings)."""
-    from ditepose.training.evaluate import pipeline_for, predict, predictions_by_image, score
+    plan: JobPlan, job_id: str, pool: WorkerPool, out_file: Path, between_batches: Progress, timeout_s: float,
+    split: Split | None = None,
+) -> dict[str, Any] | None:
+    """Run one job end to end on ``pool``; returns the job result (metrics, counts, timings).
+
+    With ``split`` (a queue for shards), a job over more than ``shard_size`` images is handed to it
+    as image ranges instead (:mod:`ditepose.service.jobs.shards`), and None is returned."""
+    from ditepose.service.jobs.plan import shard_ranges
+    from ditepose.training.evaluate import image_groups, pipeline_for, predict, predictions_by_image, score
 
     t0 = time.perf_counter()
     if not plan.dataset.ann_file.is_file():  # bad data fails before the model loads
@@ -161,7 +169,17 @@ def evaluate_plan(
         if model.dataset != plan.dataset.format:
             raise ValueError(f"model {plan.model.name!r} predicts {model.dataset.upper()} keypoints but dataset "
                              f"{plan.dataset_name!r} is {plan.dataset.format.upper()}")
-        eval_set = load_dataset(plan, model.input_size, pool, timeout_s, lambda: between_batches(0.0))
+        if split is not None and plan.options.boxes != "detector":
+            from ditepose.service.jobs.shards import cached_eval_set
+
+            eval_set = cached_eval_set(plan, model.input_size)
+            ranges = shard_ranges(len(image_groups(eval_set.dataset)), plan.options.shard_size,
+                                  plan.options.max_shards)
+            if len(ranges) > 1:
+                split(ranges)
+                return None
+        else:
+            eval_set = load_dataset(plan, model.input_size, pool, timeout_s, lambda: between_batches(0.0))
         dataset = eval_set.dataset
         pipeline = pipeline_for(dataset, plan.options.flip_test, plan.options.decoder)
         t1 = time.perf_counter()
@@ -189,8 +207,9 @@ class JobRun:
     """One claimed run of a job: its lease, its checks between batches, its final transition."""
 
     def __init__(self, rec: JobRecord, store: JobStore, token: str, lease_ttl_s: float, soft_time_limit_s: float,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, dispatch: Callable[[list[str]], None] | None = None) -> None:
         self.rec, self.store, self.token, self.metrics = rec, store, token, metrics
+        self.dispatch = dispatch
         self.soft_time_limit_s = soft_time_limit_s
         self.started = time.monotonic()
         self.lease = Lease(store, rec.id, token, lease_ttl_s)
@@ -204,15 +223,30 @@ class JobRun:
             raise JobTimeLimit(f"soft time limit of {self.soft_time_limit_s:g} s exceeded")
 
     def execute(self, pool: WorkerPool, jobs_dir: Path) -> tuple[str, dict[str, Any]]:
-        """(state, record fields): succeeded, cancelled, failed, or lost (another worker took over)."""
+        """(state, record fields): succeeded, cancelled, failed, lost (another worker took over), or split
+        (the job's shards are queued; the last of them merges and finishes the job)."""
+        from ditepose.service.jobs.shards import start_shards
+
         out_file = predictions_path(jobs_dir, self.rec.id)
+        plan = JobPlan.from_dict(self.rec.plan)
+        dispatch = self.dispatch
+
+        def split(ranges: list[tuple[int, int]]) -> None:
+            assert dispatch is not None
+            start_shards(self.store, self.rec, self.token, plan, ranges, self.lease, dispatch)
+
         try:
             with self.lease:
+                if plan.shards and dispatch is not None:  # split by an earlier run that died: queue them again
+                    split(list(plan.shards))
+                    return "split", {}
                 try:
-                    result = evaluate_plan(JobPlan.from_dict(self.rec.plan), self.rec.id, pool, out_file,
-                                           self.between_batches, self.soft_time_limit_s)
+                    result = evaluate_plan(plan, self.rec.id, pool, out_file, self.between_batches,
+                                           self.soft_time_limit_s, split if dispatch is not None else None)
                 except DeadlineExceeded as exc:  # crops still waiting for the pool when the time was up
                     raise JobTimeLimit(f"soft time limit of {self.soft_time_limit_s:g} s exceeded") from exc
+                if result is None:
+                    return "split", {}
                 self.lease.check()
         except LeaseLost:
             log.warning("job %s: lease lost (another worker took it over); dropping this run", self.rec.id)
@@ -229,7 +263,7 @@ class JobRun:
         seconds = time.monotonic() - self.started
         if self.metrics is not None:
             self.metrics.job_stopped()
-        if state == "lost":
+        if state in ("lost", "split"):
             return state
         if not self.store.transition(self.rec.id, ["running"], state, self.token, finished_at=time.time(), **fields):
             log.warning("job %s: lease expired before the result could be recorded; another run will", self.rec.id)
@@ -249,9 +283,11 @@ def run_job(
     metrics: Any = None,
     worker: str | None = None,
     max_attempts: int = 3,
+    dispatch: Callable[[list[str]], None] | None = None,
 ) -> str:
-    """Claim and run one job on ``pool``; returns what happened: succeeded|failed|cancelled or
-    done|busy|missing|lost."""
+    """Claim and run one job on ``pool``; returns what happened: succeeded|failed|cancelled|split or
+    done|busy|missing|lost. ``dispatch`` queues shard ids (:func:`~ditepose.service.jobs.shards.run_shard`
+    each); without it a job is never split."""
     worker = worker or worker_name()
     token = uuid.uuid4().hex
     claim = store.claim(job_id, token, lease_ttl_s, worker)
@@ -271,5 +307,5 @@ def run_job(
         return "failed"
     if metrics is not None:
         metrics.job_started()
-    run = JobRun(rec, store, token, lease_ttl_s, soft_time_limit_s, metrics)
+    run = JobRun(rec, store, token, lease_ttl_s, soft_time_limit_s, metrics, dispatch)
     return run.finish(*run.execute(pool, jobs_dir))

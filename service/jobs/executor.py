@@ -30,7 +30,7 @@ class Executor(Protocol):
 
     def submit(self, job_id: str) -> None: ...
 
-    def cancel(self, job_id: str) -> None: ...
+    def cancel(self, job_id: str, shards: list[str] | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -56,16 +56,35 @@ class ThreadExecutor:
             return run_job(
                 job_id, self.store, pool, self.settings.jobs_dir, lease_ttl_s=self.settings.lock_ttl_s,
                 soft_time_limit_s=self.settings.soft_time_limit_s, metrics=self.metrics,
+                dispatch=self._dispatch_shards,
             )
         except Exception:
             log.exception("embedded job %s crashed", job_id)
             raise
 
+    def _run_shard(self, shard_id: str) -> str:
+        from ditepose.service.jobs.shards import run_shard
+
+        pool = self.pool()
+        if pool is None:
+            raise RuntimeError("the serving pool is not running")
+        try:
+            return run_shard(shard_id, self.store, pool, self.settings.jobs_dir, lease_ttl_s=self.settings.lock_ttl_s,
+                             soft_time_limit_s=self.settings.soft_time_limit_s)
+        except Exception:
+            log.exception("embedded shard %s crashed", shard_id)
+            raise
+
+    def _dispatch_shards(self, shard_ids: list[str]) -> None:
+        """A split job's shards, on the same threads (``embedded_workers`` of them run at once)."""
+        for shard_id in shard_ids:
+            self.futures[shard_id] = self._pool.submit(self._run_shard, shard_id)
+
     def submit(self, job_id: str) -> None:
         self.futures[job_id] = self._pool.submit(self._run, job_id)
 
-    def cancel(self, job_id: str) -> None:
-        """The store's flag does it: a queued job is skipped, a running one stops at its next batch."""
+    def cancel(self, job_id: str, shards: list[str] | None = None) -> None:
+        """The store's flags do it: a queued job or shard is skipped, a running one stops at its next batch."""
 
     def close(self) -> None:
         """Shutting down: unfinished jobs are cancelled (a running one stops at its next batch)."""
@@ -97,10 +116,10 @@ class CeleryExecutor:
         except Exception as exc:  # kombu/redis connection errors
             raise BrokerUnavailable(f"could not queue the job: {type(exc).__name__}: {exc}") from exc
 
-    def cancel(self, job_id: str) -> None:
-        """Revoke so workers drop the message; a running task stops via the store's cancel flag."""
+    def cancel(self, job_id: str, shards: list[str] | None = None) -> None:
+        """Revoke so workers drop the messages; a running task stops via the store's cancel flag."""
         try:
-            self.app.control.revoke(job_id)
+            self.app.control.revoke([job_id, *(shards or [])])
         except Exception as exc:
             log.warning("revoke of job %s failed (the cancel flag still stops it): %s", job_id, exc)
 

@@ -116,18 +116,37 @@ class JobService:
         return rec
 
     def get(self, job_id: str) -> JobRecord | None:
-        return self._guard(lambda: self.store.get(job_id))
+        """A job (never a shard's own record), with a sharded job's live progress and shard counts."""
+        from ditepose.service.jobs.shards import status_of
+
+        rec = self._guard(lambda: self.store.get(job_id))
+        if rec is None or rec.parent is not None:
+            return None
+        return self._guard(lambda: status_of(self.store, rec))
 
     def recent(self, limit: int | None = None) -> list[JobRecord]:
         return self._guard(lambda: self.store.recent(limit or self.settings.recent_jobs))
 
     def cancel(self, job_id: str) -> JobRecord | None:
-        """Queued jobs are cancelled at once; running ones stop at their next batch."""
+        """Queued jobs are cancelled at once; running ones stop at their next batch, a sharded one's
+        shards too (queued shards at once); it is 'cancelled' once none of them runs."""
+        from ditepose.service.jobs.shards import cancel_shards, finish_cancel, shard_ids
+
+        rec = self._guard(lambda: self.store.get(job_id))
+        if rec is None or rec.parent is not None:
+            return None
         state = self._guard(lambda: self.store.request_cancel(job_id))
         if state is None:
             return None
+        # read after the flag: a run splitting the job now either wrote its shards already (cancelled
+        # here) or sees the flag once it has (and cancels them itself)
+        rec = self._guard(lambda: self.store.get(job_id))
+        shards = shard_ids(rec) if rec is not None else []
+        if shards:
+            self._guard(lambda: cancel_shards(self.store, job_id, len(shards)))
+            self._guard(lambda: finish_cancel(self.store, job_id))
         if state in ("queued", "running", "cancelled"):
-            self.executor.cancel(job_id)
+            self.executor.cancel(job_id, shards)
         return self.get(job_id)
 
     def predictions_file(self, rec: JobRecord) -> Path | None:

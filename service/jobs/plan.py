@@ -7,6 +7,7 @@ record as JSON (:meth:`JobPlan.to_dict`) and read back by whichever worker runs 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ class EvalOptions:
     detector_options: dict[str, Any] | None = None  # the server's constructor options (weights), JSON
     batch_size: int = 32
     max_images: int | None = None  # COCO only: the first N images that hold persons
+    shard_size: int = 500  # images per shard (settings.shard_size unless the request asks for smaller)
+    max_shards: int = 32  # settings.max_shards when the job was submitted
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalOptions:
@@ -49,15 +52,20 @@ class JobPlan:
     dataset_name: str
     dataset: DatasetSpec
     options: EvalOptions
+    # Set by the run that split the job (image-index ranges [start, stop) of image_groups): () = not split.
+    shards: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.model.model_dump(mode="json"),
             "served": self.served,
             "dataset_name": self.dataset_name,
             "dataset": self.dataset.model_dump(mode="json"),
             "options": asdict(self.options),
         }
+        if self.shards:
+            out["shards"] = [list(r) for r in self.shards]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobPlan:
@@ -67,6 +75,7 @@ class JobPlan:
             dataset_name=str(data["dataset_name"]),
             dataset=DatasetSpec.model_validate(data["dataset"]),
             options=EvalOptions.from_dict(data["options"]),
+            shards=tuple((int(a), int(b)) for a, b in data.get("shards", [])),
         )
 
 
@@ -112,6 +121,15 @@ def eval_options(req: EvaluateRequest, dataset_name: str, dataset: DatasetSpec, 
         if detector == "whole" and thr is not None:
             raise ValueError("det_score_thr: detector 'whole' has no score threshold")
         options = detector_options(settings, detector)
+    shard_size = settings.shard_size if req.shard_size is None else min(req.shard_size, settings.shard_size)
     return EvalOptions(flip_test=req.flip_test, decoder=req.decoder, boxes=boxes, detector=detector,
                        det_score_thr=thr, detector_options=options, batch_size=req.batch_size,
-                       max_images=req.max_images)
+                       max_images=req.max_images, shard_size=shard_size, max_shards=settings.max_shards)
+
+
+def shard_ranges(num_images: int, shard_size: int, max_shards: int) -> list[tuple[int, int]]:
+    """Contiguous image ranges [start, stop) of about ``shard_size`` images, at most ``max_shards`` of
+    them, sizes differing by at most one image (so no shard is a straggler)."""
+    count = max(1, min(max_shards, -(-num_images // max(shard_size, 1))))
+    bounds = [num_images * i // count for i in range(count + 1)]
+    return list(itertools.pairwise(bounds))

@@ -43,6 +43,9 @@ class JobRecord:
     worker: str | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    parent: str | None = None  # a shard's (or a merge's) job: such records are not listed
+    shards: int = 0  # a sharded job: how many shards (their records: shard_id(id, i))
+    shard_status: dict[str, int] | None = None  # filled on read by JobService.get (shard counts); not stored
 
     @staticmethod
     def new_id() -> str:
@@ -66,6 +69,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself survives a crash of the machine too
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class LocalJobStore:
@@ -111,16 +119,21 @@ class LocalJobStore:
             rec = self._records.get(job_id)
             return JobRecord(**asdict(rec)) if rec is not None else None
 
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        return [self.get(job_id) for job_id in job_ids]
+
     def recent(self, limit: int) -> list[JobRecord]:
         with self._lock:
-            recs = sorted(self._records.values(), key=lambda r: r.created_at, reverse=True)[:limit]
+            listed = [r for r in self._records.values() if r.parent is None]
+            recs = sorted(listed, key=lambda r: r.created_at, reverse=True)[:limit]
             return [JobRecord(**asdict(r)) for r in recs]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             out = dict.fromkeys(STATES, 0)
             for rec in self._records.values():
-                out[rec.state] += 1
+                if rec.parent is None:
+                    out[rec.state] += 1
             return out
 
     def _leased_by(self, job_id: str) -> str | None:
@@ -299,12 +312,15 @@ class RedisJobStore:
         self.client.ping()
 
     def create(self, rec: JobRecord) -> None:
+        """A shard's record (``parent`` set) stays out of the job list and the state counts (the scripts'
+        SMOVE of a member not in its set does nothing)."""
         key = self._key(rec.id)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hsetnx(key, "id", json.dumps(rec.id))
             pipe.hset(key, mapping=rec.to_fields())
-            pipe.zadd(f"{self.prefix}:jobs", {rec.id: rec.created_at})
-            pipe.sadd(self._states + rec.state, rec.id)
+            if rec.parent is None:
+                pipe.zadd(f"{self.prefix}:jobs", {rec.id: rec.created_at})
+                pipe.sadd(self._states + rec.state, rec.id)
             created, *_ = pipe.execute()
         if not created:
             raise ValueError(f"job {rec.id} exists")
@@ -312,6 +328,13 @@ class RedisJobStore:
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.client.hgetall(self._key(job_id))
         return JobRecord.from_fields(raw) if raw else None
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self._key(job_id))
+            rows = pipe.execute()
+        return [JobRecord.from_fields(raw) if raw else None for raw in rows]
 
     def recent(self, limit: int) -> list[JobRecord]:
         ids = self.client.zrevrange(f"{self.prefix}:jobs", 0, limit - 1)

@@ -50,6 +50,11 @@ class EvaluateRequest(BaseModel):
         default=None, ge=1, description="COCO only: evaluate the first N images (by id) that hold persons, "
         "scored on those images alone (a quick check; not comparable with full-set numbers)."
     )
+    shard_size: int | None = Field(
+        default=None, ge=1, description="Images per shard: a job over more images is split into shards that "
+        "run on any free worker and are scored together once (the numbers do not depend on it). Default and "
+        "upper bound: the server's DITEPOSE_SHARD_SIZE; at most DITEPOSE_MAX_SHARDS shards. boxes 'detector' "
+        "jobs are not split (the detector's pass covers the whole set).")
 
     @model_validator(mode="after")
     def _one_model(self) -> EvaluateRequest:
@@ -85,7 +90,11 @@ class JobTimings(BaseModel):
 class JobResponse(BaseModel):
     id: str
     state: JobState
-    progress: float = Field(description="Percent of the persons processed.")
+    progress: float = Field(description="Percent of the persons processed (a sharded job: the shards done out "
+                            "of the total, plus the persons done within the running ones).")
+    shards: dict | None = Field(default=None, description="A sharded job: {\"total\", \"succeeded\", "
+                                "\"running\", \"queued\", \"cancelled\", \"failed\", \"attempts\"} of its "
+                                "shards (runs started, more than total when a worker died mid-shard).")
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -136,6 +145,7 @@ def job_response(rec: JobRecord, now: float) -> JobResponse:
         id=rec.id,
         state=rec.state,  # type: ignore[arg-type]
         progress=round(float(rec.progress), 2),
+        shards=rec.shard_status,
         created_at=_iso(rec.created_at) or "",
         started_at=_iso(rec.started_at),
         finished_at=_iso(rec.finished_at),

@@ -170,8 +170,8 @@ class WorkerProcess:
         return self.log_file.read_text(errors="replace")
 
 
-def direct_evaluation(tiny: TinyEval, ann_file: Path, max_people: int | None = None
-                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def direct_evaluation(tiny: TinyEval, ann_file: Path, max_people: int | None = None, img_dir: Path | None = None,
+                      flip_test: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """What ``ditepose evaluate`` computes for the tiny checkpoint: the plain module in the evaluation loop."""
     from ditepose import model as models
     from ditepose.model.pipeline import module_infer
@@ -179,8 +179,9 @@ def direct_evaluation(tiny: TinyEval, ann_file: Path, max_people: int | None = N
     from ditepose.training.evaluate import pipeline_for, predict, score
 
     module, meta = models.load_pose_model(tiny.checkpoint_dir / tiny.checkpoint)
-    dataset = CocoKeypointDataset(ann_file, tiny.img_dir, tuple(meta.input_size), train=False, max_people=max_people)
-    preds = predict(module_infer(module), dataset, pipeline_for(dataset), batch_size=8)
+    dataset = CocoKeypointDataset(ann_file, img_dir or tiny.img_dir, tuple(meta.input_size), train=False,
+                                  max_people=max_people)
+    preds = predict(module_infer(module), dataset, pipeline_for(dataset, flip_test), batch_size=8)
     return score(dataset, preds), preds
 
 
@@ -214,3 +215,30 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SYNTH_IMAGES = 400  # the issue's "demo-synthetic with at least 400 images"
+
+
+@dataclass(frozen=True)
+class SynthEval:
+    """'demo-synthetic' at 400 images (the built-in generator and seed; the catalogue's default has 8),
+    passed to the service through the ``datasets`` setting under the built-in name."""
+
+    root: Path
+    ann_file: Path
+    img_dir: Path
+
+    def datasets(self, tiny: TinyEval) -> dict[str, dict[str, str]]:
+        return {**tiny.datasets(), "demo-synthetic": {"format": "coco", "ann_file": str(self.ann_file),
+                                                      "img_dir": str(self.img_dir)}}
+
+
+@pytest.fixture(scope="session")
+def synth_eval(tmp_path_factory: pytest.TempPathFactory) -> SynthEval:
+    from ditepose.service.jobs.catalogue import DEMO_SEED
+    from ditepose.training.synth import synthesize
+
+    root = tmp_path_factory.mktemp("demo400")
+    ann = synthesize("coco", root, SYNTH_IMAGES, seed=DEMO_SEED, split="val")
+    return SynthEval(root, ann, root / "val")
