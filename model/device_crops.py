@@ -18,11 +18,13 @@ The geometry is the CPU path's, term for term:
 * cv2 rounds the bilinear value to the nearest integer (ties to even) and saturates to uint8:
   :func:`warp_crops` does the same, so its float output holds uint8 grey levels.
 
-OpenCV >= 4.11 computes ``INTER_LINEAR`` warps of uint8 images in float32 (source coordinates,
-weights and the blend), so the two paths differ only by float32 rounding, which can move a
-value across a .5 boundary: at most 1 grey level, on a small fraction of pixels.
-(OpenCV <= 4.10 quantised coordinates to 1/32 px with fixed-point weights, which is up to
-1/64 px from exact bilinear sampling: several grey levels on sharp edges.)
+OpenCV 5.1 (the one installed) warps uint8 images with ``INTER_LINEAR`` in float32 (imgproc's
+warp_kernels: source coordinates, weights and the blend), so the two paths differ only by float32
+rounding, which can move a value across a .5 boundary: at most 1 grey level, on a small fraction
+of pixels (about 0.05 % on noise; up to ~10 % of a crop made of exact .5 ties).
+OpenCV releases before those kernels quantised coordinates to 1/32 px with fixed-point weights
+(INTER_BITS=5), up to 1/64 px from exact bilinear sampling: several grey levels on sharp edges,
+so against such a cv2 the 1-level bound does not hold.
 
 Shape glossary: P persons, Hi x Wi the image, Ho x Wo the network input (``output_size_wh`` is
 (Wo, Ho)); crops are NCHW [N, 3, Ho, Wo] with N = P, or 2P with the flip test (mirrored last).
