@@ -21,7 +21,7 @@ The geometry is the CPU path's, term for term:
 OpenCV 5.1 (the one installed) warps uint8 images with ``INTER_LINEAR`` in float32 (imgproc's
 warp_kernels: source coordinates, weights and the blend), so the two paths differ only by float32
 rounding, which can move a value across a .5 boundary: at most 1 grey level, on a small fraction
-of pixels (about 0.05 % on noise; up to ~10 % of a crop made of exact .5 ties).
+of pixels (about 0.05 % on noise; about 11 % of a crop made of exact .5 ties).
 OpenCV releases before those kernels quantised coordinates to 1/32 px with fixed-point weights
 (INTER_BITS=5), up to 1/64 px from exact bilinear sampling: several grey levels on sharp edges,
 so against such a cv2 the 1-level bound does not hold.
