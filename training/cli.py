@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,12 +72,17 @@ def _train(args: argparse.Namespace) -> int:
     _check_test_boxes(cfg, args)
     try:
         trainer = Trainer(cfg, args.data, args.work_dir, device=args.device, resume=args.resume or None,
-                          progress=not args.quiet)
+                          progress=not args.quiet, publish=args.publish)
         summary = trainer.fit()
     finally:
         cleanup_distributed()
     if trainer.is_main:
         print(json.dumps(summary))
+        errors = summary.get("publish", {}).get("errors")
+        if errors:
+            print(f"ditepose train: error: {len(errors)} best checkpoint(s) not published to {args.publish}: "
+                  + "; ".join(errors), file=sys.stderr)
+            return 1
     return 0
 
 
@@ -220,6 +226,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--no-flip", action="store_true", help="no flip test at evaluation")
     train.add_argument("--model-overrides", help="JSON dict of DiteHRNetConfig fields (e.g. a tiny net)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--publish", metavar="REPOSITORY/NAME", type=Path,
+                       help="write each new best checkpoint (by validation) as the next version of model NAME in a "
+                       "model repository, atomically; writes a manifest.json describing how to serve it when the "
+                       "model has none (docs/operations.md, Model repository)")
     train.set_defaults(func=_train)
 
     ev = subparsers.add_parser("evaluate", help="COCO AP / MPII PCKh of a checkpoint, printed as JSON")

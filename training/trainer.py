@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from ditepose.model import CheckpointMeta, build_model, save_checkpoint
 from ditepose.model.pipeline import TopDownPipeline, module_infer
+from ditepose.model.repository import MANIFEST_NAME, ModelManifest, publish_version, write_manifest
 from ditepose.training.config import (
     AUTHORS_GPU_BATCH,
     AUTHORS_REPO,
@@ -167,11 +168,76 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def serving_manifest(cfg: TrainConfig) -> ModelManifest:
+    """How to serve what ``cfg`` trains: its architecture, dataset, input size, flip test and decoder
+    (the ones its validation scores used); the version stays 'latest' so each publish goes live."""
+    return ModelManifest(arch=cfg.arch, dataset=cfg.dataset, input_size=cfg.input_size,
+                         flip_test=cfg.flip_test, decoder=cfg.decoder)
+
+
+class BestPublisher:
+    """Publishes each new best checkpoint of a run as the next version of a repository model.
+
+    The model folder's manifest, when there is one, is the operator's (a pin, serving options) and
+    is left alone, but a manifest that would serve the published checkpoints at another input size,
+    architecture or keypoint layout is refused before training starts rather than after.
+    """
+
+    def __init__(self, model_dir: str | Path, cfg: TrainConfig) -> None:
+        self.model_dir = Path(model_dir)
+        if self.model_dir.name.startswith(".") or self.model_dir.name in ("", ".."):
+            raise ValueError(f"--publish {model_dir}: the model folder's name {self.model_dir.name!r} is hidden "
+                             "from the service (readers skip dot-folders); name the model, e.g. REPOSITORY/pose")
+        if self.model_dir.exists() and not self.model_dir.is_dir():
+            raise ValueError(f"--publish {model_dir}: not a folder")
+        self.cfg = cfg
+        ours = serving_manifest(cfg)
+        self.manifest_path = self.model_dir / MANIFEST_NAME
+        if self.manifest_path.exists():
+            theirs = ModelManifest.from_file(self.manifest_path)
+            clash = [key for key in ("arch", "dataset", "input_size")
+                     if getattr(theirs, key) is not None and getattr(theirs, key) != getattr(ours, key)]
+            if clash:
+                shown = {k: (ours.to_dict().get(k), theirs.to_dict().get(k)) for k in clash}
+                raise ValueError(f"--publish {model_dir}: {self.manifest_path} serves {clash} differently from "
+                                 f"this run (run, manifest): {shown}; edit the manifest or publish to another name")
+            if theirs.pinned:
+                _say(f"note: {self.manifest_path} pins version {theirs.version}; published versions are not "
+                     "served until the pin is changed")
+        self.published: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+
+    def publish(self, checkpoint: Path, best: dict[str, Any], iterations: int, work_dir: Path) -> int | None:
+        """Publish ``checkpoint``; a failure is reported and recorded, never the end of the run."""
+        metadata = {"metric": best.get("metric"), "value": best.get("value"), "epoch": best.get("epoch"),
+                    "iterations": iterations, "recipe": self.cfg.name, "work_dir": str(work_dir),
+                    "source": checkpoint.name}
+        try:
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            if not self.manifest_path.exists():
+                write_manifest(self.model_dir, serving_manifest(self.cfg))
+            version = publish_version(self.model_dir, checkpoint, metadata=metadata)
+        except OSError as exc:  # a full disk or a lost mount must not cost the run (best.pt stays)
+            message = f"epoch {best.get('epoch')}: {type(exc).__name__}: {exc}"
+            self.errors.append(message)
+            _say(f"!!! publishing the new best checkpoint to {self.model_dir} failed ({message}); "
+                 f"it stays at {checkpoint}")
+            return None
+        self.published.append({"version": version, **{k: metadata[k] for k in ("metric", "value", "epoch")}})
+        _say(f"published best checkpoint ({metadata['metric']} {metadata['value']:.4f}, epoch {metadata['epoch']}) "
+             f"as {self.model_dir / str(version)}")
+        return version
+
+    def summary(self) -> dict[str, Any]:
+        return {"model_dir": str(self.model_dir), "versions": self.published, "errors": self.errors}
+
+
 class Trainer:
     """Train ``cfg`` on ``data_dir`` writing checkpoints and logs to ``work_dir``."""
 
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, work_dir: str | Path,
-                 device: str | None = None, resume: str | Path | bool | None = None, progress: bool = True) -> None:
+                 device: str | None = None, resume: str | Path | bool | None = None, progress: bool = True,
+                 publish: str | Path | None = None) -> None:
         self.cfg = cfg
         self.data_dir, self.work_dir = Path(data_dir), Path(work_dir)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -218,6 +284,14 @@ class Trainer:
             self.val_set, self.val_gt = build_dataset(cfg, self.data_dir, "val", train=False)
         except FileNotFoundError:
             self.val_set, self.val_gt = None, None
+        # --publish: each new best (by validation) becomes the next version of a repository model.
+        self.publisher: BestPublisher | None = None
+        if publish is not None:
+            if self.val_set is None or not cfg.eval_every:
+                why = f"no val split in {self.data_dir}" if self.val_set is None else "eval_every is 0"
+                raise ValueError(f"--publish publishes new best checkpoints, which need validation: {why}")
+            if self.is_main:
+                self.publisher = BestPublisher(publish, cfg)
         self.epoch, self.iter_in_epoch, self.global_iter = 0, 0, 0
         self.best: dict[str, Any] = {"metric": None, "value": None, "epoch": None}
         self.last_metrics: dict[str, float] = {}
@@ -447,7 +521,9 @@ class Trainer:
                 self.last_eval_epoch = self.epoch + 1
                 if self.best["value"] is None or metrics[key] > self.best["value"]:
                     self.best = {"metric": key, "value": metrics[key], "epoch": self.epoch + 1, "boxes": "gt"}
-                    save_checkpoint(self.work_dir / "best.pt", self.eval_module(), self.meta(metrics))
+                    best_path = save_checkpoint(self.work_dir / "best.pt", self.eval_module(), self.meta(metrics))
+                    if self.publisher is not None:
+                        self.publisher.publish(best_path, self.best, self.global_iter, self.work_dir)
             if self.distributed:
                 dist.barrier()
         if self.is_main and cfg.checkpoint_every and (self.epoch + 1) % cfg.checkpoint_every == 0:
@@ -560,6 +636,8 @@ class Trainer:
                    "throughput": [{k: s[k] for k in ("epoch", "steps", "images", "seconds", "images_per_s",
                                                      "loader_wait_s", "loader_wait_frac")} for s in self.throughput],
                    "seconds": round(time.time() - start, 2), "work_dir": str(self.work_dir)}
+        if self.publisher is not None:
+            summary["publish"] = self.publisher.summary()
         if self.is_main:
             final_metrics = test.get("metrics", self.last_metrics) if test else self.last_metrics
             save_checkpoint(self.work_dir / "final.pt", self.eval_module(),
