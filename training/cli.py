@@ -1,5 +1,5 @@
-"""Training sub-commands: ``train``, ``evaluate``, ``evaluate-detector`` and ``synth`` (heavy
-imports inside the commands)."""
+"""Training sub-commands: ``train``, ``evaluate``, ``evaluate-detector``, ``publish`` and ``synth``
+(heavy imports inside the commands)."""
 
 from __future__ import annotations
 
@@ -182,6 +182,35 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    """Publish an existing checkpoint (a past run's, the authors') once it is known to load."""
+    from ditepose.model import load_pose_model
+    from ditepose.model.repository import MANIFEST_NAME, ModelManifest, publish_version, write_manifest
+
+    model_dir: Path = args.model_dir
+    if model_dir.name.startswith(".") or model_dir.name in ("", ".."):
+        raise ValueError(f"{model_dir}: the model folder's name {model_dir.name!r} is hidden from the service "
+                         "(readers skip dot-folders); name the model, e.g. REPOSITORY/pose")
+    metadata = json.loads(args.metadata or "{}")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"--metadata must be a JSON object, got {args.metadata!r}")
+    module, meta = load_pose_model(args.checkpoint)  # CheckpointError (a ValueError) names what does not fit
+    input_size = args.input or meta.input_size
+    module.check_input_size(input_size[1], input_size[0])
+    manifest_path = model_dir / MANIFEST_NAME
+    manifest = ModelManifest.from_file(manifest_path) if manifest_path.exists() else None
+    if manifest is None:
+        write_manifest(model_dir, ModelManifest(arch=meta.arch, dataset=meta.dataset, input_size=input_size))
+    elif args.input and manifest.input_size not in (None, args.input):
+        raise ValueError(f"{manifest_path} serves input_size {manifest.to_dict()['input_size']}, not "
+                         f"{args.input[1]}x{args.input[0]}; edit the manifest first")
+    metadata = {"source": str(Path(args.checkpoint).resolve()), **metadata}
+    version = publish_version(model_dir, Path(args.checkpoint), metadata=metadata)
+    print(json.dumps({"model_dir": str(model_dir), "version": version,
+                      "checkpoint": str(model_dir / str(version)), "arch": meta.arch, "dataset": meta.dataset}))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training package's sub-commands to the ``ditepose`` parser."""
     train = subparsers.add_parser("train", help="train a Dite-HRNet recipe (single process or torchrun DDP)")
@@ -272,6 +301,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="images per forward pass (1: timed one image at a time, as bench/detector.py)")
     dv.add_argument("--device", default=None)
     dv.set_defaults(func=_evaluate_detector)
+
+    pub = subparsers.add_parser("publish", help="add a checkpoint as the next version of a model in a model "
+                                "repository, atomically, after checking that it loads")
+    pub.add_argument("checkpoint", help="checkpoint file (ours or the authors' mmpose layout)")
+    pub.add_argument("model_dir", metavar="REPOSITORY/NAME", type=Path, help="the model's folder in the repository")
+    pub.add_argument("--input", type=parse_size, default=None,
+                     help="input size HxW for the manifest written when the model has none (default: the "
+                     "checkpoint's; authors' files carry none: 256x192 COCO, 256x256 MPII)")
+    pub.add_argument("--metadata", help="JSON object stored in the version's version.json (e.g. a ticket)")
+    pub.set_defaults(func=_publish)
 
     syn = subparsers.add_parser("synth", help="write a synthetic people dataset (COCO or MPII format)")
     syn.add_argument("--format", choices=["coco", "mpii"], default="coco")

@@ -126,3 +126,36 @@ def test_a_failed_publish_keeps_training_and_fails_the_command(
     assert "not published" in captured.err
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "final.pt").is_file()
     assert list_versions(model_dir) == []
+
+
+def test_publish_command_adds_a_checkpoint_that_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ditepose.model import build_model
+    from ditepose.service.core.model_loader import load_model
+    from ditepose.service.core.settings import ModelSpec
+
+    # An authors'-layout (mmpose) checkpoint: no metadata of ours, recognised by its layout.
+    authors = tmp_path / "ditehrnet_18_coco_256x192.pth"
+    torch.save({"state_dict": build_model("dite_hrnet_18").state_dict(), "meta": {}}, authors)
+    model_dir = tmp_path / "repository" / "hrnet18"
+    assert main(["publish", str(authors), str(model_dir), "--metadata", '{"ticket": "OPS-1"}']) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["version"], result["arch"], result["dataset"]) == (1, "dite_hrnet_18", "coco")
+    assert ModelManifest.from_file(model_dir / MANIFEST_NAME) == ModelManifest(
+        arch="dite_hrnet_18", dataset="coco", input_size=(192, 256))
+    assert json.loads((model_dir / "1" / SIDECAR_NAME).read_text())["ticket"] == "OPS-1"
+    resolved = resolve(model_dir)
+    assert resolved is not None and resolved.version == 1
+    loaded = load_model(ModelSpec(name="hrnet18", checkpoint=resolved.checkpoint))
+    with torch.inference_mode():
+        assert loaded.module(torch.rand(1, 3, 256, 192)).shape == (1, 17, 64, 48)
+
+    # What the service could not load is never published.
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(authors.read_bytes()[:1000])
+    assert main(["publish", str(broken), str(model_dir)]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert main(["publish", str(authors), str(model_dir), "--input", "256x192", "--metadata", "[1]"]) == 2
+    assert "JSON object" in capsys.readouterr().err
+    assert main(["publish", str(authors), str(model_dir), "--input", "384x288"]) == 2
+    assert "serves input_size 256x192" in capsys.readouterr().err
+    assert list_versions(model_dir) == [1]
