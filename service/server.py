@@ -1,8 +1,13 @@
-"""Run REST and gRPC over one shared worker pool: the composition root of ``ditepose serve``."""
+"""Run REST and gRPC over one shared worker pool: the composition root of ``ditepose serve``.
+
+``api_processes`` 1: one process serves REST, gRPC and inference. More: this process becomes
+the inference host (:mod:`ditepose.service.host.inference`) and the front-end processes serve
+REST and gRPC (see docs/architecture.md, "Several API processes")."""
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ditepose.service.batching.pool import WorkerPool
@@ -23,6 +28,9 @@ def _start_grpc(settings: Settings, pool: WorkerPool, service: PoseService, regi
 
 def run_servers(settings: Settings) -> None:
     """Load models once, start the workers, serve REST (blocking) and gRPC beside it."""
+    if settings.api_processes > 1:
+        run_host(settings)
+        return
     import uvicorn
 
     from ditepose.service.http.app import create_app
@@ -45,7 +53,45 @@ def run_servers(settings: Settings) -> None:
         pool.stop()
 
 
-def _announce(settings: Settings, pool: WorkerPool, service: PoseService, grpc_port: int | None) -> None:
+def refuse_for_processes(settings: Settings) -> str | None:
+    """Why ``settings`` cannot run with api_processes > 1, or None."""
+    repository = getattr(settings, "model_repository", None)
+    if repository:
+        return (f"model_repository ({repository}) is not supported with api_processes > 1 yet: hot swaps run "
+                "in one process; serve with api_processes=1")
+    return None
+
+
+def run_host(settings: Settings) -> None:
+    """The inference host: the pool and N supervised front-end processes, until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    from ditepose.service.host.inference import InferenceHost
+
+    refusal = refuse_for_processes(settings)
+    if refusal is not None:
+        raise SystemExit(f"ditepose serve: {refusal}")
+    pool = WorkerPool.from_settings(settings).start()
+    host = None
+    try:
+        host = InferenceHost(settings, pool)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: host.request_stop())  # type: ignore[union-attr]
+        host.start()
+        served = settings.model_copy(update={"port": host.rest_port})
+        _announce(served, pool, host.service, host.grpc_port, processes=host.processes)
+        host.supervise()
+    finally:
+        if host is not None:
+            host.stop()
+        pool.stop()
+
+
+def _announce(
+    settings: Settings, pool: WorkerPool, service: PoseService, grpc_port: int | None, processes: int = 1
+) -> None:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
     lines = [
@@ -55,6 +101,9 @@ def _announce(settings: Settings, pool: WorkerPool, service: PoseService, grpc_p
     ]
     if grpc_port is not None:
         lines.append(f"DitePose gRPC on {host}:{grpc_port}  (ditepose.v1.PoseService + grpc.health.v1)")
+    if processes > 1:
+        lines.append(f"  {processes} API processes share these ports; this process (pid {os.getpid()}) is the "
+                     "inference host")
     lines.append(f"  person detector for requests without boxes: {service.default_detector}")
     for name, status in service.detector_status().items():
         if status != "ready":

@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-grpc", action="store_true", help="do not start gRPC")
     serve.add_argument("--workers-per-device", type=int, help="inference threads per device (default 1)")
     serve.add_argument("--devices", help="'auto', 'cpu' or e.g. 'cuda:0,cuda:1'")
+    serve.add_argument("--api-processes", type=whole_number(1), metavar="N",
+                       help="API processes sharing the ports, fed by this process as the inference host "
+                       "(default 1: one process does everything)")
     serve.add_argument(
         "--model",
         action="append",
@@ -60,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
         ("grpc_port", "grpc_port"),
         ("workers_per_device", "workers_per_device"),
         ("devices", "devices"),
+        ("api_processes", "api_processes"),
     ):
         value = getattr(args, flag)
         if value is not None:

@@ -168,6 +168,16 @@ class Settings(BaseSettings):
         "it dies): the HTTP side and the other workers no longer share the GIL with it. Faster on multi-core "
         "CPUs at small batches; costs a few seconds of start-up and one model copy per worker.",
     )
+    api_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="API processes of `ditepose serve`. 1: one process does HTTP, gRPC and inference. N > 1: the "
+        "parent becomes the inference host (the models on every device, batching, the queue bounds and "
+        "max_in_flight for the whole host) and N front-end processes share the REST and gRPC ports "
+        "(SO_REUSEPORT), sending crops to it through shared memory. Embedded evaluation jobs (no redis_url) "
+        "are refused in that mode.",
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429 (queue full or too many requests in flight).")
 
     # ---------------------------------------------------------------- evaluation jobs

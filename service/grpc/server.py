@@ -182,6 +182,9 @@ class GrpcServer:
         self._thread: threading.Thread | None = None
         self._health_task: asyncio.Task | None = None
         self._stopped = False
+        # SO_REUSEPORT: on for the front-ends of --api-processes, which share the port; off
+        # otherwise, so a port someone else holds is an error, not a silent split of traffic.
+        self.reuse_port = False
 
     @property
     def address(self) -> str:
@@ -191,7 +194,7 @@ class GrpcServer:
     async def _start(self) -> None:
         max_message = self.settings.max_upload_bytes + 1024 * 1024
         server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", max_message), ("grpc.so_reuseport", 0)]
+            options=[("grpc.max_receive_message_length", max_message), ("grpc.so_reuseport", int(self.reuse_port))]
         )
         pose_pb2_grpc.add_PoseServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

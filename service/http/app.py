@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI
 
 from ditepose import __version__
 from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.admission import Admission
 from ditepose.service.core.errors import ERROR_CODES, install_error_handlers
 from ditepose.service.core.settings import Settings
 from ditepose.service.http.deps import AppContext
@@ -35,10 +36,13 @@ Errors always look like `{"error": {"code": "...", "message": "..."}}`. Codes:
 """ + "\n".join(f"* `{code}` ({status}): {text}" for code, (status, text) in ERROR_CODES.items())
 
 
-def create_app(settings: Settings | None = None, pool: WorkerPool | None = None) -> FastAPI:
-    """Build the REST app; without ``pool`` it loads the configured models at startup."""
+def create_app(
+    settings: Settings | None = None, pool: WorkerPool | None = None, admission: Admission | None = None
+) -> FastAPI:
+    """Build the REST app; without ``pool`` it loads the configured models at startup. ``admission``:
+    an in-flight count shared beyond this app (the front-ends of ``--api-processes``)."""
     settings = settings or Settings()
-    context = AppContext(settings)
+    context = AppContext(settings, admission=admission)
     owns_pool = pool is None
 
     @asynccontextmanager
