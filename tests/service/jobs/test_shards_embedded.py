@@ -15,7 +15,15 @@ from ditepose.service.jobs.metrics import JobMetrics
 from ditepose.service.jobs.plan import shard_ranges
 from ditepose.service.jobs.records import JobRecord, LocalJobStore
 from ditepose.service.jobs.schemas import EvaluateRequest
-from ditepose.service.jobs.shards import merge, merge_id, read_shard, run_shard, shard_file, shard_id, write_shard
+from ditepose.service.jobs.shards import (
+    merge,
+    merge_id,
+    read_shard,
+    run_shard,
+    shard_file,
+    shard_id,
+    write_shard,
+)
 from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import SynthEval, TinyEval, direct_evaluation, wait_for
 
