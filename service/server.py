@@ -26,17 +26,19 @@ def _start_grpc(settings: Settings, pool: WorkerPool, service: PoseService, regi
     return start_grpc_server(settings, pool, service, registry)
 
 
-def run_servers(settings: Settings) -> None:
-    """Load models once, start the workers, serve REST (blocking) and gRPC beside it."""
+def run_servers(settings: Settings, pool: WorkerPool | None = None) -> None:
+    """Load models once, start the workers, serve REST (blocking) and gRPC beside it.
+
+    ``pool``: serve this (unstarted) pool instead of one loaded from the settings (benches)."""
     if settings.api_processes > 1:
-        run_host(settings)
+        run_host(settings, pool)
         return
     import uvicorn
 
     from ditepose.service.http.app import create_app
     from ditepose.service.http.deps import context_of
 
-    pool = WorkerPool.from_settings(settings).start()
+    pool = (pool or WorkerPool.from_settings(settings)).start()
     grpc_server = None
     try:
         app = create_app(settings, pool=pool)
@@ -62,7 +64,7 @@ def refuse_for_processes(settings: Settings) -> str | None:
     return None
 
 
-def run_host(settings: Settings) -> None:
+def run_host(settings: Settings, pool: WorkerPool | None = None) -> None:
     """The inference host: the pool and N supervised front-end processes, until SIGTERM/SIGINT."""
     import signal
     import threading
@@ -72,7 +74,7 @@ def run_host(settings: Settings) -> None:
     refusal = refuse_for_processes(settings)
     if refusal is not None:
         raise SystemExit(f"ditepose serve: {refusal}")
-    pool = WorkerPool.from_settings(settings).start()
+    pool = (pool or WorkerPool.from_settings(settings)).start()
     host = None
     try:
         host = InferenceHost(settings, pool)

@@ -145,6 +145,8 @@ class InferenceHost:
         for front_end in list(self.front_ends):
             assert front_end is not None
             while not front_end.ready.wait(0.2):
+                if self.stopping.is_set():
+                    return self
                 if not front_end.process.is_alive():
                     raise RuntimeError(f"front-end {front_end.index} exited with {front_end.process.exitcode} "
                                        "before serving (see its log above)")
