@@ -6,7 +6,8 @@ Crops go into a slot of this front-end's :class:`~.slots.SlotArena`; the host su
 its real :class:`~ditepose.service.batching.batcher.DynamicBatcher` (so crops of every front-end,
 REST and gRPC, meet in one batch) and writes the heatmaps back into the same slot. The host's
 outcome keeps its meaning here: its ``Overloaded`` / ``DeadlineExceeded`` / ``InferenceFailed``
-/ ``BatcherClosed`` are raised as the same classes, so they map to 429 / 504 / 503 / 503.
+/ ``BatcherClosed`` are raised as the same classes, so they map to the same error codes
+(:func:`~ditepose.service.core.errors.from_batcher_error`) as in one process.
 Announcements (:meth:`RemoteBatcher.announce`) are forwarded, so the host's workers keep a batch
 open for crops a front-end is still decoding. Worker states, queue depths and batch
 observations come from the host (a status message every ``STATUS_PERIOD_S``, the batches

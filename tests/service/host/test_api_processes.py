@@ -274,3 +274,21 @@ def test_the_queue_bound_and_the_in_flight_count_are_the_hosts(tmp_path: Path) -
             assert refused.headers[PROCESS_HEADER].startswith("api-1/")
             assert waiting.result(120).status_code == 200
         assert gauge(c1, "ditepose_in_flight_requests") == 0
+
+
+# ---------------------------------------------------------------- detection through the host
+def test_requests_without_boxes_are_detected_on_the_hosts_workers(tmp_path: Path) -> None:
+    from ditepose.model.weight_store import NANODET, problems
+
+    if issues := problems(NANODET):
+        pytest.skip(f"NanoDet weights are not present: {'; '.join(issues)}")
+    with serve(tmp_path, DITEPOSE_DETECTOR="nanodet") as served, served.client(0) as c0, served.client(1) as c1:
+        for client in (c0, c1):
+            reply = client.post("/v1/pose", files={"image": ("p.jpg", JPEG, "image/jpeg")})
+            assert reply.status_code == 200, reply.text
+            assert "persons" in reply.json()
+        # Both front-ends' images ran on the host's workers: its detector batches reach every /metrics.
+        images = wait_for(lambda: (v := gauge(c1, "ditepose_detection_batch_size_sum", detector="nanodet")) and v >= 2
+                          and v, "the host's detection batches in the metrics")
+        assert images == 2  # one image from each front-end, as seen by front-end 1
+        assert "detect:nanodet" in c0.get("/readyz").json()["queue_depth"]
