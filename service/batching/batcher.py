@@ -173,10 +173,16 @@ class DynamicBatcher:
         condition: threading.Condition | None = None,
         max_fill_ms: float | None = None,
         detector: str | None = None,
+        key: str | None = None,
+        version: str | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1:
             raise ValueError("max_batch_size and queue_size must be >= 1")
         self.name = name
+        # Workers find the engine of a batch by ``key``: two versions of one model (the one
+        # served and the one draining after a swap) share ``name`` but never ``key``.
+        self.key = key or name
+        self.version = version  # the model version whose engines run this batcher's batches
         self.detector = detector  # a person detector's name when this batcher queues detector inputs
         self._what = f"detector {detector!r}" if detector else f"model {name!r}"  # for error messages
         self._unit = "images" if detector else "crops"
@@ -197,6 +203,7 @@ class DynamicBatcher:
         self._running_batches = 0
         self._free_workers = 0  # workers waiting in wait_for_batch on this batcher
         self._closed = False
+        self._closed_why = ""  # said to submissions after close (e.g. the version was swapped out)
         self.rejected = 0
         self.expired = 0
 
@@ -205,6 +212,11 @@ class DynamicBatcher:
     def depth(self) -> int:
         """Live crops waiting in the queue."""
         return self._pending
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, announced or running (a retired version may be freed once this holds; lock held)."""
+        return not (self._pending or self._background_pending or self._incoming or self._running)
 
     @property
     def background_depth(self) -> int:
@@ -243,7 +255,7 @@ class DynamicBatcher:
         items = [_Item(crops[i : i + piece], deadline, now, background) for i in range(0, count, piece)]
         with self.condition:
             if self._closed:
-                raise BatcherClosed(f"batcher {self.name!r} is closed")
+                raise BatcherClosed(f"batcher {self.name!r} is closed{self._closed_why}")
             if background:
                 self._background.extend(items)
                 self._background_pending += count
@@ -333,17 +345,19 @@ class DynamicBatcher:
             raise
         return _concat(outputs)
 
-    def close(self) -> None:
-        """Refuse new submissions and fail the queued ones."""
+    def close(self, reason: str | None = None) -> None:
+        """Refuse new submissions and fail the queued ones; ``reason`` is added to their errors."""
         with self.condition:
             self._closed = True
+            if reason:
+                self._closed_why = f": {reason}"
             items = [*self._items, *self._background]
             self._items.clear()
             self._background.clear()
             self._pending = self._background_pending = 0
             self.condition.notify_all()
         for item in items:
-            _set_exception(item.future, BatcherClosed(f"batcher {self.name!r} closed"))
+            _set_exception(item.future, BatcherClosed(f"batcher {self.name!r} closed{self._closed_why}"))
 
     # ---------------------------------------------------------------- workers
     def _drop_dead_head(self, now: float) -> None:

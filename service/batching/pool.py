@@ -11,14 +11,24 @@ raises fails only that batch (its callers get :class:`~ditepose.service.batching
 and keeps serving. A worker thread that dies anyway (a fault below Python's ``Exception``,
 e.g. ``SystemExit`` from a native extension wrapper) first fails its in-flight batch, then
 the pool's supervisor replaces it with a fresh thread on the same device.
+
+A served model can be replaced by a new version while requests flow (:meth:`WorkerPool.swap_model`):
+the new version's engines are built and checked on every device beside the old ones, then the
+served (model, batcher) pair is replaced under the pool lock. A request takes the pair once
+(:meth:`WorkerPool.lease`), so its crops, its pipeline and the batcher it submits to always belong
+to one version; the old version keeps running what its requests queued and is freed (engines
+closed, CUDA cache emptied) when the last request holding it has finished. At most two versions
+of a model are resident: a swap waits for the previous old version to drain first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +40,27 @@ from ditepose.service.core.model_loader import LoadedModel
 log = logging.getLogger(__name__)
 
 InferFactory = Callable[[LoadedModel, str], InferFn]
+# check(model, infer, device) raises when the engine of a new version must not serve (see swap_model)
+EngineCheck = Callable[[LoadedModel, InferFn, str], None]
+
+
+class SwapRefused(RuntimeError):
+    """A swap could not start: the previous old version of the model is still draining."""
+
+
+class ServedModel:
+    """One resident version of a model: what requests take together (see :meth:`WorkerPool.lease`)."""
+
+    def __init__(self, model: LoadedModel, batcher: DynamicBatcher) -> None:
+        self.model = model
+        self.batcher = batcher
+        self.leases = 0  # requests holding this version now
+        self.retiring = False
+        self.swapped_at = time.time()
+
+    @property
+    def version(self) -> str:
+        return self.model.version
 
 WORKER_STATES = ("starting", "idle", "busy", "stopped", "dead")
 
@@ -136,7 +167,7 @@ class Worker:
         started = time.perf_counter()
         ok = True
         try:
-            heatmaps = self.infers[model](batch.tensor())
+            heatmaps = self.infers[batch.batcher.key](batch.tensor())
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 # The thread is about to die: its callers get an error now, not silence until the deadline.
@@ -186,7 +217,7 @@ class WorkerPool:
     ) -> None:
         if not devices:
             raise ValueError("a worker pool needs at least one device")
-        self.models: dict[str, LoadedModel] = {m.name: m for m in models}
+        self.models: dict[str, LoadedModel] = {m.name: m for m in models}  # the served version of each
         self.devices = list(devices)
         self.workers_per_device = workers_per_device
         self.precision = precision
@@ -194,7 +225,8 @@ class WorkerPool:
         self.worker_processes = worker_processes
         self.observers: list[BatchObserver] = [observer] if observer is not None else []
         self._infer_factory = infer_factory or (
-            lambda m, device: make_infer(m.module, device, precision, process=worker_processes, threads=torch_threads)
+            lambda m, device: make_infer(m.module, device, m.precision or precision, process=worker_processes,
+                                         threads=torch_threads)
         )
         self.extra_models: dict[str, LoadedModel] = {}  # in the pool but not served (evaluation jobs)
         self.detectors: dict[str, StagedDetector] = {}  # detector name -> detector (batcher "detect:<name>")
@@ -203,7 +235,19 @@ class WorkerPool:
         self.queue_size = queue_size
         self.timeout_s = timeout_s
         self.condition = threading.Condition()
-        self.batchers: dict[str, DynamicBatcher] = {name: self._new_batcher(name) for name in self.models}
+        self.batchers: dict[str, DynamicBatcher] = {
+            name: self._new_batcher(name, max_batch_size=m.max_batch_size, version=m.version)
+            for name, m in self.models.items()
+        }
+        self._served: dict[str, ServedModel] = {n: ServedModel(m, self.batchers[n]) for n, m in self.models.items()}
+        self._retiring: dict[str, ServedModel] = {}  # name -> the old version still draining after a swap
+        self._swap_locks: dict[str, threading.Lock] = {}
+        self._generation = 0
+        self.swaps: dict[str, int] = {}  # name -> completed swaps (Prometheus)
+        self.model_requests: dict[tuple[str, str, str], int] = {}  # (name, version, ok|error) -> requests
+        self._count_lock = threading.Lock()
+        self.watcher = None  # the model repository watcher (service.core.repository_watcher), if any
+        self.default_model: str | None = None  # set by from_settings when the settings name none
         self.workers: list[Worker] = []
         self.failed_models: dict[str, str] = {}  # name -> why it was not loaded
         self.restarts = 0
@@ -217,8 +261,15 @@ class WorkerPool:
     def from_settings(cls, settings, observer: BatchObserver | None = None) -> WorkerPool:
         """Load the configured models and lay out workers on the configured devices."""
         from ditepose.service.core.model_loader import load_models_isolated
+        from ditepose.service.core.repository_watcher import ModelRepositoryWatcher
 
-        loaded, failed = load_models_isolated(settings.models)
+        watcher = ModelRepositoryWatcher(settings)
+        specs = watcher.flag_specs()
+        loaded, failed = load_models_isolated(specs, allow_none=watcher.repository is not None)
+        loaded += watcher.initial_models({m.name for m in loaded} | set(failed))
+        if not loaded:
+            raise RuntimeError("no model could be loaded: " + ("; ".join(f"{n}: {r}" for n, r in failed.items())
+                                                                  or f"the repository {watcher.repository} is empty"))
         pool = cls(
             loaded,
             settings.resolved_devices(),
@@ -233,6 +284,8 @@ class WorkerPool:
             worker_processes=settings.worker_processes,
         )
         pool.failed_models = failed
+        pool.default_model = settings.default_model or (specs[0].name if specs else loaded[0].name)
+        watcher.attach(pool)
         return pool
 
     def start(self) -> WorkerPool:
@@ -243,7 +296,8 @@ class WorkerPool:
             raise RuntimeError("a stopped pool cannot be restarted")
         for device in self.devices:
             def build(device: str = device) -> dict[str, InferFn]:
-                return {name: self._infer_factory(m, device) for name, m in {**self.models, **self.extra_models}.items()}
+                return {self.batchers[name].key: self._infer_factory(m, device)
+                        for name, m in {**self.models, **self.extra_models}.items()}
 
             detect = {detector_batcher_name(name): det.device_forward(device) for name, det in self.detectors.items()}
             shared = None if self._per_worker_engines(device) else build()
@@ -255,12 +309,15 @@ class WorkerPool:
         self.started = True
         self._supervisor = threading.Thread(target=self._supervise, name="ditepose-supervisor", daemon=True)
         self._supervisor.start()
-        log.info("worker pool: %d workers on %s; models %s", len(self.workers), self.devices, list(self.models))
+        log.info("worker pool: %d workers on %s; models %s", len(self.workers), self.devices,
+                 {name: m.version for name, m in self.models.items()})
+        if self.watcher is not None:
+            self.watcher.start()
         return self
 
     def _new_worker(self, name: str, device: str, infers: dict[str, InferFn]) -> Worker:
-        return Worker(name, device, infers, list(self.batchers.values()), self.observers,
-                      torch_threads=self.torch_threads)
+        batchers = [*self.batchers.values(), *(entry.batcher for entry in self._retiring.values())]
+        return Worker(name, device, infers, batchers, self.observers, torch_threads=self.torch_threads)
 
     def _supervise(self) -> None:
         """Replace worker threads that died (same device, same infer callables)."""
@@ -282,7 +339,9 @@ class WorkerPool:
             return
         self.stopped = True
         self._wake.set()
-        for batcher in self.batchers.values():
+        if self.watcher is not None:
+            self.watcher.stop()
+        for batcher in [*self.batchers.values(), *(entry.batcher for entry in self._retiring.values())]:
             batcher.close()
         for worker in self.workers:
             worker.request_stop()
@@ -306,21 +365,166 @@ class WorkerPool:
         that only an evaluation job uses; :meth:`remove_model` takes it out again."""
         if model.name in self.batchers:
             raise ValueError(f"the pool already has a model named {model.name!r}")
-        batcher = self._new_batcher(model.name)
-        infers: dict[str, InferFn] = {}
-        for worker in self.workers:
-            key = worker.device if not self._per_worker_engines(worker.device) else worker.name
-            if key not in infers:
-                infers[key] = self._infer_factory(model, worker.device)
+        batcher = self._new_batcher(model.name, max_batch_size=model.max_batch_size, version=model.version)
+        infers = self._build_infers(model)
         with self.condition:
+            if model.name in self.batchers:
+                _close_engines(list(infers.values()))
+                raise ValueError(f"the pool already has a model named {model.name!r}")
             for worker in self.workers:
-                key = worker.device if not self._per_worker_engines(worker.device) else worker.name
-                worker.infers[model.name] = infers[key]
+                worker.infers[batcher.key] = infers[self._engine_key(worker)]
                 worker.batchers.append(batcher)
             self.batchers[model.name] = batcher
             (self.models if served else self.extra_models)[model.name] = model
+            if served:
+                self._served[model.name] = ServedModel(model, batcher)
+            self.failed_models.pop(model.name, None)
             self.condition.notify_all()
         return batcher
+
+    def _engine_key(self, worker: Worker) -> str:
+        """Workers of a device share one engine, except where each needs its own (engine processes)."""
+        return worker.device if not self._per_worker_engines(worker.device) else worker.name
+
+    def _build_infers(self, model: LoadedModel, check: EngineCheck | None = None) -> dict[str, InferFn]:
+        """One engine of ``model`` per device (or per worker), each checked by ``check``; on any
+        failure the engines built so far are closed and the error propagates."""
+        infers: dict[str, InferFn] = {}
+        try:
+            for worker in self.workers:
+                key = self._engine_key(worker)
+                if key not in infers:
+                    infers[key] = self._infer_factory(model, worker.device)
+                    if check is not None:
+                        check(model, infers[key], worker.device)
+        except BaseException:
+            _close_engines(list(infers.values()))
+            raise
+        return infers
+
+    # ------------------------------------------------------------------ versions
+    @contextlib.contextmanager
+    def lease(self, name: str) -> Iterator[ServedModel]:
+        """The served version of ``name`` (KeyError if none), held until the block ends: a swap
+        meanwhile does not free it, so the caller's crops run on the version it prepared them for."""
+        with self.condition:
+            entry = self._served[name]
+            entry.leases += 1
+        try:
+            yield entry
+        finally:
+            with self.condition:
+                entry.leases -= 1
+                if entry.retiring and entry.leases == 0:
+                    self.condition.notify_all()
+
+    def count_request(self, name: str, version: str, outcome: str) -> None:
+        """A request answered by ``name``'s ``version`` (``outcome`` 'ok' or 'error'), for Prometheus."""
+        key = (name, version, outcome)
+        with self._count_lock:
+            self.model_requests[key] = self.model_requests.get(key, 0) + 1
+
+    def served(self, name: str) -> ServedModel:
+        """The served version of ``name`` now (KeyError if none), without holding it."""
+        return self._served[name]
+
+    def retiring(self, name: str) -> ServedModel | None:
+        """The old version of ``name`` still draining after a swap, if any."""
+        return self._retiring.get(name)
+
+    def resident_versions(self, name: str) -> list[str]:
+        """Versions of ``name`` in memory now: the served one, then a draining one (at most two)."""
+        entries = [self._served.get(name), self._retiring.get(name)]
+        return [entry.version for entry in entries if entry is not None]
+
+    def wait_drained(self, name: str, timeout_s: float) -> bool:
+        """Wait until no old version of ``name`` is draining; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self.condition:
+            while name in self._retiring:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.condition.wait(min(left, 0.5))
+        return True
+
+    def swap_model(self, model: LoadedModel, check: EngineCheck | None = None,
+                   drain_timeout_s: float | None = None) -> ServedModel:
+        """Serve ``model`` instead of the served version of its name (or beside the others, for a new name).
+
+        The new engines are built and ``check``-ed on every device first (any exception: nothing
+        changes and it propagates). Then, under the pool lock, the served pair is replaced: new
+        requests get the new version, and the old one finishes what its requests queued and is
+        freed once none holds it. A swap first waits up to ``drain_timeout_s`` (default: twice the
+        request deadline, which bounds every queued item) for the previous old version to be
+        freed, and raises :class:`SwapRefused` if it is still draining: at most two versions of
+        a model are resident."""
+        name = model.name
+        with self.condition:
+            lock = self._swap_locks.setdefault(name, threading.Lock())
+        with lock:
+            if not self.wait_drained(name, 2 * self.timeout_s + 5 if drain_timeout_s is None else drain_timeout_s):
+                raise SwapRefused(f"model {name!r}: version {self._retiring[name].version} is still draining "
+                                  "from the previous swap; at most two versions are resident")
+            if name not in self._served:
+                if name in self.batchers:
+                    raise ValueError(f"{name!r} is not a served model of this pool")
+                infers = self._build_infers(model, check)
+                batcher = self._new_batcher(name, max_batch_size=model.max_batch_size, version=model.version)
+                with self.condition:
+                    for worker in self.workers:
+                        worker.infers[batcher.key] = infers[self._engine_key(worker)]
+                        worker.batchers.append(batcher)
+                    self.batchers[name] = batcher
+                    self.models[name] = model
+                    entry = self._served[name] = ServedModel(model, batcher)
+                    self.failed_models.pop(name, None)
+                    self.condition.notify_all()
+                log.info("model %r version %s now served", name, model.version)
+                return entry
+            infers = self._build_infers(model, check)
+            with self.condition:
+                self._generation += 1
+                batcher = self._new_batcher(name, max_batch_size=model.max_batch_size, version=model.version,
+                                            key=f"{name}#{self._generation}")
+                for worker in self.workers:
+                    worker.infers[batcher.key] = infers[self._engine_key(worker)]
+                    worker.batchers.append(batcher)
+                old = self._served[name]
+                entry = self._served[name] = ServedModel(model, batcher)
+                self.batchers[name] = batcher
+                self.models[name] = model
+                old.retiring = True
+                self._retiring[name] = old
+                self.swaps[name] = self.swaps.get(name, 0) + 1
+                self.condition.notify_all()
+            log.info("model %r: version %s now served; version %s drains", name, model.version, old.version)
+            threading.Thread(target=self._retire, args=(old,), name=f"ditepose-retire-{name}", daemon=True).start()
+            return entry
+
+    def _retire(self, entry: ServedModel) -> None:
+        """Free ``entry`` (an old version) once no request holds it and its queue is empty."""
+        name = entry.model.name
+        with self.condition:
+            while not self.stopped and (entry.leases or not entry.batcher.idle):
+                self.condition.wait(0.5)
+            infers = []
+            for worker in self.workers:
+                if entry.batcher in worker.batchers:
+                    worker.batchers.remove(entry.batcher)
+                infer = worker.infers.pop(entry.batcher.key, None)
+                if infer is not None:
+                    infers.append(infer)
+            if self._retiring.get(name) is entry:
+                del self._retiring[name]
+            self.condition.notify_all()
+        entry.batcher.close(f"version {entry.version} of model {name!r} was replaced by version "
+                            f"{self.models[name].version if name in self.models else '?'}; submit again")
+        _close_engines(infers)
+        version = entry.version
+        del entry, infers
+        release_memory(self.devices)
+        log.info("model %r: version %s freed", name, version)
 
     def add_detector(self, detector: StagedDetector, max_batch_size: int = 8) -> DynamicBatcher:
         """Run ``detector``'s device stage on every device and worker from now on; returns its
@@ -356,21 +560,28 @@ class WorkerPool:
             batcher = self.batchers.pop(name)
             self.models.pop(name, None)
             self.extra_models.pop(name, None)
+            self._served.pop(name, None)
+            old = self._retiring.pop(name, None)
+            batchers = [batcher] if old is None else [batcher, old.batcher]
             infers = []
             for worker in self.workers:
-                if batcher in worker.batchers:
-                    worker.batchers.remove(batcher)
-                infer = worker.infers.pop(name, None)
-                if infer is not None:
-                    infers.append(infer)
-        batcher.close()
+                for b in batchers:
+                    if b in worker.batchers:
+                        worker.batchers.remove(b)
+                    infer = worker.infers.pop(b.key, None)
+                    if infer is not None:
+                        infers.append(infer)
+            self.condition.notify_all()
+        for b in batchers:
+            b.close()
         _close_engines(infers)
 
     def _per_worker_engines(self, device: str) -> bool:
         """Engine processes run one batch at a time: each worker has its own; others share the device's."""
         return self.worker_processes and device.startswith("cpu")
 
-    def _new_batcher(self, name: str, max_batch_size: int | None = None, detector: str | None = None) -> DynamicBatcher:
+    def _new_batcher(self, name: str, max_batch_size: int | None = None, detector: str | None = None,
+                     version: str | None = None, key: str | None = None) -> DynamicBatcher:
         return DynamicBatcher(
             name,
             max_batch_size=max_batch_size or self.max_batch_size,
@@ -379,6 +590,8 @@ class WorkerPool:
             default_timeout_s=self.timeout_s,
             condition=self.condition,
             detector=detector,
+            key=key,
+            version=version,
         )
 
     def add_observer(self, observer: BatchObserver) -> None:
@@ -403,12 +616,29 @@ class WorkerPool:
 
     def queue_depths(self) -> dict[str, int]:
         """Live items waiting per batcher: crops for models, images for ``detect:<name>``."""
-        return {name: b.depth for name, b in self.batchers.items()}
+        depths = {name: b.depth for name, b in self.batchers.items()}
+        for name, entry in list(self._retiring.items()):  # an old version's queue still counts
+            depths[name] = depths.get(name, 0) + entry.batcher.depth
+        return depths
 
 
 def detector_batcher_name(detector: str) -> str:
     """The batcher key of a detector: its own namespace, so no model name can collide with it."""
     return f"detect:{detector}"
+
+
+def release_memory(devices: Sequence[str]) -> None:
+    """Give freed memory back: collect cycles, empty torch's CUDA cache, trim glibc's heap (Linux)."""
+    gc.collect()
+    if any(device.startswith("cuda") for device in devices):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _close_engines(infers: Sequence[InferFn]) -> None:

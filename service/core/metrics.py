@@ -136,7 +136,40 @@ class PoolCollector(Collector):
             load.add_metric([m.name], m.load_s)
         yield info
         yield load
+        yield from self._version_families()
         yield from gpu_memory_families(self.pool.devices, self.memory_fn)
+
+    def _version_families(self) -> Iterator[Metric]:
+        """Per-version requests, swaps, rejected versions and the served version of each model."""
+        pool = self.pool
+        requests = CounterMetricFamily(
+            "ditepose_model_requests", "Pose requests (REST, gRPC, stream frames) answered, by the model version "
+            "that ran them; outcome ok or error", labels=["model", "version", "outcome"])
+        for (name, version, outcome), count in list(getattr(pool, "model_requests", {}).items()):
+            requests.add_metric([name, version, outcome], count)
+        yield requests
+        swaps = CounterMetricFamily("ditepose_model_swaps", "Times a new version of a model was swapped in while "
+                                    "serving", labels=["model"])
+        for name, count in list(getattr(pool, "swaps", {}).items()):
+            swaps.add_metric([name], count)
+        yield swaps
+        failures = CounterMetricFamily(
+            "ditepose_model_load_failures", "Versions that failed to load or failed their checks (strict keys, "
+            "reference forward pass, finite outputs); the served version kept serving", labels=["model", "version"])
+        watcher = getattr(pool, "watcher", None)
+        for (name, version), count in list(getattr(watcher, "load_failures", {}).items()):
+            failures.add_metric([name, version], count)
+        yield failures
+        served = GaugeMetricFamily("ditepose_model_version_info", "The served version of each model (value 1) and "
+                                   "the resident versions (served, or draining after a swap)",
+                                   labels=["model", "version", "role"])
+        for name, m in list(pool.models.items()):
+            served.add_metric([name, m.version, "served"], 1.0)
+            retiring = getattr(pool, "retiring", None)
+            old = retiring(name) if retiring is not None else None
+            if old is not None:
+                served.add_metric([name, old.version, "draining"], 1.0)
+        yield served
 
 
 class AdmissionCollector(Collector):

@@ -2,6 +2,12 @@
 
 Served models and the models of evaluation jobs (a served name, or a checkpoint of the
 checkpoint folder) load here, so a job scores exactly what the service serves.
+
+Every loaded model has a version, which each pose response names: a model repository's version
+number, or, for a ``--model name=path`` checkpoint, the first 12 hex digits of the file's sha256
+(``demo`` for random demo weights), so the same file always reports the same version.
+:func:`check_model` is the test a new version passes before it serves: strict state-dict keys
+(the loader's), a forward pass on fixed reference inputs, outputs of the right shape, all finite.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ class LoadedModel:
     demo_weights: bool
     load_s: float
     extra: dict = field(default_factory=dict)
+    version: str = "1"
+    source: str = "flag"  # 'flag' (--model / DITEPOSE_MODELS) or 'repository'
+    # serving options (ModelSpec / the repository manifest); None: the service's defaults
+    flip_test: bool | None = None
+    decoder: str | None = None
+    max_batch_size: int | None = None
+    precision: str | None = None
 
     @property
     def spec(self) -> KeypointSpec:
@@ -52,6 +65,11 @@ class LoadedModel:
             "checkpoint": self.checkpoint,
             "demo_weights": self.demo_weights,
             "metadata": _jsonable(self.extra),
+            "version": self.version,
+            "source": self.source,
+            "options": {k: v for k, v in (("flip_test", self.flip_test), ("decoder", self.decoder),
+                                          ("max_batch_size", self.max_batch_size), ("precision", self.precision))
+                        if v is not None},
         }
 
 
@@ -66,8 +84,17 @@ def _jsonable(value: object) -> object:
     return str(value)
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load one model; a missing project default checkpoint falls back to random (demo) weights."""
+def file_version(path: str | Path) -> str:
+    """The version of a ``--model`` checkpoint: the first 12 hex digits of its sha256."""
+    from ditepose.model.repository import file_sha256
+
+    return file_sha256(path)[:12]
+
+
+def load_model(spec: ModelSpec, version: str | None = None, source: str = "flag") -> LoadedModel:
+    """Load one model; a missing project default checkpoint falls back to random (demo) weights.
+
+    ``version``: the repository's version number; None names a checkpoint by its sha256 prefix."""
     from ditepose import model as models
 
     started = time.perf_counter()
@@ -99,6 +126,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         arch, input_size, extra, demo, checkpoint = spec.arch, (int(size[0]), int(size[1])), {}, True, None
     module.check_input_size(input_size[1], input_size[0])
     module.eval()
+    if version is None:
+        version = "demo" if checkpoint is None else file_version(checkpoint)
     return LoadedModel(
         name=spec.name,
         arch=arch,
@@ -110,27 +139,74 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         demo_weights=demo,
         load_s=time.perf_counter() - started,
         extra=extra,
+        version=version,
+        source=source,
+        flip_test=spec.flip_test,
+        decoder=spec.decoder,
+        max_batch_size=spec.max_batch_size,
+        precision=spec.precision,
     )
+
+
+def reference_inputs(model: LoadedModel, count: int = 2) -> torch.Tensor:
+    """Fixed crops [count, 3, H, W] (seeded normal noise, the scale of normalised images)."""
+    width, height = model.input_size
+    generator = torch.Generator().manual_seed(20220701)
+    return torch.randn(count, 3, height, width, generator=generator)
+
+
+def check_outputs(model: LoadedModel, heatmaps: torch.Tensor, where: str) -> None:
+    """Raise ValueError unless ``heatmaps`` are what ``model`` must answer for :func:`reference_inputs`."""
+    width, height = model.input_size
+    expected = (2, model.num_joints)
+    if tuple(heatmaps.shape[:2]) != expected or heatmaps.ndim != 4:
+        raise ValueError(f"{where}: heatmaps of shape {tuple(heatmaps.shape)} for 2 crops of {width}x{height}; "
+                         f"expected [2, {model.num_joints}, h, w]")
+    finite = torch.isfinite(heatmaps)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{where}: {bad} of {heatmaps.numel()} outputs on the reference inputs are not finite "
+                         "(NaN/inf weights?)")
+
+
+def check_model(model: LoadedModel) -> None:
+    """The forward check on the CPU module itself (start-up, before any engine exists)."""
+    with torch.inference_mode():
+        heatmaps = model.module(reference_inputs(model))
+    check_outputs(model, heatmaps.float(), f"model {model.name!r} version {model.version}")
+
+
+def check_engine(model: LoadedModel, infer, device: str) -> None:
+    """The forward check (also the warm-up) of one engine of ``model`` on ``device``."""
+    heatmaps = infer(reference_inputs(model))
+    check_outputs(model, heatmaps.float().cpu(), f"model {model.name!r} version {model.version} on {device}")
 
 
 def load_models(specs: list[ModelSpec]) -> list[LoadedModel]:
     return [load_model(spec) for spec in specs]
 
 
-def load_models_isolated(specs: list[ModelSpec]) -> tuple[list[LoadedModel], dict[str, str]]:
+def short_reason(exc: BaseException) -> str:
+    """An exception as one bounded line for /v1/models, /readyz and the log."""
+    reason = f"{type(exc).__name__}: {exc}"
+    return reason[:500] + "..." if len(reason) > 500 else reason
+
+
+def load_models_isolated(
+    specs: list[ModelSpec], allow_none: bool = False
+) -> tuple[list[LoadedModel], dict[str, str]]:
     """Load every model that loads; a bad one (missing, corrupt, wrong architecture) is reported
-    as ``{name: reason}`` instead of taking the whole service down. Raises only when none loads."""
+    as ``{name: reason}`` instead of taking the whole service down. Raises only when none loads
+    (unless ``allow_none``: a model repository may still bring models)."""
     loaded: list[LoadedModel] = []
     failed: dict[str, str] = {}
     for spec in specs:
         try:
             loaded.append(load_model(spec))
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            if len(reason) > 500:
-                reason = reason[:500] + "..."
+            reason = short_reason(exc)
             failed[spec.name] = reason
             log.error("model %r failed to load and is not served: %s", spec.name, reason)
-    if not loaded:
+    if not loaded and not allow_none:
         raise RuntimeError("no model could be loaded: " + "; ".join(f"{n}: {r}" for n, r in failed.items()))
     return loaded, failed

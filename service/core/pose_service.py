@@ -22,10 +22,11 @@ is decoded, and has the final say when the crops are queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -37,7 +38,7 @@ from ditepose.model.detectors import DETECTORS, DetectorName, PersonDetector, St
 from ditepose.model.keypoints import KeypointSpec
 from ditepose.model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
 from ditepose.model.weight_store import FETCH_COMMAND, NANODET, problems
-from ditepose.service.batching.batcher import BatcherError
+from ditepose.service.batching.batcher import BatcherError, DynamicBatcher
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.admission import Admission
 from ditepose.service.core.errors import ServiceError, from_batcher_error
@@ -53,8 +54,8 @@ class PoseRequest:
     image_bytes: bytes
     boxes: Sequence[Sequence[float]] | None = None
     model: str | None = None
-    flip_test: bool = True
-    decoder: DecoderName = "default"
+    flip_test: bool | None = None  # None: the model's serving option, else True
+    decoder: DecoderName | None = None  # None: the model's serving option, else "default"
     score_threshold: float | None = None
     detector: DetectorName | None = None  # None: the service's default (Settings.detector)
 
@@ -70,6 +71,7 @@ class PoseResult:
     poses: list[PersonPose]
     timings: dict[str, float]
     image_rgb: np.ndarray = field(repr=False)
+    model_version: str = ""  # the version whose forward pass produced ``poses``
 
 
 def _ms(seconds: float) -> float:
@@ -94,8 +96,14 @@ class PoseService:
         cv2.setNumThreads(1)
 
     # ------------------------------------------------------------ pieces
+    @property
+    def default_model_name(self) -> str:
+        """The model of requests that name none: the settings', else the pool's first."""
+        return self.settings.default_model or getattr(self.pool, "default_model", None) or \
+            self.settings.default_model_name
+
     def resolve_model(self, name: str | None) -> LoadedModel:
-        name = name or self.settings.default_model_name
+        name = name or self.default_model_name
         failed = self.pool.failed_models
         if name in failed:
             raise ServiceError("unavailable", f"model {name!r} failed to load: {failed[name]}")
@@ -104,11 +112,43 @@ class PoseService:
             raise ServiceError("unknown_model", f"no model named {name!r}; served models: {known}")
         return self.pool.models[name]
 
-    def pipeline(self, model: LoadedModel, flip_test: bool, decoder: str) -> TopDownPipeline:
-        key = (model.name, bool(flip_test), decoder)
+    @contextlib.contextmanager
+    def take_model(self, name: str | None) -> Iterator[tuple[LoadedModel, DynamicBatcher]]:
+        """The served version of a model and its batcher, taken together once and held for the block
+        (a swap meanwhile lets this request finish on the version it started with)."""
+        model = self.resolve_model(name)
+        lease = getattr(self.pool, "lease", None)
+        if lease is None:  # a pool without versions (the front-ends of --api-processes)
+            yield model, self.pool.batcher(model.name)
+            return
+        try:
+            held = lease(model.name)
+            entry = held.__enter__()
+        except KeyError:  # removed between the two looks
+            raise ServiceError("unknown_model", f"no model named {model.name!r}") from None
+        try:
+            yield entry.model, entry.batcher
+        finally:
+            held.__exit__(None, None, None)
+
+    def count_request(self, model: LoadedModel, outcome: str) -> None:
+        """One answered request of ``model``'s version (``ditepose_model_requests_total``)."""
+        count = getattr(self.pool, "count_request", None)
+        if count is not None:
+            count(model.name, model.version, outcome)
+
+    def pipeline(self, model: LoadedModel, flip_test: bool | None, decoder: str | None) -> TopDownPipeline:
+        if flip_test is None:
+            flip_test = True if model.flip_test is None else model.flip_test
+        if decoder is None:
+            decoder = model.decoder or "default"
+        # by version too: two versions of a name may differ in input size
+        key = (model.name, model.version, model.input_size, bool(flip_test), decoder)
         with self._lock:
             pipe = self._pipelines.get(key)
             if pipe is None:
+                if len(self._pipelines) > 256:  # versions come and go; pipelines are cheap to rebuild
+                    self._pipelines.clear()
                 try:
                     pipe = TopDownPipeline(model.input_size, model.spec, bool(flip_test), decoder)
                 except ValueError as exc:
@@ -255,8 +295,16 @@ class PoseService:
         """Run one request without blocking the event loop: decoding, cropping and decoding the
         heatmaps run in threads; detection (if the request has no boxes) and the network run as
         batches on the worker pool, shared with every other request."""
-        model = self.resolve_model(request.model)  # once per request
-        batcher = self.pool.batcher(model.name)
+        with self.take_model(request.model) as (model, batcher):  # once per request
+            try:
+                result = await self._estimate(request, model, batcher)
+            except BaseException:
+                self.count_request(model, "error")
+                raise
+            self.count_request(model, "ok")
+            return result
+
+    async def _estimate(self, request: PoseRequest, model: LoadedModel, batcher: DynamicBatcher) -> PoseResult:
         try:
             batcher.check_admission()  # shed before decoding what the queue could not take anyway
         except BatcherError as exc:
@@ -306,7 +354,7 @@ class PoseService:
             "total_ms": _ms(t4 - t0),
         }
         height, width = image.shape[:2]
-        return PoseResult(model.name, model.spec, width, height, poses, timings, image)
+        return PoseResult(model.name, model.spec, width, height, poses, timings, image, model.version)
 
     def render_png(self, result: PoseResult) -> bytes:
         """The image with the skeletons drawn on it, as PNG bytes."""
@@ -314,3 +362,35 @@ class PoseService:
 
         canvas = draw_poses(result.image_rgb, result.poses, result.spec)
         return encode_png(canvas)
+
+
+@dataclass
+class ReloadOutcome:
+    """What a reload did: the model's version state after it, and whether another version now serves."""
+
+    state: dict
+    swapped: bool
+    previous_version: str | None
+
+
+async def reload_model(service: PoseService, name: str) -> ReloadOutcome:
+    """``POST /v1/models/{name}/reload`` and gRPC ``ReloadModel``: resolve, load, check and swap now
+    (in a thread: a load takes seconds, and a swap may first wait for the previous old version
+    to drain). A version that fails its checks is in the outcome's state, not an error."""
+    watcher = getattr(service.pool, "watcher", None)
+    if not name:
+        raise ServiceError("invalid_request", "name the model to reload")
+    if watcher is None:
+        raise ServiceError("unavailable", "this service was started without model version management "
+                                          "(a pool built outside `ditepose serve`); restart to load new weights")
+    before = watcher.describe(name)
+    try:
+        state = await asyncio.to_thread(watcher.reload, name)
+    except KeyError:
+        known = ", ".join(sorted(service.pool.models))
+        where = f" or the repository {watcher.repository}" if watcher.repository is not None else ""
+        raise ServiceError("unknown_model", f"no model named {name!r} among the served models ({known}){where}") \
+            from None
+    after = state.describe()
+    swapped = after.get("swapped_at") != before.get("swapped_at") and after.get("served_version") is not None
+    return ReloadOutcome(after, swapped, before.get("served_version"))

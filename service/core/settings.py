@@ -35,6 +35,27 @@ class ModelSpec(BaseModel):
         description="Network input (W, H), e.g. [288, 384] for an authors' 384x288 checkpoint. None: from the "
         "checkpoint's metadata, else the dataset's default (192x256 COCO, 256x256 MPII).",
     )
+    flip_test: bool | None = Field(
+        default=None, description="Flip test of requests that do not say (None: on, the paper's protocol)."
+    )
+    decoder: str | None = Field(
+        default=None, description="Heatmap decoder of requests that name none (None: 'default')."
+    )
+    max_batch_size: int | None = Field(
+        default=None, ge=1, description="Most crops per forward pass of this model (None: the service's).",
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] | None = Field(
+        default=None, description="Inference precision of this model (None: the service's `precision`)."
+    )
+
+    @field_validator("decoder")
+    @classmethod
+    def _check_decoder(cls, value: str | None) -> str | None:
+        from ditepose.model.codec import DECODER_NAMES
+
+        if value is not None and value.lower() not in DECODER_NAMES:
+            raise ValueError(f"unknown decoder {value!r}: use one of {list(DECODER_NAMES)}")
+        return None if value is None else value.lower()
 
 
 class DatasetSpec(BaseModel):
@@ -76,6 +97,16 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(
         default=None, description="Model used when a request names none (default: the first one)."
+    )
+    model_repository: Path | None = Field(
+        default=None,
+        description="Model repository: <name>/<version>/checkpoint.pth folders plus an optional manifest.json "
+        "per model (docs/operations.md). Its models are served next to `models` (which then default to none); "
+        "new versions are loaded, checked and swapped in while serving.",
+    )
+    repository_poll_s: float = Field(
+        default=10.0, gt=0, description="How often the model repository is scanned for new versions and "
+        "manifest edits (POST /v1/models/{name}/reload asks at once)."
     )
     devices: str = Field(
         default="auto",
@@ -260,7 +291,7 @@ class Settings(BaseSettings):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
-        if self.default_model is not None and self.default_model not in names:
+        if self.default_model is not None and self.default_model not in names and self.model_repository is None:
             raise ValueError(f"default_model {self.default_model!r} is not one of {names}")
         return self
 

@@ -94,12 +94,22 @@ def estimate_response(result: PoseResult) -> pose_pb2.EstimateResponse:
         height=result.height,
         persons=[person_to_proto(p, result.spec) for p in result.poses],
         timings=timings_to_proto(result.timings),
+        model_version=result.model_version,
     )
 
 
-def model_info(model: LoadedModel, default: bool) -> pose_pb2.ModelInfo:
+def model_info(model: LoadedModel, default: bool, state: dict | None = None) -> pose_pb2.ModelInfo:
+    """``state``: the model's version bookkeeping (:meth:`ModelState.describe`), when there is one."""
     width, height = model.input_size
+    state = state or {}
     return pose_pb2.ModelInfo(
+        version=model.version,
+        source=state.get("source") or model.source,
+        available_versions=state.get("available_versions") or [],
+        pinned_version=state.get("pinned_version") or 0,
+        state=state.get("state") or "serving",
+        error=state.get("error") or "",
+        failed_versions=state.get("failed_versions") or {},
         name=model.name,
         arch=model.arch,
         dataset=model.dataset,

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.errors import ServiceError
-from ditepose.service.core.pose_service import PoseRequest, PoseResult, PoseService
+from ditepose.service.core.pose_service import PoseRequest, PoseResult, PoseService, reload_model
 from ditepose.service.core.settings import Settings
 from ditepose.service.grpc.convert import (
     ERROR_CODE_METADATA,
@@ -107,10 +107,32 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
     ) -> pose_pb2.ListModelsResponse:
         if (denied := self._check_key(context)) is not None:
             await abort_with(context, denied)
-        default = self.settings.default_model_name
-        models = [model_info(m, m.name == default) for m in self.service.pool.models.values()]
+        default = self.service.default_model_name
+        watcher = getattr(self.service.pool, "watcher", None)
+        models = [model_info(m, m.name == default, watcher.describe(m.name) if watcher is not None else None)
+                  for m in list(self.service.pool.models.values())]
         failed = dict(self.service.pool.failed_models)
         return pose_pb2.ListModelsResponse(models=models, failed=failed)
+
+    async def ReloadModel(
+        self, request: pose_pb2.ReloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pose_pb2.ReloadModelResponse:
+        started = time.perf_counter()
+        try:
+            if (denied := self._check_key(context)) is not None:
+                raise denied
+            outcome = await reload_model(self.service, request.name)
+        except ServiceError as exc:
+            self.metrics.observe_call("ReloadModel", status_of(exc).name, time.perf_counter() - started)
+            await abort_with(context, exc)
+        self.metrics.observe_call("ReloadModel", "OK", time.perf_counter() - started)
+        default = self.service.default_model_name
+        model = self.service.pool.models.get(request.name)
+        info = (model_info(model, model.name == default, outcome.state) if model is not None
+                else pose_pb2.ModelInfo(name=request.name, state=outcome.state.get("state") or "failed",
+                                        error=outcome.state.get("error") or ""))
+        return pose_pb2.ReloadModelResponse(model=info, swapped=outcome.swapped,
+                                            previous_version=outcome.previous_version or "")
 
     async def StreamPose(
         self, request_iterator: AsyncIterator[pose_pb2.StreamRequest], context: grpc.aio.ServicerContext

@@ -330,6 +330,7 @@ class StreamSession:
             return message
         result = outcome.result
         message.model, message.width, message.height = result.model, result.width, result.height
+        message.model_version = result.model_version
         message.timings.CopyFrom(timings_to_proto(result.timings))
         ids = [0] * len(result.poses)
         smoothed: list[np.ndarray | None] = [None] * len(result.poses)

@@ -22,11 +22,13 @@ class PoseOptions(BaseModel):
         examples=[[[120.0, 40.0, 200.0, 400.0]]],
     )
     model: str | None = Field(default=None, description="Served model name (see GET /v1/models); default first.")
-    flip_test: bool = Field(default=True, description="Average with the horizontally mirrored crop (paper's test).")
-    decoder: DecoderName = Field(
-        default="default",
+    flip_test: bool | None = Field(default=None, description="Average with the horizontally mirrored crop "
+                                   "(paper's test). Omitted: the model's serving option, else true.")
+    decoder: DecoderName | None = Field(
+        default=None,
         description="Heatmap decoding: 'default' (argmax + quarter-pixel shift, as in the paper), "
-        "'dark' (alias 'unbiased': DARK Taylor refinement), 'argmax' (alias 'none': plain argmax).",
+        "'dark' (alias 'unbiased': DARK Taylor refinement), 'argmax' (alias 'none': plain argmax). Omitted: the "
+        "model's serving option, else 'default'.",
     )
     score_threshold: float | None = Field(
         default=None,
@@ -80,7 +82,11 @@ class Timings(BaseModel):
 
 
 class PoseResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
     model: str = Field(description="Model that answered.")
+    model_version: str = Field(default="", description="The version of that model whose forward pass produced "
+                               "these persons (see GET /v1/models `version`).")
     image: ImageSize
     timings: Timings
     persons: list[Person]
@@ -100,6 +106,21 @@ class ModelInfo(BaseModel):
     demo_weights: bool = Field(description="True: random weights (no checkpoint found); poses are meaningless.")
     metadata: dict = Field(description="Checkpoint metadata (training recipe, metrics, notes).")
     default: bool = Field(description="Used when a request names no model.")
+    version: str = Field(description="The served version: a repository version number, or for a --model "
+                         "checkpoint the first 12 hex digits of its sha256 ('demo' for random weights).")
+    source: str = Field(description="'repository' (DITEPOSE_MODEL_REPOSITORY) or 'flag' (--model / DITEPOSE_MODELS).")
+    options: dict = Field(default_factory=dict, description="Serving options set for this model (manifest or "
+                          "ModelSpec): flip_test, decoder, max_batch_size, precision.")
+    available_versions: list[int] = Field(default_factory=list, description="Complete versions in the repository.")
+    pinned_version: int | None = Field(default=None, description="The version manifest.json pins; null: latest.")
+    state: str = Field(default="serving", description="'serving', 'swapping' (a new version is being checked) "
+                       "or 'failed'.")
+    error: str | None = Field(default=None, description="The last load or check failure (cleared by the next "
+                              "successful swap); the served version kept serving.")
+    failed_versions: dict[str, str] = Field(default_factory=dict, description="Versions rejected by their "
+                                            "checks -> why.")
+    draining_version: str | None = Field(default=None, description="The previous version, while it finishes "
+                                         "the batches queued before the swap.")
 
 
 class ModelsResponse(BaseModel):
@@ -111,6 +132,19 @@ class ModelsResponse(BaseModel):
     failed: dict[str, str] = Field(
         default_factory=dict, description="Configured models that failed to load -> the reason (not served)."
     )
+
+
+class ReloadResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    swapped: bool = Field(description="True when another version (or changed serving options) now serves.")
+    previous_version: str | None = Field(description="The version served before the reload.")
+    served_version: str | None = Field(description="The version served now.")
+    state: str
+    error: str | None = Field(description="Why the candidate version was rejected, if it was.")
+    available_versions: list[int] = Field(default_factory=list)
+    failed_versions: dict[str, str] = Field(default_factory=dict)
 
 
 class ErrorDetail(BaseModel):
@@ -129,6 +163,11 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     ready: bool
     models: dict[str, str] = Field(description="Model name -> 'loaded' or 'failed: <reason>'.")
+    model_versions: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Model name -> served version, state and the last rejected version's error. A rejected "
+        "new version does not change the status code: the previous version keeps serving.",
+    )
     workers: list[WorkerStatus] = Field(description="Every inference worker of the pool.")
     queue_depth: dict[str, int] = Field(description="Crops waiting per model.")
     detectors: dict[str, str] = Field(

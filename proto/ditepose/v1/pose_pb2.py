@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%ditepose/proto/ditepose/v1/pose.proto\x12\x0b\x64itepose.v1\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x01\x12\x0e\n\x06height\x18\x04 \x01(\x01\"\x97\x01\n\x0bPoseOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\tflip_test\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07\x64\x65\x63oder\x18\x03 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x64\x65tector\x18\x05 \x01(\tB\x0c\n\n_flip_testB\x12\n\x10_score_threshold\"l\n\x0f\x45stimateRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1f\n\x05\x62oxes\x18\x02 \x03(\x0b\x32\x10.ditepose.v1.Box\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.ditepose.v1.PoseOptions\"=\n\x08Keypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x01\x12\t\n\x01y\x18\x03 \x01(\x01\x12\r\n\x05score\x18\x04 \x01(\x01\"s\n\x06Person\x12\x1e\n\x04\x62\x62ox\x18\x01 \x01(\x0b\x32\x10.ditepose.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x01\x12(\n\tkeypoints\x18\x03 \x03(\x0b\x32\x15.ditepose.v1.Keypoint\x12\x10\n\x08track_id\x18\x04 \x01(\x04\"\x86\x01\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x11\n\tdetect_ms\x18\x06 \x01(\x01\"\x8d\x01\n\x10\x45stimateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12$\n\x07persons\x18\x04 \x03(\x0b\x32\x13.ditepose.v1.Person\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.ditepose.v1.Timings\"J\n\x0eTrackingConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x16\n\x0emin_similarity\x18\x02 \x01(\x01\x12\x0f\n\x07max_age\x18\x03 \x01(\r\"V\n\x0fSmoothingConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x12\n\nmin_cutoff\x18\x02 \x01(\x01\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x01\x12\x10\n\x08\x64_cutoff\x18\x04 \x01(\x01\"\x8a\x02\n\x0cStreamConfig\x12)\n\x07options\x18\x01 \x01(\x0b\x32\x18.ditepose.v1.PoseOptions\x12+\n\x06policy\x18\x02 \x01(\x0e\x32\x1b.ditepose.v1.OverflowPolicy\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12\x12\n\nmax_queued\x18\x04 \x01(\r\x12-\n\x08tracking\x18\x05 \x01(\x0b\x32\x1b.ditepose.v1.TrackingConfig\x12/\n\tsmoothing\x18\x06 \x01(\x0b\x32\x1c.ditepose.v1.SmoothingConfig\x12\x17\n\x0f\x64\x65tect_interval\x18\x07 \x01(\r\"c\n\x05\x46rame\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x1f\n\x05\x62oxes\x18\x04 \x03(\x0b\x32\x10.ditepose.v1.Box\"i\n\rStreamRequest\x12+\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.ditepose.v1.StreamConfigH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.ditepose.v1.FrameH\x00\x42\x06\n\x04kind\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xab\x02\n\x0cStreamResult\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12$\n\x07persons\x18\x05 \x03(\x0b\x32\x13.ditepose.v1.Person\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.ditepose.v1.Timings\x12 \n\x18\x64ropped_sequence_numbers\x18\x07 \x03(\x04\x12&\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x17.ditepose.v1.FrameError\x12\r\n\x05model\x18\t \x01(\t\x12*\n\nbox_source\x18\n \x01(\x0e\x32\x16.ditepose.v1.BoxSource\"\x13\n\x11ListModelsRequest\"\xae\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x12\n\nnum_joints\x18\x04 \x01(\x05\x12\x0e\n\x06joints\x18\x05 \x03(\t\x12\x13\n\x0binput_width\x18\x06 \x01(\x05\x12\x14\n\x0cinput_height\x18\x07 \x01(\x05\x12\x14\n\x0c\x64\x65mo_weights\x18\x08 \x01(\x08\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\t \x01(\x08\"\xa8\x01\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.ditepose.v1.ModelInfo\x12;\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32+.ditepose.v1.ListModelsResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*L\n\x0eOverflowPolicy\x12\x19\n\x15OVERFLOW_POLICY_QUEUE\x10\x00\x12\x1f\n\x1bOVERFLOW_POLICY_DROP_OLDEST\x10\x01*o\n\tBoxSource\x12\x1a\n\x16\x42OX_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42OX_SOURCE_DETECTED\x10\x01\x12\x16\n\x12\x42OX_SOURCE_CARRIED\x10\x02\x12\x15\n\x11\x42OX_SOURCE_CLIENT\x10\x03\x32\xee\x01\n\x0bPoseService\x12G\n\x08\x45stimate\x12\x1c.ditepose.v1.EstimateRequest\x1a\x1d.ditepose.v1.EstimateResponse\x12G\n\nStreamPose\x12\x1a.ditepose.v1.StreamRequest\x1a\x19.ditepose.v1.StreamResult(\x01\x30\x01\x12M\n\nListModels\x12\x1e.ditepose.v1.ListModelsRequest\x1a\x1f.ditepose.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%ditepose/proto/ditepose/v1/pose.proto\x12\x0b\x64itepose.v1\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x01\x12\x0e\n\x06height\x18\x04 \x01(\x01\"\x97\x01\n\x0bPoseOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\tflip_test\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07\x64\x65\x63oder\x18\x03 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x64\x65tector\x18\x05 \x01(\tB\x0c\n\n_flip_testB\x12\n\x10_score_threshold\"l\n\x0f\x45stimateRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x1f\n\x05\x62oxes\x18\x02 \x03(\x0b\x32\x10.ditepose.v1.Box\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.ditepose.v1.PoseOptions\"=\n\x08Keypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x01\x12\t\n\x01y\x18\x03 \x01(\x01\x12\r\n\x05score\x18\x04 \x01(\x01\"s\n\x06Person\x12\x1e\n\x04\x62\x62ox\x18\x01 \x01(\x0b\x32\x10.ditepose.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x01\x12(\n\tkeypoints\x18\x03 \x03(\x0b\x32\x15.ditepose.v1.Keypoint\x12\x10\n\x08track_id\x18\x04 \x01(\x04\"\x86\x01\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x11\n\tdetect_ms\x18\x06 \x01(\x01\"\xa4\x01\n\x10\x45stimateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12$\n\x07persons\x18\x04 \x03(\x0b\x32\x13.ditepose.v1.Person\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.ditepose.v1.Timings\x12\x15\n\rmodel_version\x18\x06 \x01(\t\"J\n\x0eTrackingConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x16\n\x0emin_similarity\x18\x02 \x01(\x01\x12\x0f\n\x07max_age\x18\x03 \x01(\r\"V\n\x0fSmoothingConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x12\n\nmin_cutoff\x18\x02 \x01(\x01\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x01\x12\x10\n\x08\x64_cutoff\x18\x04 \x01(\x01\"\x8a\x02\n\x0cStreamConfig\x12)\n\x07options\x18\x01 \x01(\x0b\x32\x18.ditepose.v1.PoseOptions\x12+\n\x06policy\x18\x02 \x01(\x0e\x32\x1b.ditepose.v1.OverflowPolicy\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12\x12\n\nmax_queued\x18\x04 \x01(\r\x12-\n\x08tracking\x18\x05 \x01(\x0b\x32\x1b.ditepose.v1.TrackingConfig\x12/\n\tsmoothing\x18\x06 \x01(\x0b\x32\x1c.ditepose.v1.SmoothingConfig\x12\x17\n\x0f\x64\x65tect_interval\x18\x07 \x01(\r\"c\n\x05\x46rame\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x1f\n\x05\x62oxes\x18\x04 \x03(\x0b\x32\x10.ditepose.v1.Box\"i\n\rStreamRequest\x12+\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x19.ditepose.v1.StreamConfigH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.ditepose.v1.FrameH\x00\x42\x06\n\x04kind\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc2\x02\n\x0cStreamResult\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12$\n\x07persons\x18\x05 \x03(\x0b\x32\x13.ditepose.v1.Person\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.ditepose.v1.Timings\x12 \n\x18\x64ropped_sequence_numbers\x18\x07 \x03(\x04\x12&\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x17.ditepose.v1.FrameError\x12\r\n\x05model\x18\t \x01(\t\x12*\n\nbox_source\x18\n \x01(\x0e\x32\x16.ditepose.v1.BoxSource\x12\x15\n\rmodel_version\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"\x9d\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x12\n\nnum_joints\x18\x04 \x01(\x05\x12\x0e\n\x06joints\x18\x05 \x03(\t\x12\x13\n\x0binput_width\x18\x06 \x01(\x05\x12\x14\n\x0cinput_height\x18\x07 \x01(\x05\x12\x14\n\x0c\x64\x65mo_weights\x18\x08 \x01(\x08\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\t \x01(\x08\x12\x0f\n\x07version\x18\n \x01(\t\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x1a\n\x12\x61vailable_versions\x18\x0c \x03(\x03\x12\x16\n\x0epinned_version\x18\r \x01(\x03\x12\r\n\x05state\x18\x0e \x01(\t\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x43\n\x0f\x66\x61iled_versions\x18\x10 \x03(\x0b\x32*.ditepose.v1.ModelInfo.FailedVersionsEntry\x1a\x35\n\x13\x46\x61iledVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x12ReloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"g\n\x13ReloadModelResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.ditepose.v1.ModelInfo\x12\x0f\n\x07swapped\x18\x02 \x01(\x08\x12\x18\n\x10previous_version\x18\x03 \x01(\t\"\xa8\x01\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.ditepose.v1.ModelInfo\x12;\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32+.ditepose.v1.ListModelsResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*L\n\x0eOverflowPolicy\x12\x19\n\x15OVERFLOW_POLICY_QUEUE\x10\x00\x12\x1f\n\x1bOVERFLOW_POLICY_DROP_OLDEST\x10\x01*o\n\tBoxSource\x12\x1a\n\x16\x42OX_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42OX_SOURCE_DETECTED\x10\x01\x12\x16\n\x12\x42OX_SOURCE_CARRIED\x10\x02\x12\x15\n\x11\x42OX_SOURCE_CLIENT\x10\x03\x32\xc0\x02\n\x0bPoseService\x12G\n\x08\x45stimate\x12\x1c.ditepose.v1.EstimateRequest\x1a\x1d.ditepose.v1.EstimateResponse\x12G\n\nStreamPose\x12\x1a.ditepose.v1.StreamRequest\x1a\x19.ditepose.v1.StreamResult(\x01\x30\x01\x12M\n\nListModels\x12\x1e.ditepose.v1.ListModelsRequest\x1a\x1f.ditepose.v1.ListModelsResponse\x12P\n\x0bReloadModel\x12\x1f.ditepose.v1.ReloadModelRequest\x1a .ditepose.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ditepose.proto.ditepose.v1.pose_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELINFO_FAILEDVERSIONSENTRY']._loaded_options = None
+  _globals['_MODELINFO_FAILEDVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_LISTMODELSRESPONSE_FAILEDENTRY']._loaded_options = None
   _globals['_LISTMODELSRESPONSE_FAILEDENTRY']._serialized_options = b'8\001'
-  _globals['_OVERFLOWPOLICY']._serialized_start=2196
-  _globals['_OVERFLOWPOLICY']._serialized_end=2272
-  _globals['_BOXSOURCE']._serialized_start=2274
-  _globals['_BOXSOURCE']._serialized_end=2385
+  _globals['_OVERFLOWPOLICY']._serialized_start=2622
+  _globals['_OVERFLOWPOLICY']._serialized_end=2698
+  _globals['_BOXSOURCE']._serialized_start=2700
+  _globals['_BOXSOURCE']._serialized_end=2811
   _globals['_BOX']._serialized_start=54
   _globals['_BOX']._serialized_end=112
   _globals['_POSEOPTIONS']._serialized_start=115
@@ -50,29 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS']._serialized_start=559
   _globals['_TIMINGS']._serialized_end=693
   _globals['_ESTIMATERESPONSE']._serialized_start=696
-  _globals['_ESTIMATERESPONSE']._serialized_end=837
-  _globals['_TRACKINGCONFIG']._serialized_start=839
-  _globals['_TRACKINGCONFIG']._serialized_end=913
-  _globals['_SMOOTHINGCONFIG']._serialized_start=915
-  _globals['_SMOOTHINGCONFIG']._serialized_end=1001
-  _globals['_STREAMCONFIG']._serialized_start=1004
-  _globals['_STREAMCONFIG']._serialized_end=1270
-  _globals['_FRAME']._serialized_start=1272
-  _globals['_FRAME']._serialized_end=1371
-  _globals['_STREAMREQUEST']._serialized_start=1373
-  _globals['_STREAMREQUEST']._serialized_end=1478
-  _globals['_FRAMEERROR']._serialized_start=1480
-  _globals['_FRAMEERROR']._serialized_end=1523
-  _globals['_STREAMRESULT']._serialized_start=1526
-  _globals['_STREAMRESULT']._serialized_end=1825
-  _globals['_LISTMODELSREQUEST']._serialized_start=1827
-  _globals['_LISTMODELSREQUEST']._serialized_end=1846
-  _globals['_MODELINFO']._serialized_start=1849
-  _globals['_MODELINFO']._serialized_end=2023
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2026
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2194
-  _globals['_LISTMODELSRESPONSE_FAILEDENTRY']._serialized_start=2149
-  _globals['_LISTMODELSRESPONSE_FAILEDENTRY']._serialized_end=2194
-  _globals['_POSESERVICE']._serialized_start=2388
-  _globals['_POSESERVICE']._serialized_end=2626
+  _globals['_ESTIMATERESPONSE']._serialized_end=860
+  _globals['_TRACKINGCONFIG']._serialized_start=862
+  _globals['_TRACKINGCONFIG']._serialized_end=936
+  _globals['_SMOOTHINGCONFIG']._serialized_start=938
+  _globals['_SMOOTHINGCONFIG']._serialized_end=1024
+  _globals['_STREAMCONFIG']._serialized_start=1027
+  _globals['_STREAMCONFIG']._serialized_end=1293
+  _globals['_FRAME']._serialized_start=1295
+  _globals['_FRAME']._serialized_end=1394
+  _globals['_STREAMREQUEST']._serialized_start=1396
+  _globals['_STREAMREQUEST']._serialized_end=1501
+  _globals['_FRAMEERROR']._serialized_start=1503
+  _globals['_FRAMEERROR']._serialized_end=1546
+  _globals['_STREAMRESULT']._serialized_start=1549
+  _globals['_STREAMRESULT']._serialized_end=1871
+  _globals['_LISTMODELSREQUEST']._serialized_start=1873
+  _globals['_LISTMODELSREQUEST']._serialized_end=1892
+  _globals['_MODELINFO']._serialized_start=1895
+  _globals['_MODELINFO']._serialized_end=2308
+  _globals['_MODELINFO_FAILEDVERSIONSENTRY']._serialized_start=2255
+  _globals['_MODELINFO_FAILEDVERSIONSENTRY']._serialized_end=2308
+  _globals['_RELOADMODELREQUEST']._serialized_start=2310
+  _globals['_RELOADMODELREQUEST']._serialized_end=2344
+  _globals['_RELOADMODELRESPONSE']._serialized_start=2346
+  _globals['_RELOADMODELRESPONSE']._serialized_end=2449
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2452
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2620
+  _globals['_LISTMODELSRESPONSE_FAILEDENTRY']._serialized_start=2575
+  _globals['_LISTMODELSRESPONSE_FAILEDENTRY']._serialized_end=2620
+  _globals['_POSESERVICE']._serialized_start=2814
+  _globals['_POSESERVICE']._serialized_end=3134
 # @@protoc_insertion_point(module_scope)

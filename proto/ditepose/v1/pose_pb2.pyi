@@ -102,18 +102,20 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., detect_ms: _Optional[float] = ...) -> None: ...
 
 class EstimateResponse(_message.Message):
-    __slots__ = ("model", "width", "height", "persons", "timings")
+    __slots__ = ("model", "width", "height", "persons", "timings", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     PERSONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     width: int
     height: int
     persons: _containers.RepeatedCompositeFieldContainer[Person]
     timings: Timings
-    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TrackingConfig(_message.Message):
     __slots__ = ("enabled", "min_similarity", "max_age")
@@ -184,7 +186,7 @@ class FrameError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StreamResult(_message.Message):
-    __slots__ = ("sequence_number", "timestamp", "width", "height", "persons", "timings", "dropped_sequence_numbers", "error", "model", "box_source")
+    __slots__ = ("sequence_number", "timestamp", "width", "height", "persons", "timings", "dropped_sequence_numbers", "error", "model", "box_source", "model_version")
     SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +197,7 @@ class StreamResult(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BOX_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     sequence_number: int
     timestamp: float
     width: int
@@ -205,14 +208,22 @@ class StreamResult(_message.Message):
     error: FrameError
     model: str
     box_source: BoxSource
-    def __init__(self, sequence_number: _Optional[int] = ..., timestamp: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., dropped_sequence_numbers: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., model: _Optional[str] = ..., box_source: _Optional[_Union[BoxSource, str]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, sequence_number: _Optional[int] = ..., timestamp: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., dropped_sequence_numbers: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., model: _Optional[str] = ..., box_source: _Optional[_Union[BoxSource, str]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "arch", "dataset", "num_joints", "joints", "input_width", "input_height", "demo_weights", "default")
+    __slots__ = ("name", "arch", "dataset", "num_joints", "joints", "input_width", "input_height", "demo_weights", "default", "version", "source", "available_versions", "pinned_version", "state", "error", "failed_versions")
+    class FailedVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +233,13 @@ class ModelInfo(_message.Message):
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     DEMO_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     arch: str
     dataset: str
@@ -231,7 +249,30 @@ class ModelInfo(_message.Message):
     input_height: int
     demo_weights: bool
     default: bool
-    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., dataset: _Optional[str] = ..., num_joints: _Optional[int] = ..., joints: _Optional[_Iterable[str]] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., demo_weights: _Optional[bool] = ..., default: _Optional[bool] = ...) -> None: ...
+    version: str
+    source: str
+    available_versions: _containers.RepeatedScalarFieldContainer[int]
+    pinned_version: int
+    state: str
+    error: str
+    failed_versions: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., dataset: _Optional[str] = ..., num_joints: _Optional[int] = ..., joints: _Optional[_Iterable[str]] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., demo_weights: _Optional[bool] = ..., default: _Optional[bool] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., available_versions: _Optional[_Iterable[int]] = ..., pinned_version: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., failed_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("model", "swapped", "previous_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    swapped: bool
+    previous_version: str
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., swapped: _Optional[bool] = ..., previous_version: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "failed")

@@ -49,6 +49,11 @@ class PoseServiceStub:
                 request_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/ditepose.v1.PoseService/ReloadModel',
+                request_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class PoseServiceServicer:
@@ -74,6 +79,15 @@ class PoseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadModel(self, request, context):
+        """Same as REST POST /v1/models/{name}/reload: NOT_FOUND for an unknown name; a version that
+        fails its checks is reported in the answer's model (error, failed_versions), not as a failure
+        of the call, and the served version keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +105,11 @@ def add_PoseServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsRequest.FromString,
                     response_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ReloadModelRequest.FromString,
+                    response_serializer=ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ReloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +193,33 @@ class PoseService:
             '/ditepose.v1.PoseService/ListModels',
             ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsRequest.SerializeToString,
             ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ditepose.v1.PoseService/ReloadModel',
+            ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ReloadModelRequest.SerializeToString,
+            ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

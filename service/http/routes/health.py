@@ -39,11 +39,25 @@ async def readyz(context: ContextDep) -> JSONResponse:
             },
             workers=pool.worker_status(),
             queue_depth=pool.queue_depths(),
+            model_versions=_model_versions(pool),
         )
     if context.service is not None:
         body.detectors = context.service.detector_status()
     body.jobs = await asyncio.to_thread(jobs_readiness, context)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+def _model_versions(pool) -> dict[str, dict]:
+    """Each model's served version and version state (a rejected new version is reported here)."""
+    watcher = getattr(pool, "watcher", None)
+    out = {}
+    for name in sorted({*pool.models, *(watcher.states if watcher is not None else ())}):
+        state = watcher.describe(name) if watcher is not None else {}
+        model = pool.models.get(name)
+        out[name] = {"served_version": model.version if model is not None else None,
+                     "state": state.get("state", "serving" if model is not None else "failed"),
+                     "error": state.get("error")}
+    return out
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -151,7 +151,8 @@ async def estimate_pose(
     result = await service.estimate(pose_request)
     if render == "png":
         png = service.render_png(result)
-        return Response(png, media_type="image/png", headers={"X-Persons": str(len(result.poses))})
+        return Response(png, media_type="image/png", headers={"X-Persons": str(len(result.poses)),
+                                                              "X-Model-Version": result.model_version})
     return pose_response(result)
 
 
@@ -159,6 +160,7 @@ def pose_response(result: PoseResult) -> PoseResponse:
     """The REST edge of a result: each :class:`PersonPose` in its JSON form (as ``ditepose predict`` writes it)."""
     return PoseResponse(
         model=result.model,
+        model_version=result.model_version,
         image=ImageSize(width=result.width, height=result.height),
         timings=Timings(**result.timings),
         persons=[Person.model_validate(pose.to_dict(result.spec)) for pose in result.poses],
