@@ -51,7 +51,8 @@ def boxes_from_proto(boxes: Iterable[pose_pb2.Box]) -> list[list[float]] | None:
 def request_from_proto(
     image: bytes, boxes: Iterable[pose_pb2.Box], options: pose_pb2.PoseOptions
 ) -> PoseRequest:
-    """A :class:`PoseRequest` with the REST API's defaults for unset options."""
+    """A :class:`PoseRequest`; unset options stay None, so the model's serving options (else the
+    REST API's defaults) apply, as for REST."""
     threshold: float | None = None
     if options.HasField("score_threshold"):
         threshold = float(options.score_threshold)
@@ -61,8 +62,8 @@ def request_from_proto(
         image_bytes=bytes(image),
         boxes=boxes_from_proto(boxes),
         model=options.model or None,
-        flip_test=options.flip_test if options.HasField("flip_test") else True,
-        decoder=options.decoder or "default",
+        flip_test=options.flip_test if options.HasField("flip_test") else None,  # None: the model's option
+        decoder=options.decoder or None,  # type: ignore[arg-type]  (checked when the pipeline is built)
         score_threshold=threshold,
         detector=options.detector or None,  # type: ignore[arg-type]  (checked by PoseService.detector)
     )

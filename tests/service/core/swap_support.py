@@ -33,19 +33,19 @@ HEADERS = {"X-API-Key": API_KEY}
 METADATA = (("x-api-key", API_KEY),)
 
 
-def tiny_module(seed: int) -> tuple[torch.nn.Module, models.CheckpointMeta]:
+def tiny_module(seed: int, size: tuple[int, int] = SIZE) -> tuple[torch.nn.Module, models.CheckpointMeta]:
     torch.manual_seed(seed)
     module = models.build_model("dite_hrnet_18", num_joints=17, **TINY).eval()
-    meta = models.CheckpointMeta(arch="dite_hrnet_18", dataset="coco", num_joints=17, input_size=SIZE,
+    meta = models.CheckpointMeta(arch="dite_hrnet_18", dataset="coco", num_joints=17, input_size=size,
                                  overrides={k: [list(x) if isinstance(x, tuple) else x for x in v]
                                             for k, v in TINY.items()})
     return module, meta
 
 
-def publish(model_dir: Path, seed: int, corrupt: str | None = None) -> int:
+def publish(model_dir: Path, seed: int, corrupt: str | None = None, size: tuple[int, int] = SIZE) -> int:
     """Publish a tiny checkpoint as the next version; ``corrupt``: 'nan' (NaN weights) or 'keys' (a
     renamed state-dict key), both complete, well-formed files that only the service's checks catch."""
-    module, meta = tiny_module(seed)
+    module, meta = tiny_module(seed, size)
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if corrupt == "nan":
         for key, value in state.items():

@@ -9,6 +9,7 @@ back. The reload endpoint (REST and gRPC) acts without waiting for the poller.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from ditepose.model.repository import ModelManifest, write_manifest
 from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
+from ditepose.service.http.deps import context_of
 from tests.service.conftest import assert_error
 from tests.service.core.swap_support import (
     HEADERS,
@@ -204,8 +206,6 @@ def _image_and_box() -> tuple[bytes, list[float]]:
 def test_a_running_service_picks_up_what_train_publish_produced(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    import json
-
     from ditepose.cli import main
     from tests.training.conftest import TINY, synth_set
 
@@ -232,3 +232,48 @@ def test_a_running_service_picks_up_what_train_publish_produced(
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "pose" and r.json()["model_version"] == "1"
         assert len(r.json()["persons"]) == 1
+
+
+def test_input_size_and_serving_options_change_between_versions_under_load(tmp_path: Path) -> None:
+    """Version 2 has another input size: requests that took version 1 finish with its crops, new
+    ones are cut for version 2, none fails. A manifest edit of serving options alone swaps too."""
+    repository = tmp_path / "repository"
+    model_dir = repository / "pose"
+    publish(model_dir, seed=1, size=(64, 64))
+    settings = repository_settings(repository, repository_poll_s=POLL_S)
+    with serving(settings) as (live, grpc_server), live.client(headers=HEADERS) as client:
+        rest = RestLoad(live.url, "pose").start()
+        stream = StreamLoad(f"127.0.0.1:{grpc_server.port}", "pose").start()
+        try:
+            wait_for(lambda: len(rest.all()) >= 6 and len(stream.results) >= 6, 120, "traffic on version 1")
+            publish(model_dir, seed=2, size=(64, 96))  # (W, H): taller crops
+            wait_for(lambda: all(mine and mine[-1].version == "2" for mine in rest.answers) and
+                     stream.results[-1].model_version == "2", POLL_S + LOAD_MARGIN_S, "version 2")
+            assert model_entry(client, "pose")["input_size"] == [64, 96]
+
+            write_manifest(model_dir, ModelManifest(max_batch_size=3, flip_test=False, decoder="dark"))
+            wait_for(lambda: model_entry(client, "pose")["options"].get("max_batch_size") == 3,
+                     POLL_S + LOAD_MARGIN_S, "the manifest's serving options")
+            entry = model_entry(client, "pose")
+            assert entry["version"] == "2"
+            assert entry["options"] == {"flip_test": False, "decoder": "dark", "max_batch_size": 3}
+            assert live.pool.batcher("pose").max_batch_size == 3
+            # a request that leaves flip_test and decoder out gets the manifest's (no flip, DARK)
+            image, box = _image_and_box()
+            plain = client.post("/v1/pose", files={"image": ("f.jpg", image, "image/jpeg")},
+                                data={"boxes": json.dumps([box]), "model": "pose"})
+            assert plain.status_code == 200 and plain.json()["model_version"] == "2"
+            service = context_of(live.app).service
+            assert ("pose", "2", (64, 96), False, "dark") in service._pipelines
+            before = len(rest.all())
+            wait_for(lambda: len(rest.all()) >= before + 6, 120, "traffic with the new options")
+        finally:
+            rest.stop()
+            stream.stop()
+        assert stream.error is None, stream.error
+        assert rest.failures() == [], rest.failures()[:3]
+        assert _stream_in_order(stream) == ["1", "2"]
+        for mine in rest.answers:
+            assert versions_in_order(mine) == ["1", "2"]
+        metrics = client.get("/metrics").text
+        assert _metric(metrics, "ditepose_model_swaps_total", model="pose") == 2.0
