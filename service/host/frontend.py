@@ -91,6 +91,11 @@ def run_frontend(
 ) -> None:
     """The front-end process's main: serve until SIGTERM (from the host) or the host's exit."""
     die_with_parent(host_pid)
+    import torch
+
+    # A front-end's tensor work is copies into and out of its slots: torch's intra-op pool would
+    # only add hand-offs and spinning threads on the cores the front-ends need.
+    torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s api-{index} %(name)s: %(message)s")
     import uvicorn
 

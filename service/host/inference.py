@@ -72,6 +72,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
 @dataclass(eq=False)
 class FrontEnd:
     """One front-end process as the host sees it (one incarnation: a restart is a new FrontEnd)."""
@@ -138,6 +142,9 @@ class InferenceHost:
     def start(self, ready_timeout_s: float = 600.0) -> InferenceHost:
         """Start the front-ends and wait until each serves (its REST and gRPC ports are bound)."""
         self._loop_thread.start()
+        # The loop thread only copies tensors in and out of slots: one thread, no OpenMP pool
+        # spinning beside the workers (torch's thread count is per calling thread).
+        asyncio.run_coroutine_threadsafe(_one_torch_thread(), self._loop).result(30)
         for index in range(self.processes):
             self.front_ends[index] = self._spawn(index)
         self._status_thread.start()

@@ -152,6 +152,17 @@ def batch_totals(client: httpx.Client, model: str = "tiny") -> tuple[float, floa
     return count, total
 
 
+def settled_totals(client: httpx.Client) -> tuple[float, float]:
+    """:func:`batch_totals` once every batch the host's workers ran has reached this front-end's
+    metrics (observations follow the worker counts by up to one status message)."""
+    def settled() -> tuple[float, float] | None:
+        totals = batch_totals(client)
+        ran = sum(w["batches"] for w in client.get("/readyz").json()["workers"])
+        return totals if totals[0] == ran else None
+
+    return wait_for(settled, "the host's batch observations to reach the metrics")
+
+
 def gauge(client: httpx.Client, name: str, **labels: str) -> float | None:
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for sample in family.samples:
@@ -202,11 +213,11 @@ def test_rest_and_grpc_answer_on_one_port_each(batching: Served) -> None:
 def _one_batch_from(batching: Served, send_a, send_b) -> None:  # type: ignore[no-untyped-def]
     """Two one-crop submissions sent at once end as one batch of 2 crops in the host."""
     with batching.client(0) as watcher:
-        before = batch_totals(watcher)
+        before = settled_totals(watcher)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             a, b = pool.submit(send_a), pool.submit(send_b)
             a.result(120), b.result(120)
-        after = wait_for(lambda: (t := batch_totals(watcher))[0] > before[0] and t, "the batch in the metrics")
+        after = wait_for(lambda: (t := settled_totals(watcher))[0] > before[0] and t, "the batch in the metrics")
     # One forward pass ran both crops: neither front-end alone sent more than one.
     assert (after[0] - before[0], after[1] - before[1]) == (1, 2)
 
