@@ -182,7 +182,7 @@ class ModelRepositoryWatcher:
                 self._collision(name)
                 continue
             self.sync(name, model_dir, forced=False)
-        for name, state in self.states.items():
+        for name, state in list(self.states.items()):  # a reload may add one meanwhile
             if state.source == "repository" and name not in found and state.served_version is not None:
                 state.error = (f"the folder of model {name!r} left the repository; version "
                                f"{state.served_version} keeps serving until a restart")
