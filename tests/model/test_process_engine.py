@@ -32,7 +32,10 @@ def engine(network):
 
 def test_same_heatmaps_as_the_in_process_engine(network, engine):
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    assert (engine(x) - InferenceEngine(network)(x)).abs().max().item() < 1e-5  # thread counts differ
+    expected = InferenceEngine(network)(x)
+    # fp32 sums in another order when the thread counts differ: relative to the heatmaps' scale
+    # (random weights give values in the thousands, so an absolute 1e-5 only held by luck)
+    assert (engine(x) - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
     info = engine.describe()
     assert info["process"] is True and info["pid"] != os.getpid() and info["torch_threads"] == 1
     assert info["channels_last"] is True and info["optimized_module"] is True
