@@ -28,14 +28,17 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ditepose.service.batching.batcher import DeadlineExceeded
 from ditepose.service.batching.infer import BatcherInfer
 from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.model_loader import LoadedModel
 from ditepose.service.jobs.lease import Lease, LeaseLost
 from ditepose.service.jobs.plan import JobPlan
 from ditepose.service.jobs.records import TERMINAL, JobRecord, JobStore, atomic_write_text
@@ -88,6 +91,57 @@ def cached_eval_set(plan: JobPlan, input_size: tuple[int, int]) -> EvalSet:
             _eval_sets.pop(next(iter(_eval_sets)))
         _eval_sets[key] = eval_set
     return eval_set
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+class _JobModels:
+    """A job's model stays in the worker's pool between its shards (a checkpoint load per shard would
+    be most of the cost of sharding); the first shard of another job evicts it once no shard uses it.
+    At most one idle job model per pool lingers after its job."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[int, str], list[Any]] = {}  # (pool, job) -> [model, shards using it]
+
+    @contextmanager
+    def use(self, pool: WorkerPool, plan: JobPlan, job_id: str) -> Iterator[LoadedModel]:
+        from ditepose.service.core.model_loader import load_model
+
+        if plan.served and plan.model.name in pool.models:  # the pool's own (embedded mode): nothing to load
+            yield pool.models[plan.model.name]
+            return
+        key = (id(pool), job_id)
+        with self._lock:  # loads one at a time: a pool's shards of one job share one load
+            self._evict(pool, keep=job_id)
+            entry = self._entries.get(key)
+            if entry is None:
+                loaded = load_model(plan.model.model_copy(update={"name": f"job-{job_id}/{plan.model.name}"}))
+                pool.add_model(loaded, served=False)
+                entry = self._entries[key] = [loaded, 0]
+            entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+
+    def _evict(self, pool: WorkerPool, keep: str) -> None:
+        for key, (loaded, users) in list(self._entries.items()):
+            if key[0] == id(pool) and key[1] != keep and users == 0:
+                pool.remove_model(loaded.name)
+                del self._entries[key]
+
+    def release(self, pool: WorkerPool, job_id: str) -> None:
+        """The job is over (merged, failed or cancelled): drop its model now if no shard uses it."""
+        with self._lock:
+            entry = self._entries.get((id(pool), job_id))
+            if entry is not None and entry[1] == 0:
+                pool.remove_model(entry[0].name)
+                del self._entries[(id(pool), job_id)]
+
+
+job_models = _JobModels()
 
 
 # ------------------------------------------------------------------------------------------ shard files
@@ -184,7 +238,7 @@ class ShardStopped(Exception):
 
 def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: WorkerPool, jobs_dir: Path,
                        lease_ttl_s: float, soft_time_limit_s: float) -> str:
-    from ditepose.service.jobs.evaluation import JobTimeLimit, model_in_pool
+    from ditepose.service.jobs.evaluation import JobTimeLimit
     from ditepose.training.evaluate import image_groups, pipeline_for, predict
 
     job_id, index = str(rec.parent), int(rec.plan["index"])
@@ -212,7 +266,7 @@ def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: Worker
                     raise ShardStopped("the job is no longer running")
                 plan = JobPlan.from_dict(job.plan)
                 t0 = time.perf_counter()
-                with model_in_pool(pool, plan, rec.id) as model:
+                with job_models.use(pool, plan, job_id) as model:
                     eval_set = cached_eval_set(plan, model.input_size)
                     dataset = eval_set.dataset
                     pipeline = pipeline_for(dataset, plan.options.flip_test, plan.options.decoder)
@@ -284,6 +338,9 @@ def run_shard(
         return "busy"
     if outcome in ("cancelled", "done"):
         finish_cancel(store, rec.parent)
+    job = store.get(rec.parent)
+    if job is None or job.state in TERMINAL:
+        job_models.release(pool, rec.parent)
     return outcome
 
 
