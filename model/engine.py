@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from typing import Any
 
@@ -21,9 +22,18 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# torch.compile specialises on the batch size: a compiled engine pads each batch up to one of
-# these sizes (and splits larger ones), so a server compiles a bounded set of graphs at warm-up.
+# torch.compile and CUDA graphs specialise on the batch size: such an engine pads each batch up
+# to one of these sizes (and splits larger ones), so a server builds a bounded set of graphs at
+# warm-up. A service passes the powers of two up to its max_batch_size (:func:`buckets_up_to`).
 COMPILE_BUCKETS = (1, 2, 4, 8, 16, 32)
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def buckets_up_to(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below ``max_batch``, and ``max_batch`` itself: ``buckets_up_to(48) == (1, 2, ..., 32, 48)``."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch}))
 
 
 def _parse_device(device: str | torch.device) -> torch.device:
@@ -59,8 +69,8 @@ class InferenceEngine:
         self.device = _parse_device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        if precision != "fp32" and self.device.type != "cuda":
-            raise ValueError(f"precision {precision!r} needs a CUDA device (autocast is CUDA-only here)")
+        if precision != "fp32" and self.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"precision {precision!r} needs autocast, which runs on CUDA or the CPU")
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
         if channels_last not in (True, False, "auto"):
@@ -85,7 +95,7 @@ class InferenceEngine:
         self.num_joints = int(getattr(module, "num_joints", 0))
         self.compiled = bool(compile)
         if batch_buckets is None:
-            batch_buckets = COMPILE_BUCKETS if compile or cuda_graphs else ()
+            batch_buckets = GRAPH_BUCKETS if cuda_graphs else COMPILE_BUCKETS if compile else ()
         self.buckets = tuple(sorted(set(batch_buckets)))
         if self.buckets and self.buckets[0] < 1:
             raise ValueError(f"batch_buckets must be positive batch sizes, got {batch_buckets!r}")
@@ -97,17 +107,28 @@ class InferenceEngine:
         self._forward = torch.compile(self.module, dynamic=False) if compile else self.module
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        # one memory pool for every captured graph; the lock keeps them from ever running at once
+        # (threads sharing this engine would otherwise race on a graph's static input and output)
+        self._graph_pool: Any = None
+        self._graph_lock = threading.Lock()
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and not self.fuse_bn:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.precision != "fp32":
-            with torch.autocast("cuda", dtype=PRECISIONS[self.precision]):
+            # inside a CUDA graph autocast's weight-cast cache would hold tensors of the capture,
+            # so graphed engines cast in the graph itself (PyTorch's advice for graphs + autocast)
+            with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
+                                cache_enabled=not self.cuda_graphs):
                 return self._forward(x)
         return self._forward(x)
 
     def _graphed(self, x: torch.Tensor) -> torch.Tensor:
         """Replay a CUDA graph captured for this input shape (captured on first sight)."""
+        with self._graph_lock:
+            return self._replay(x)
+
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)
         if key not in self._graphs:
             static_in = x.clone()
@@ -118,13 +139,15 @@ class InferenceEngine:
                     self._run(static_in)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
                 static_out = self._run(static_in)
             self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = self._graphs[key]
         static_in.copy_(x)
         graph.replay()
-        return static_out
+        return static_out.clone()  # the next replay overwrites static_out
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if not isinstance(batch, torch.Tensor):
