@@ -64,6 +64,14 @@ class InferenceFailed(BatcherError):
     """The worker's forward pass raised; only the requests of that batch get this."""
 
 
+class OutOfMemory(InferenceFailed):
+    """The device ran out of memory for this batch: its requests are shed (HTTP 503 with
+    Retry-After, gRPC RESOURCE_EXHAUSTED), the device's cached blocks are released, and the worker
+    serves the next batch. Transient by nature (the memory a larger batch, another model or another
+    process held), so clients may retry; a subclass, so code that handles InferenceFailed still does.
+    """
+
+
 class Arrival:
     """A submission on its way (its image is being decoded and cropped): see :meth:`DynamicBatcher.announce`."""
 

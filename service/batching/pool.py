@@ -33,7 +33,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ditepose.model.detectors import StagedDetector
-from ditepose.service.batching.batcher import Batch, DynamicBatcher, InferenceFailed, wait_for_batch
+from ditepose.service.batching.batcher import (
+    Batch,
+    DynamicBatcher,
+    InferenceFailed,
+    OutOfMemory,
+    wait_for_batch,
+)
 from ditepose.service.batching.infer import InferFn, make_infer
 from ditepose.service.core.model_loader import LoadedModel
 
@@ -77,6 +83,24 @@ class BatchObserver(Protocol):
         """``background``: how many of the ``size`` crops came from evaluation jobs."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device allocation failure: CUDA's OutOfMemoryError, or the same error as text (a CPU
+    allocator's, or one relayed from an engine process)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def release_cached_memory(device: str) -> None:
+    """Hand the caching allocator's free blocks back (after an OOM, so the next batch finds them)."""
+    if device.startswith("cuda"):
+        import torch
+
+        with contextlib.suppress(RuntimeError):  # a broken context must not take the worker down too
+            torch.cuda.empty_cache()
+
+
 @dataclass
 class WorkerStatus:
     """A snapshot of one worker for /readyz and /metrics."""
@@ -89,6 +113,7 @@ class WorkerStatus:
     crops: int
     errors: int
     last_error: str | None
+    out_of_memory: int = 0  # of the errors: batches shed because the device ran out of memory
 
 
 class Worker:
@@ -115,6 +140,7 @@ class Worker:
         self.batches = 0
         self.crops = 0
         self.errors = 0
+        self.out_of_memory = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ditepose-{name}", daemon=True)
@@ -134,7 +160,8 @@ class Worker:
 
     def status(self) -> WorkerStatus:
         return WorkerStatus(
-            self.name, self.device, self.state, self.alive, self.batches, self.crops, self.errors, self.last_error
+            self.name, self.device, self.state, self.alive, self.batches, self.crops, self.errors, self.last_error,
+            self.out_of_memory,
         )
 
     def _run(self) -> None:
@@ -177,8 +204,15 @@ class Worker:
             ok = False
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("worker %s: batch of %d crops for %s failed: %s", self.name, size, model, exc)
-            batch.fail(InferenceFailed(f"inference failed on {self.device}: {type(exc).__name__}: {exc}"))
+            if is_out_of_memory(exc):
+                self.out_of_memory += 1
+                release_cached_memory(self.device)
+                log.warning("worker %s: out of memory on %s for a batch of %d crops of %s (shed with 503; "
+                            "cached blocks released): %s", self.name, self.device, size, model, exc)
+                batch.fail(OutOfMemory(f"out of memory on {self.device} for a batch of {size} crops; retry"))
+            else:
+                log.warning("worker %s: batch of %d crops for %s failed: %s", self.name, size, model, exc)
+                batch.fail(InferenceFailed(f"inference failed on {self.device}: {type(exc).__name__}: {exc}"))
         else:
             batch.complete(heatmaps)
         infer_s = time.perf_counter() - started
@@ -214,6 +248,7 @@ class WorkerPool:
         observer: BatchObserver | None = None,
         torch_threads: int | None = None,
         worker_processes: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         if not devices:
             raise ValueError("a worker pool needs at least one device")
@@ -226,7 +261,9 @@ class WorkerPool:
         self.observers: list[BatchObserver] = [observer] if observer is not None else []
         self._infer_factory = infer_factory or (
             lambda m, device: make_infer(m.module, device, m.precision or precision, process=worker_processes,
-                                         threads=torch_threads)
+                                         threads=torch_threads, cuda_graphs=cuda_graphs,
+                                         max_batch_size=m.max_batch_size or max_batch_size,
+                                         input_hw=(m.input_size[1], m.input_size[0]))
         )
         self.extra_models: dict[str, LoadedModel] = {}  # in the pool but not served (evaluation jobs)
         self.detectors: dict[str, StagedDetector] = {}  # detector name -> detector (batcher "detect:<name>")
@@ -282,6 +319,7 @@ class WorkerPool:
             observer=observer,
             torch_threads=settings.resolved_torch_threads(),
             worker_processes=settings.worker_processes,
+            cuda_graphs=settings.cuda_graphs,
         )
         pool.failed_models = failed
         pool.default_model = settings.default_model or (specs[0].name if specs else loaded[0].name)

@@ -18,6 +18,7 @@ from ditepose.service.batching.batcher import (
     BatcherError,
     DeadlineExceeded,
     InferenceFailed,
+    OutOfMemory,
     Overloaded,
 )
 
@@ -35,6 +36,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "overloaded": (429, "Too many requests in flight, or the queue is full; retry after the Retry-After seconds."),
     "timeout": (504, "No answer within the request deadline."),
     "inference_failed": (500, "The forward pass failed for this batch."),
+    "out_of_memory": (503, "The device ran out of memory for this batch; retry after the Retry-After seconds "
+                      "(fewer persons per request need less)."),
     "unavailable": (503, "The service is starting or shutting down, or a part it needs (a model, Redis) is missing."),
     "unknown_dataset": (404, "No dataset of that name in the server's evaluation catalogue."),
     "unknown_job": (404, "No evaluation job with that id."),
@@ -75,6 +78,8 @@ def from_batcher_error(exc: BatcherError, retry_after_s: int = 1) -> ServiceErro
         return ServiceError("timeout", str(exc))
     if isinstance(exc, BatcherClosed):
         return ServiceError("unavailable", str(exc))
+    if isinstance(exc, OutOfMemory):  # before InferenceFailed: a subclass of it
+        return ServiceError("out_of_memory", str(exc), {"Retry-After": str(retry_after_s)})
     if isinstance(exc, InferenceFailed):
         return ServiceError("inference_failed", str(exc))
     return ServiceError("internal", str(exc))

@@ -115,6 +115,10 @@ class PoolCollector(Collector):
         errors = CounterMetricFamily(
             "ditepose_worker_errors", "Batches whose inference raised", labels=["worker", "device"]
         )
+        out_of_memory = CounterMetricFamily(
+            "ditepose_worker_out_of_memory", "Batches shed because the device ran out of memory (503)",
+            labels=["worker", "device"],
+        )
         from ditepose.service.batching.pool import WORKER_STATES
 
         for status in self.pool.worker_status():
@@ -122,8 +126,10 @@ class PoolCollector(Collector):
             for name in WORKER_STATES:
                 state.add_metric([status.name, status.device, name], 1.0 if name == current else 0.0)
             errors.add_metric([status.name, status.device], status.errors)
+            out_of_memory.add_metric([status.name, status.device], status.out_of_memory)
         yield state
         yield errors
+        yield out_of_memory
 
         info = GaugeMetricFamily(
             "ditepose_model_info",

@@ -31,6 +31,7 @@ GRPC_STATUS: dict[str, grpc.StatusCode] = {
     "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
     "inference_failed": grpc.StatusCode.INTERNAL,
+    "out_of_memory": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "not_found": grpc.StatusCode.NOT_FOUND,
     "method_not_allowed": grpc.StatusCode.UNIMPLEMENTED,

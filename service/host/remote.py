@@ -35,6 +35,7 @@ from ditepose.service.batching.batcher import (
     BatcherError,
     DeadlineExceeded,
     InferenceFailed,
+    OutOfMemory,
     Overloaded,
 )
 from ditepose.service.batching.pool import BatchObserver, WorkerStatus, detector_batcher_name
@@ -49,7 +50,8 @@ STATUS_PERIOD_S = 0.25
 REPLY_MARGIN_S = 2.0
 
 ERRORS: dict[str, type[BatcherError]] = {
-    cls.__name__: cls for cls in (Overloaded, DeadlineExceeded, BatcherClosed, InferenceFailed)
+    # subclasses before their bases: error_kind takes the first class an error is an instance of
+    cls.__name__: cls for cls in (Overloaded, DeadlineExceeded, BatcherClosed, OutOfMemory, InferenceFailed)
 }
 
 
