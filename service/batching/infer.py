@@ -27,13 +27,16 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def make_infer(
-    module: nn.Module, device: str, precision: str = "auto", process: bool = False, threads: int | None = None
+    module: nn.Module, device: str, precision: str = "auto", process: bool = False, threads: int | None = None,
+    cuda_graphs: bool = False, max_batch_size: int = 32, input_hw: tuple[int, int] = (256, 192),
 ) -> InferFn:
     """Build the infer callable of ``module`` on ``device`` (the module is copied off the CPU).
 
     ``process``: on CPU, the optimised engine runs in a child process (``ditepose.model.process_engine``)
-    with ``threads`` torch threads (default 1)."""
-    from ditepose.model.engine import InferenceEngine
+    with ``threads`` torch threads (default 1). ``cuda_graphs``: on a CUDA device, one graph per
+    batch bucket (powers of two up to ``max_batch_size``), all captured here at ``input_hw`` so
+    that no request pays for a capture; ignored on CPU devices."""
+    from ditepose.model.engine import InferenceEngine, buckets_up_to
 
     precision = resolve_precision(precision, device)
     if process and device.startswith("cpu"):
@@ -42,6 +45,10 @@ def make_infer(
         return ProcessEngine(module, threads=threads or 1)
     if not device.startswith("cpu"):
         module = copy.deepcopy(module)
+    if cuda_graphs and device.startswith("cuda"):
+        engine = InferenceEngine(module, device, precision, cuda_graphs=True, batch_buckets=buckets_up_to(max_batch_size))
+        engine.warmup(input_hw=input_hw)
+        return engine
     return InferenceEngine(module, device, precision)
 
 

@@ -123,6 +123,19 @@ class Settings(BaseSettings):
         default="auto", description="Inference precision; 'auto' = fp16 on CUDA, fp32 on CPU."
     )
     max_batch_size: int = Field(default=32, ge=1, description="Most crops one forward pass takes.")
+    cuda_graphs: bool = Field(
+        default=False,
+        description="On CUDA devices, capture one CUDA graph per batch bucket (powers of two up to max_batch_size; "
+        "a batch is padded up to its bucket) for each model at start: less kernel-launch overhead per batch, "
+        "more GPU memory and start-up time. Ignored on CPU devices.",
+    )
+    crop_backend: Literal["cv2", "torch"] = Field(
+        default="cv2",
+        description="Who cuts the person crops (and their mirrored copies): 'cv2' (warpAffine on the API's "
+        "threads) or 'torch' (grid_sample on the first CUDA device when there is one, else the CPU: one upload "
+        "per image, all its persons in one call). Equal within 1 grey level; on a CPU 'torch' measured slower "
+        "(bench/results/crops.json).",
+    )
     max_delay_ms: float = Field(
         default=5.0,
         ge=0,
@@ -209,7 +222,7 @@ class Settings(BaseSettings):
         "(SO_REUSEPORT), sending crops to it through shared memory. Embedded evaluation jobs (no redis_url) "
         "are refused in that mode.",
     )
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429 (queue full or too many requests in flight).")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After value sent with 429 (queue full or too many requests in flight) and 503 out_of_memory.")
 
     # ---------------------------------------------------------------- evaluation jobs
     datasets: dict[str, DatasetSpec] = Field(
