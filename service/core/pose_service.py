@@ -121,15 +121,12 @@ class PoseService:
         if lease is None:  # a pool without versions (the front-ends of --api-processes)
             yield model, self.pool.batcher(model.name)
             return
-        try:
-            held = lease(model.name)
-            entry = held.__enter__()
-        except KeyError:  # removed between the two looks
-            raise ServiceError("unknown_model", f"no model named {model.name!r}") from None
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                entry = stack.enter_context(lease(model.name))
+            except KeyError:  # removed between the two looks
+                raise ServiceError("unknown_model", f"no model named {model.name!r}") from None
             yield entry.model, entry.batcher
-        finally:
-            held.__exit__(None, None, None)
 
     def count_request(self, model: LoadedModel, outcome: str) -> None:
         """One answered request of ``model``'s version (``ditepose_model_requests_total``)."""
@@ -150,7 +147,8 @@ class PoseService:
                 if len(self._pipelines) > 256:  # versions come and go; pipelines are cheap to rebuild
                     self._pipelines.clear()
                 try:
-                    pipe = TopDownPipeline(model.input_size, model.spec, bool(flip_test), decoder)
+                    pipe = TopDownPipeline(model.input_size, model.spec, bool(flip_test), decoder,
+                                           crop_backend=self.settings.crop_backend)
                 except ValueError as exc:
                     raise ServiceError("invalid_request", str(exc)) from exc
                 self._pipelines[key] = pipe
