@@ -166,10 +166,19 @@ def _wait_for_redis(url: str, timeout_s: float) -> bool:
         client.close()
 
 
+def limit_threads(threads: int) -> None:
+    """This process's torch and OpenCV thread pools, both to ``threads``: a job worker's share of
+    the cores covers its image decoding and crops too (OpenCV's pool defaults to every core, so a
+    one-thread worker would otherwise spread its warps over all of them)."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+
+
 def _set_torch_threads_in_children(threads: int) -> None:
     def _init(**_: Any) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
+        limit_threads(threads)
 
     worker_process_init.connect(_init, weak=False)

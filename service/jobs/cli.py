@@ -40,13 +40,11 @@ def _worker(args: argparse.Namespace) -> int:
         _sample_gpu_memory(args.pool)
 
     from ditepose.service.core.settings import Settings
-    from ditepose.service.jobs.celery_app import make_celery
+    from ditepose.service.jobs.celery_app import limit_threads, make_celery
 
     settings = Settings()
     if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
+        limit_threads(settings.torch_threads)
     app = make_celery(settings)
     queues = args.queues or settings.job_queue
     argv = [
