@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import shared_file
 from ditepose.model import build_model, load_checkpoint
-from ditepose.model.engine import InferenceEngine
+from ditepose.model.engine import PRECISIONS, InferenceEngine
 from ditepose.model.process_engine import ProcessEngine
 
 REFERENCE_WEIGHTS = {"dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", 17), "dite_hrnet_30": ("dite_hrnet_30_mpii_random.pth", 16)}
@@ -110,9 +110,13 @@ EAGER = "eager (authors' graph)"
 
 
 def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bool, with_compile: bool,
-                tmp: Path, streams: int, only: list[str] | None = None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+                tmp: Path, streams: int, only: list[str] | None = None,
+                precisions: tuple[str, ...] = ()) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The timed paths by name; with ``only``, just those whose name contains one of its parts
-    (and the eager baseline): the others are not even built (engine processes take seconds)."""
+    (and the eager baseline): the others are not even built (engine processes take seconds).
+
+    ``precisions``: a "fast, <precision>" path each (autocast); on CUDA every precision, each also
+    with CUDA graphs ("fast, fp16, graphs"), unless ``precisions`` names fewer."""
     model = reference_model(arch)
 
     def eager(x: torch.Tensor, model: torch.nn.Module = model) -> torch.Tensor:
@@ -130,10 +134,13 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
         "fused, fast dyn": lambda: InferenceEngine(model_cpu, device, dynamic="fast", channels_last=False),
         "fused, fast dyn, CL": lambda: fast_cl,
     }
-    if device.startswith("cuda"):
-        factories["fast, fp16"] = lambda: InferenceEngine(model_cpu, device, precision="fp16")
-        factories["fast, fp16, graphs"] = lambda: InferenceEngine(model_cpu, device, precision="fp16", cuda_graphs=True)
-    elif streams > 1:
+    cuda = device.startswith("cuda")
+    for precision in precisions or (PRECISIONS if cuda else ()):
+        # CPU: autocast too (bf16 pays off on CPUs with AMX); CUDA graphs are CUDA-only
+        for graphs in (False, True) if cuda else (False,):
+            name = f"fast, {precision}" + (", graphs" if graphs else "")
+            factories[name] = lambda p=precision, g=graphs: InferenceEngine(model_cpu, device, precision=p, cuda_graphs=g)
+    if not cuda and streams > 1:
         factories[f"eager, {streams} streams x 1 thread"] = lambda: Streams(eager, streams, 1)
         factories[f"fast CL, {streams} streams x 1 thread"] = lambda: Streams(fast_cl, streams, 1)
         # the same with each stream's engine in a child process: no GIL shared (DITEPOSE_WORKER_PROCESSES)
@@ -156,10 +163,10 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
 
 def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, input_hw: tuple[int, int],
                with_onnx: bool, with_compile: bool, tmp: Path, streams: int, only: list[str] | None = None,
-               quick: bool = False, block_calls: int | None = None) -> list[dict]:
+               quick: bool = False, block_calls: int | None = None, precisions: tuple[str, ...] = ()) -> list[dict]:
     if quick:  # the default engine and the worker layouts only
         only = only or ["fast dyn, CL", "streams", "processes"]
-    paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams, only)
+    paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams, only, precisions)
     rows = []
     for bs in batch_sizes:
         x = bench_input(bs, input_hw)
@@ -229,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--streams", type=int, default=os.cpu_count() or 1,
                         help="also time N streams x 1 thread on CPU (1: don't)")
+    parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=None,
+                        help="a 'fast, <precision>' path each (autocast; default: all on CUDA, each with and "
+                             "without CUDA graphs; none on CPU)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -251,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_arch(arch, args.device, batch_sizes, rounds, input_hw,
                                with_onnx=not args.no_onnx and not args.quick, with_compile=args.compile,
                                tmp=Path(tmp), streams=args.streams, only=args.paths, quick=args.quick,
-                               block_calls=args.calls)
+                               block_calls=args.calls, precisions=tuple(args.precisions or ()))
             result = {  # written after every arch, so a long run that is stopped keeps its rows
-                "device": args.device if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+                "device": f"{args.device} ({torch.cuda.get_device_name(torch.device(args.device))})" if cuda
+                else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "input_hw": list(input_hw),
-                "precision": "fp32", "quick": args.quick,
+                "precision": "fp32 unless the path names another (autocast)", "quick": args.quick,
                 "timing": "median over rounds of a block of consecutive calls per path: wall clock (ms_per_batch) and "
                           "process CPU time (cpu_ms_per_batch), per batch (a streams path's call is N batches)",
                 "load_average_at_end": list(os.getloadavg()), "seconds": round(time.time() - started, 1),

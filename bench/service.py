@@ -151,16 +151,17 @@ class _Engine:
         return sum(counts), time.perf_counter() - marks[0], cpu_now() - marks[1]
 
 
-def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: bool) -> subprocess.Popen:
+def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: bool,
+                  serve_args: list[str] | None = None) -> subprocess.Popen:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env["DITEPOSE_MODELS"] = json.dumps([{"name": "bench", "checkpoint": str(checkpoint)}])
     env["DITEPOSE_MAX_BATCH_SIZE"] = str(max_batch)
     env["DITEPOSE_QUEUE_SIZE"] = "4096"
     if null_network:
         cmd = [sys.executable, "-m", "bench.null_serve", "--port", str(port)]
     else:
-        cmd = [sys.executable, "-m", "ditepose", "serve", "--port", str(port), "--no-grpc"]
+        cmd = [sys.executable, "-m", "ditepose", "serve", "--port", str(port), "--no-grpc", *(serve_args or [])]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -240,7 +241,7 @@ def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
     port = free_port()
     request = pose_request("127.0.0.1", port, jpeg, [box], args.flip)
     engine = None if args.null_network else _Engine(checkpoint, args.flip)
-    proc = _start_server(checkpoint, port, args.max_batch_size, args.null_network)
+    proc = _start_server(checkpoint, port, args.max_batch_size, args.null_network, args.serve_arg)
     levels = []
     try:
         proc_cpu = ProcCpu(proc.pid)
@@ -283,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights to serve, one run each (default: the demo model and an HRNet-18 at 256x192)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--flip", action="store_true", help="flip test on (2 crops per request)")
+    parser.add_argument("--serve-arg", action="append", default=[],
+                        help="one more argument of `ditepose serve` (repeat it: --serve-arg=--api-processes "
+                             "--serve-arg=4); settings come from DITEPOSE_* variables too")
     parser.add_argument("--null-network", action="store_true",
                         help="serve a zero-cost network: the service's own per-request cost")
     parser.add_argument("--out", type=Path, default=None,
@@ -308,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "max_batch_size": args.max_batch_size,
+        "serve_args": args.serve_arg,
+        "server_devices": os.environ.get("DITEPOSE_DEVICES", "auto"),
         "runs": runs,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,16 @@ what they need (random weights, random inputs) and say so.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_dir() -> Path | None:
-    for candidate in (REPO_ROOT.parent / "shared", Path("/work/shared")):
+    """``DITEPOSE_SHARED_DIR`` when set (the GPU machine's carried copy), else ``../shared``, else /work/shared."""
+    override = os.environ.get("DITEPOSE_SHARED_DIR")
+    for candidate in (*([Path(override)] if override else []), REPO_ROOT.parent / "shared", Path("/work/shared")):
         if candidate.is_dir():
             return candidate
     return None

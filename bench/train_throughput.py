@@ -1,12 +1,14 @@
 """Training throughput on this machine: images/s and data-loader wait per epoch.
 
-``python bench/train_throughput.py [--workers 6] [--loader-workers 6 2 0] [--steps 1] [--device cpu]`` ->
-``bench/results/train_throughput.json`` (and a table on stdout).
+``python bench/train_throughput.py [--workers 6] [--loader-workers 6 2 0] [--steps 1] [--device cpu]
+[--amp bf16] [--batch-size 32] [--input-size 256x192]`` -> ``bench/results/train_throughput.json``
+(and a table on stdout).
 
 The recipe is the authors' ``dite_hrnet_18_coco_256x192`` (full Dite-HRNet-18, 256x192, fp32, the
 full train augmentation) on synthetic COCO-sized data (``ditepose synth`` people rescaled to
 640x480 JPEGs, COCO's common size), with one GPU's share of the global batch: 32 samples per step
-(the authors' per-GPU batch). Each worker count runs 2 epochs of ``--steps`` steps through the
+(the authors' per-GPU batch) unless ``--batch-size`` says otherwise; ``--amp`` trains under
+autocast (the recipe's ``amp``), ``--input-size`` shrinks the network input (smoke runs). Each worker count runs 2 epochs of ``--steps`` steps through the
 real ``Trainer`` (the numbers are the ones it prints and logs); the table reports the second
 epoch (the first pays one-time costs). A loader-only pass (no model) shows how many images/s the
 input pipeline alone delivers at 6, 2 and 0 workers. Loader wait is the time the training loop
@@ -30,7 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ditepose.training.config import get_config  # noqa: E402
+from ditepose.cli import parse_size  # noqa: E402
+from ditepose.training.config import AMP_MODES, get_config  # noqa: E402
 from ditepose.training.data_layout import find_split  # noqa: E402
 from ditepose.training.synth import synthesize  # noqa: E402
 from ditepose.training.trainer import Trainer  # noqa: E402
@@ -94,7 +97,7 @@ def loader_only(trainer: Trainer) -> dict[str, float]:
             "first_batch_s": round(first or 0.0, 3)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=None,
                         help="worker counts to train with (default: the recipe's 6)")
@@ -104,21 +107,28 @@ def main() -> None:
                         help="steps of 32 per epoch (1: a step takes 10-60 s on 2 shared cores)")
     parser.add_argument("--loader-batches", type=int, default=8, help="batches of 32 in the loader-only pass")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=AMP_MODES, default="none", help="autocast dtype ('none': fp32)")
+    parser.add_argument("--batch-size", type=int, default=PER_GPU_BATCH, help="samples per step")
+    parser.add_argument("--input-size", type=parse_size, default=None,
+                        help="network input HxW, as the paper writes it (default: the recipe's 256x192)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
-    args = parser.parse_args()
-    recipe = get_config(RECIPE)
+    args = parser.parse_args(argv)
+    batch = args.batch_size
+    recipe = get_config(RECIPE).replace(amp=args.amp)
+    if args.input_size is not None:
+        recipe = recipe.replace(input_size=args.input_size)
     workers = args.workers or [recipe.workers]
     loader_workers = args.loader_workers or [recipe.workers, 2, 0]
     load_before = os.getloadavg()
-    people = args.steps * PER_GPU_BATCH
+    people = args.steps * batch
     started = time.perf_counter()
     results, loader_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        loader_people = args.loader_batches * PER_GPU_BATCH
+        loader_people = args.loader_batches * batch
         data = coco_sized(Path(tmp) / "data", num_images=max(people, loader_people) // 2 + 8)
 
         def recipe_for(w: int, max_people: int = people):
-            return recipe.replace(global_batch=PER_GPU_BATCH, epochs=2, max_people=max_people, workers=w,
+            return recipe.replace(global_batch=batch, epochs=2, max_people=max_people, workers=w,
                                   eval_every=0, checkpoint_every=0, log_every=10**6)
 
         for w in loader_workers:
@@ -136,12 +146,15 @@ def main() -> None:
             print(f"training, {w} workers: {row['images_per_s']} img/s, loader wait {row['loader_wait_s']} s "
                   f"({100 * row['loader_wait_frac']:.0f}%)", flush=True)
     report = {
-        "what": f"{RECIPE} (full Dite-HRNet-18, 256x192, fp32, the authors' train augmentation) trained by the "
-                f"project's Trainer on synthetic COCO-sized data (640x480 JPEGs); {PER_GPU_BATCH} samples per step "
-                f"(one of the authors' 8 GPUs' share of the global 256); {args.steps} step(s) per epoch, 2 epochs, "
+        "what": f"{RECIPE} (full Dite-HRNet-18, {recipe.input_size[1]}x{recipe.input_size[0]}, "
+                f"{'fp32' if args.amp == 'none' else args.amp + ' autocast'}, the authors' train augmentation) "
+                f"trained by the project's Trainer on synthetic COCO-sized data (640x480 JPEGs); {batch} samples "
+                f"per step (32: one of the authors' 8 GPUs' share of the global 256); {args.steps} step(s) per "
+                "epoch, 2 epochs, "
                 "the second reported (the first pays one-time costs; each epoch starts its workers afresh); "
                 f"loader_alone: the trainer's loader over {args.loader_batches} batches with nothing consuming it",
-        "machine": machine(), "device": args.device, "torch_threads": torch.get_num_threads(),
+        "machine": machine(), "device": args.device, "amp": args.amp, "batch_size": batch,
+        "input_wh": list(recipe.input_size), "torch_threads": torch.get_num_threads(),
         "recipe_workers": recipe.workers, "training": results, "loader_alone": loader_rows,
         "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "seconds": round(time.perf_counter() - started, 1),
@@ -149,7 +162,7 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{report['machine']}; device {args.device}; {PER_GPU_BATCH} samples/step")
+    print(f"\n{report['machine']}; device {args.device}; amp {args.amp}; {batch} samples/step")
     print("| workers | training img/s | s/step | loader wait per epoch (share) | loader alone img/s |")
     print("|---|---|---|---|---|")
     alone = {r["workers"]: r["images_per_s"] for r in loader_rows}

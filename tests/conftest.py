@@ -17,8 +17,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def find_shared_dir() -> Path:
-    """``../shared`` beside the repo (CI and the main checkout); worktrees fall back to /work/shared."""
-    for candidate in (REPO_ROOT.parent / "shared", Path("/work/shared")):
+    """``../shared`` beside the repo (CI and the main checkout); worktrees fall back to /work/shared.
+
+    ``DITEPOSE_SHARED_DIR`` comes first: the GPU machine gets only the repo, so bench/gpu_check.py
+    points it at the carried copy (``.gpu/shared``)."""
+    override = os.environ.get("DITEPOSE_SHARED_DIR")
+    for candidate in (*([Path(override)] if override else []), REPO_ROOT.parent / "shared", Path("/work/shared")):
         if (candidate / "fixtures" / "reference").is_dir():
             return candidate
     pytest.skip("../shared/fixtures/reference is not present")
