@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ditepose-installed
 
-.PHONY: run test test-reduced system-deps docker-base lint bench clean-venv weights
+.PHONY: run test test-reduced system-deps docker-base lint bench clean-venv weights gpu-check gpu-check-dry gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,20 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/engine.py --quick
+
+# The GPU machine's one prepared check (bench/gpu_check.py), run THERE in one device call:
+#   run(command="make gpu-check", carry=[".gpu"], timeout_s=540)
+# It uses that machine's python3 and torch (no venv): .gpu/ carries the rest (make gpu-wheels, here).
+gpu-check:
+	python3 bench/gpu_check.py --out "$${OUT:-bench/results}"
+
+# The same stages here on the CPU at toy sizes (under 3 minutes; tests/bench/test_gpu_check.py runs it).
+gpu-check-dry: $(STAMP)
+	$(PY) bench/gpu_check.py --dry --out "$${OUT:-test-artifacts/gpu-check-dry}"
+
+# What the GPU machine lacks, fetched here once: cp312 wheels + the ../shared fixtures, into .gpu/ (git-ignored).
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_check.py --prepare
 
 clean-venv:
 	rm -rf $(VENV)
