@@ -1,4 +1,4 @@
-"""Helpers of the model tests: the batch-independence check shared by the reference and optimised networks."""
+"""Helpers of the model tests: the authors' reference models and the batch-independence check."""
 
 from __future__ import annotations
 
@@ -6,8 +6,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 GOLDEN_18 = "dite_hrnet_18_coco_golden_io.pt"
+# architecture -> (reference checkpoint, golden input/output file, joints) in ../shared/fixtures/reference
+REFERENCE_CASES = {
+    "dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", GOLDEN_18, 17),
+    "dite_hrnet_30": ("dite_hrnet_30_mpii_random.pth", "dite_hrnet_30_mpii_golden_io.pt", 16),
+}
+
+
+def load_reference(reference_dir: Path, arch: str) -> tuple[nn.Module, dict]:
+    """``arch`` with its reference checkpoint (eval mode) and its golden inputs and float64 outputs."""
+    from ditepose.model import build_model, load_checkpoint
+
+    ckpt, io_file, joints = REFERENCE_CASES[arch]
+    model = build_model(arch, num_joints=joints)
+    load_checkpoint(model, reference_dir / ckpt)
+    return model.eval(), torch.load(reference_dir / io_file, weights_only=True)
 
 
 def mirrored_golden_batch(reference_dir: Path) -> torch.Tensor:

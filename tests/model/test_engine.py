@@ -12,22 +12,15 @@ from ditepose.model import build_model, load_checkpoint
 from ditepose.model.engine import InferenceEngine
 from ditepose.model.fast_blocks import FastPoseNet
 from ditepose.model.optimize import optimize_for_inference
-from tests.model.support import batch_leak, mirrored_golden_batch
+from tests.model.support import REFERENCE_CASES as CASES
+from tests.model.support import batch_leak, load_reference, mirrored_golden_batch
 
-CASES = {
-    "dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", "dite_hrnet_18_coco_golden_io.pt", 17),
-    "dite_hrnet_30": ("dite_hrnet_30_mpii_random.pth", "dite_hrnet_30_mpii_golden_io.pt", 16),
-}
 FP32_TOL = 2e-3
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def reference(request, reference_dir):
-    ckpt, io_file, joints = CASES[request.param]
-    model = build_model(request.param, num_joints=joints)
-    load_checkpoint(model, reference_dir / ckpt)
-    golden = torch.load(reference_dir / io_file, weights_only=True)
-    return model.eval(), golden
+    return load_reference(reference_dir, request.param)
 
 
 # every path on -18; the default path and the export path on -30 (keeps the suite short)
