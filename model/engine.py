@@ -76,6 +76,12 @@ class InferenceEngine:
         if channels_last not in (True, False, "auto"):
             raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
         self.precision = precision
+        if precision == "fp32" and self.device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+            # PyTorch lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) by default: fp32
+            # here means fp32 (the float64 reference within 2e-3); fp16/bf16 are the fast options.
+            # The switch is process-wide; it changes only fp32 convolutions.
+            log.info("cuDNN TF32 off for fp32 convolutions (InferenceEngine precision fp32 on %s)", self.device)
+            torch.backends.cudnn.allow_tf32 = False
         if fuse_bn and not isinstance(module, TopDownPoseNet):
             log.warning("%s is not a TopDownPoseNet: running it unoptimised", type(module).__name__)
             fuse_bn = False

@@ -339,7 +339,9 @@ class WorkerPool:
 
             detect = {detector_batcher_name(name): det.device_forward(device) for name, det in self.detectors.items()}
             shared = None if self._per_worker_engines(device) else build()
-            for index in range(self.workers_per_device):
+            # a device listed twice (two workers on one GPU) numbers on: names stay unique in metrics
+            first = sum(1 for w in self.workers if w.device == device)
+            for index in range(first, first + self.workers_per_device):
                 infers = shared if shared is not None else build()
                 self.workers.append(self._new_worker(f"{device}/{index}", device, {**infers, **detect}))
         for worker in self.workers:

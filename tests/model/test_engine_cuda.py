@@ -208,5 +208,6 @@ def test_pool_runs_batches_on_every_device_entry(net18, reference_dir):
             if all(s.batches for s in stats) or time.monotonic() > deadline:
                 break
     assert len(stats) == len(devices)
+    assert len({s.name for s in stats}) == len(stats), [s.name for s in stats]  # one metrics series each
     assert all(s.batches > 0 for s in stats), [(s.name, s.device, s.batches) for s in stats]
     assert not any(s.errors for s in stats), [s.last_error for s in stats]
