@@ -178,9 +178,11 @@ def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: boo
 
 
 def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, requests: int,
-           engine: _Engine | None, batch: int, rounds: int, engine_s: float) -> dict:
+           engine: _Engine | None, batch: int, rounds: int, engine_s: float, settle_s: float = 0.0) -> dict:
     """One concurrency level in ``rounds`` load chunks, each preceded (and the last one followed)
-    by an engine chunk: on a shared machine, interleaving makes both sides see the same load."""
+    by an engine chunk: on a shared machine, interleaving makes both sides see the same load.
+    ``settle_s``: wait before reading /metrics after a chunk (behind --api-processes a front-end
+    learns the host's batch observations every 0.25 s)."""
     asyncio.run(run_level("127.0.0.1", port, request, concurrency, 2 * concurrency))  # warm-up, not counted
     engine_runs: list[tuple[float, float, float]] = []  # (crops, seconds, cpu seconds), service layout
     single_runs: list[tuple[float, float, float]] = []  # one stream, torch's default threads
@@ -192,6 +194,7 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
         chunk = requests // rounds + (1 if index < requests % rounds else 0)
         before, cpu_before = _metric_sums(_get(f"http://127.0.0.1:{port}/metrics")), proc_cpu.read()
         run.merge(asyncio.run(run_level("127.0.0.1", port, request, concurrency, chunk)))
+        time.sleep(settle_s)
         cpu_after, after = proc_cpu.read(), _metric_sums(_get(f"http://127.0.0.1:{port}/metrics"))
         for key in delta:
             delta[key] += after[key] - before[key]
@@ -249,7 +252,9 @@ def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
         for c in args.concurrency:
             n = args.requests or (max(16, 4 * c) if args.quick else max(160, 16 * c))
             rounds, engine_s = (2, 0.5) if args.quick else (4, 1.5)
-            level = _level(port, proc_cpu, request, c, n, engine, min(c, args.max_batch_size), rounds, engine_s)
+            settle_s = 0.6 if "--api-processes" in args.serve_arg else 0.0
+            level = _level(port, proc_cpu, request, c, n, engine, min(c, args.max_batch_size), rounds, engine_s,
+                           settle_s)
             levels.append(level)
             print(f"  concurrency {c}: {level['req_per_s']} req/s; engine {level.get('engine_req_per_s')}/s", flush=True)
     finally:
