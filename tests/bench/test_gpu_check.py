@@ -25,7 +25,7 @@ STAGES = ["install", "cuda_tests", "engine", "service", "stream", "train"]
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("gpu-check-dry")
     done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry", "--out", str(out)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=420)
+                          capture_output=True, text=True, timeout=480)
     return out, done
 
 
@@ -79,6 +79,9 @@ def test_the_gpu_plan_measures_what_the_check_must(tmp_path: Path) -> None:
     assert plan["service"].env["DITEPOSE_DEVICES"] == "cuda:0"
     assert "--amp bf16" in " ".join(plan["train"].argv) and "--device cuda" in " ".join(plan["train"].argv)
     assert plan["cuda_tests"].argv[3:6] == ["-q", "-m", "cuda"] and "-k" not in plan["cuda_tests"].argv
+    files = [a for a in plan["cuda_tests"].argv if a.startswith("tests/")]
+    assert {"tests/model/test_engine_cuda.py", "tests/service/batching/test_out_of_memory.py"} <= set(files)
+    assert not any("jobs" in f or "deploy/test_compose" in f for f in files)  # Celery, Docker: not there
     assert sum(s.timeout_s for s in plan.values()) <= 8 * 60  # the 8 minutes for the whole check
 
 

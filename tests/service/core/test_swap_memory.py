@@ -59,6 +59,7 @@ def _device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.cuda  # runs on the CPU too; on a GPU host it checks the GPU's memory as well
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RSS is read from /proc (Linux)")
 def test_ten_swaps_free_every_old_version_and_rss_and_gpu_memory_stay_flat(tmp_path: Path) -> None:
     files = [_checkpoint(tmp_path / f"v{i}.pth", seed=i) for i in (1, 2)]
