@@ -132,7 +132,7 @@ def _export_check(args: argparse.Namespace) -> int:
         raise ValueError(f"--onnx runs on onnxruntime's CPU provider; --device {device} does not apply")
     module, meta, _ = _load_source(args.checkpoint, 17, True)
     name, eval_set = _gate_set(args, meta)
-    # the variant is built first: what the device cannot run (fp16 on a CPU) fails before any scoring
+    # the variant is built first: what the device cannot run (CUDA graphs on a CPU) fails before any scoring
     if args.onnx:
         candidate, info = onnx_infer(args.onnx)
     else:

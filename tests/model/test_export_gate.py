@@ -143,11 +143,20 @@ def test_the_serving_engine_is_gated_through_the_same_path(demo_checkpoint: Path
     assert report["variant"]["fuse_bn"] is True and report["pytorch"]["AP"] > 0.1
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_precision_is_refused_clearly_on_a_cpu(demo_checkpoint: Path, gate_args: list[str], precision: str,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["export", "check", str(demo_checkpoint), "--device", "cpu", "--precision", precision, *gate_args])
-    assert rc == 2 and f"precision {precision!r} needs a CUDA device" in capsys.readouterr().err
+def test_cuda_graphs_are_refused_clearly_on_a_cpu(demo_checkpoint: Path, gate_args: list[str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["export", "check", str(demo_checkpoint), "--device", "cpu", "--cuda-graphs", *gate_args])
+    assert rc == 2 and "cuda_graphs needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two evaluations
+def test_a_reduced_precision_engine_is_gated_through_the_same_path(demo_checkpoint: Path, gate_args: list[str],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """bf16 (autocast; on the CPU here, the same code as on CUDA) is scored and judged like any variant."""
+    rc = main(["export", "check", str(demo_checkpoint), "--device", "cpu", "--precision", "bf16", *gate_args])
+    report = _gate_json(capsys.readouterr().out)
+    assert report["variant"]["precision"] == "bf16" and report["pytorch"]["AP"] > 0.1
+    assert rc == (0 if report["passed"] else 1)
 
 
 def test_gate_input_errors_are_named_before_anything_is_written(
