@@ -25,15 +25,15 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 # torch.compile and CUDA graphs specialise on the batch size: such an engine pads each batch up
 # to one of these sizes (and splits larger ones), so a server builds a bounded set of graphs at
 # warm-up. A service passes the powers of two up to its max_batch_size (:func:`buckets_up_to`).
-COMPILE_BUCKETS = (1, 2, 4, 8, 16, 32)
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
 def buckets_up_to(max_batch: int) -> tuple[int, ...]:
     """Powers of two below ``max_batch``, and ``max_batch`` itself: ``buckets_up_to(48) == (1, 2, ..., 32, 48)``."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch}))
+
+
+COMPILE_BUCKETS = buckets_up_to(32)  # (1, 2, 4, 8, 16, 32)
+GRAPH_BUCKETS = buckets_up_to(256)  # (1, 2, ..., 128, 256)
 
 
 def _parse_device(device: str | torch.device) -> torch.device:
