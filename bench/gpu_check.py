@@ -88,9 +88,10 @@ class Outcome:
     tail: str
 
 
-def _shared_dir() -> Path | None:
-    """The ../shared files: carried (.gpu/shared) on the GPU machine, ../shared here."""
-    for candidate in (SHARED, REPO_ROOT.parent / "shared", Path("/work/shared")):
+def _shared_dir(carried: bool = True) -> Path | None:
+    """The ../shared files: carried (.gpu/shared) on the GPU machine, ../shared here (``carried``
+    False: only the originals, the source of the carried copy)."""
+    for candidate in ((SHARED,) if carried else ()) + (REPO_ROOT.parent / "shared", Path("/work/shared")):
         if (candidate / "fixtures" / "reference").is_dir():
             return candidate
     return None
@@ -287,7 +288,7 @@ def prepare() -> int:
                 "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
                 "manylinux1_x86_64")), "-d", str(WHEELS), *pins]
     subprocess.run(argv, check=True)
-    source = _shared_dir() if _shared_dir() != SHARED else None
+    source = _shared_dir(carried=False)
     if source is None:
         raise SystemExit("../shared/fixtures/reference is not here: the CUDA tests need it on the GPU machine")
     for rel in SHARED_FILES:
