@@ -44,8 +44,11 @@ test-reduced: $(STAMP) weights
 docker-base:
 	docker/build-base.sh
 
+# ruff, then the layer contracts (import-linter) and the type check (mypy), both configured in
+# pyproject.toml and run over the package as imported (scripts/static_checks.py says why).
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) scripts/static_checks.py
 
 bench: $(STAMP)
 	$(PY) bench/engine.py --quick
