@@ -8,37 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from ditepose.model.arguments import parse_size, whole_number
 
-def parse_size(text: str) -> tuple[int, int]:
-    """The sub-commands' ``--input`` type: ``'256x192'`` (HxW, as the paper writes sizes) -> ``(W, H)``.
-
-    The order flips on purpose: the text follows the paper, the tuple follows OpenCV/PIL
-    (width first). Anything but two integers joined by ``x`` (case-insensitive) is an
-    ``argparse.ArgumentTypeError``, so argparse reports it as a usage error.
-    """
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 256x192 (HxW), got {text!r}") from None
-    return width, height
-
-
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum``, else a usage error naming the bound."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-
-    parse.__name__ = f"whole number >= {minimum}"  # what argparse names in 'invalid ... value'
-    return parse
+__all__ = ["build_parser", "main", "parse_size", "whole_number"]
 
 
 def build_parser() -> argparse.ArgumentParser:

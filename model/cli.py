@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ditepose.cli import parse_size, whole_number
+from ditepose.model.arguments import parse_size, whole_number
 from ditepose.model.detectors import DETECTORS
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ditepose.cli import parse_size
+from ditepose.model.arguments import parse_size
 from ditepose.model.codec import DECODER_NAMES
 from ditepose.model.keypoints import COCO, MPII
 from ditepose.model.registry import list_models

@@ -59,7 +59,7 @@ def _run(argv: list[str], tree: Path) -> int:
 def check_imports(tree: Path, config: Path) -> int:
     """import-linter's contracts (the layers of docs/architecture.md)."""
     lint_imports = Path(sys.executable).with_name("lint-imports")
-    return _run([str(lint_imports), "--no-cache", "--config", str(config)], tree)
+    return _run([str(lint_imports), "--no-cache", str(config)], tree)
 
 
 def check_types(tree: Path, config: Path) -> int:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ditepose.cli import parse_size, whole_number
+from ditepose.model.arguments import parse_size, whole_number
 
 BOX_CHOICES = ("gt", "detections", "detector")  # ditepose.training.boxes.BOX_SOURCES (not imported: --help stays fast)
 
