@@ -216,7 +216,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "arch", "dataset", "num_joints", "joints", "input_width", "input_height", "demo_weights", "default", "version", "source", "available_versions", "pinned_version", "state", "error", "failed_versions")
+    __slots__ = ("name", "arch", "dataset", "num_joints", "joints", "input_width", "input_height", "demo_weights", "default", "version", "source", "available_versions", "pinned_version", "state", "error", "failed_versions", "quality")
     class FailedVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class ModelInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FAILED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     arch: str
     dataset: str
@@ -256,7 +257,35 @@ class ModelInfo(_message.Message):
     state: str
     error: str
     failed_versions: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., dataset: _Optional[str] = ..., num_joints: _Optional[int] = ..., joints: _Optional[_Iterable[str]] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., demo_weights: _Optional[bool] = ..., default: _Optional[bool] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., available_versions: _Optional[_Iterable[int]] = ..., pinned_version: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., failed_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    quality: ModelQuality
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., dataset: _Optional[str] = ..., num_joints: _Optional[int] = ..., joints: _Optional[_Iterable[str]] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., demo_weights: _Optional[bool] = ..., default: _Optional[bool] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., available_versions: _Optional[_Iterable[int]] = ..., pinned_version: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., failed_versions: _Optional[_Mapping[str, str]] = ..., quality: _Optional[_Union[ModelQuality, _Mapping]] = ...) -> None: ...
+
+class ModelQuality(_message.Message):
+    __slots__ = ("evaluated", "note", "dataset", "boxes", "metric", "value", "metrics", "demo_checkpoint")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    EVALUATED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    DEMO_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    evaluated: bool
+    note: str
+    dataset: str
+    boxes: str
+    metric: str
+    value: float
+    metrics: _containers.ScalarMap[str, float]
+    demo_checkpoint: bool
+    def __init__(self, evaluated: _Optional[bool] = ..., note: _Optional[str] = ..., dataset: _Optional[str] = ..., boxes: _Optional[str] = ..., metric: _Optional[str] = ..., value: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., demo_checkpoint: _Optional[bool] = ...) -> None: ...
 
 class ReloadModelRequest(_message.Message):
     __slots__ = ("name",)

@@ -5,7 +5,7 @@ import warnings
 
 from ditepose.proto.ditepose.v1 import pose_pb2 as ditepose_dot_proto_dot_ditepose_dot_v1_dot_pose__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

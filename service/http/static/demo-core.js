@@ -123,9 +123,15 @@
 
   function modelChanged() {
     const m = currentModel();
+    const quality = m && m.quality;
     if (m && m.demo_weights) {
       showBanner(`Model ${m.name} runs with RANDOM weights (no checkpoint was found): the poses are meaningless. `
         + "Serve a trained checkpoint with `ditepose serve --model NAME=CHECKPOINT`.", "warn");
+    } else if (quality) {
+      // The checkpoint's recorded evaluation (or "not evaluated"), as /v1/models says it: a demo
+      // checkpoint or an unevaluated one is a warning, a recorded evaluation is information.
+      const warn = quality.demo_checkpoint || !quality.evaluated;
+      showBanner(`Model ${m.name}: ${quality.note}`, warn ? "warn" : "info");
     } else {
       showBanner("");
     }

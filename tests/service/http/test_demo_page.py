@@ -179,8 +179,13 @@ def test_page_shows_what_the_api_returns(live_url: str, browser, coco_mini: Path
     models = httpx.get(f"{live_url}/v1/models", headers={"X-API-Key": API_KEY}, timeout=10).json()["models"]
     model_select = Select(driver.find_element("id", "model"))
     assert [o.get_attribute("value") for o in model_select.options] == [m["name"] for m in models]
+    banner_text = driver.find_element("id", "banner").text
     if models[0]["demo_weights"]:
-        assert "RANDOM weights" in driver.find_element("id", "banner").text
+        assert "RANDOM weights" in banner_text
+    else:  # the served checkpoint's recorded quality, as /v1/models states it (the demo checkpoint: a warning)
+        assert models[0]["quality"]["note"] in banner_text
+        if models[0]["quality"]["demo_checkpoint"]:
+            assert "NOT usable" in banner_text
 
     # Show every joint (random demo weights score low) so the screenshot has skeletons.
     thr = driver.find_element("id", "joint-thr")
