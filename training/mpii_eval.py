@@ -65,7 +65,7 @@ def load_mpii_gt(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     missing = [k for k in _GT_KEYS if k not in raw]
     if missing:
         raise ValueError(f"MPII ground truth lacks {missing}")
-    gt = {
+    gt: dict[str, Any] = {
         "dataset_joints": _names(raw["dataset_joints"]),
         "jnt_missing": np.asarray(raw["jnt_missing"], dtype=np.float64),
         "pos_gt_src": np.asarray(raw["pos_gt_src"], dtype=np.float64),
@@ -122,9 +122,9 @@ def evaluate_mpii(preds: np.ndarray, gt: str | Path | Mapping[str, Any]) -> dict
         for r, thr in enumerate(rng):
             pck_all[r] = 100.0 * np.sum((scaled_uv_err <= thr) * jnt_visible, axis=1) / jnt_count
     pckh = np.ma.array(pckh, mask=False)
-    pckh.mask[6:8] = True  # pelvis and thorax are not scored
+    pckh[6:8] = np.ma.masked  # pelvis and thorax are not scored (sets the mask only)
     jnt_count = np.ma.array(jnt_count, mask=False)
-    jnt_count.mask[6:8] = True
+    jnt_count[6:8] = np.ma.masked
     jnt_ratio = jnt_count / np.sum(jnt_count).astype(np.float64)
 
     def pair(a: str, b: str) -> float:

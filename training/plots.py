@@ -98,7 +98,7 @@ def read_metrics_log(path: str | Path) -> list[Row]:
         records = []
         for line in stripped.splitlines():
             try:
-                records.append(json.loads(line))  # type: ignore[union-attr]
+                records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
     for record in records:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -77,7 +78,8 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(20, 236, size=3))  # type: ignore[return-value]
 
 
-def _capsule(img: np.ndarray, a: np.ndarray, b: np.ndarray, thickness: int, colour: tuple) -> None:
+def _capsule(img: np.ndarray, a: np.ndarray, b: np.ndarray, thickness: int, colour: tuple | int) -> None:
+    """A thick round-ended segment; ``colour`` is a BGR tuple on the picture, a plain int on a mask."""
     cv2.line(img, tuple(np.round(a).astype(int)), tuple(np.round(b).astype(int)), colour, thickness, cv2.LINE_AA)
 
 
@@ -181,7 +183,8 @@ def write_coco(out: Path, num_images: int, seed: int, split: str = "train") -> P
 
     (out / split).mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i in range(num_images):
         rng = _image_rng(seed, i)
         w, h = _image_size(rng)
