@@ -31,22 +31,15 @@ from ditepose.model.detectors import StagedDetector
 from ditepose.service.batching.batcher import DynamicBatcher
 from ditepose.service.batching.infer import InferFn, make_infer
 from ditepose.service.batching.loaded_model import LoadedModel
-from ditepose.service.batching.versions import EngineCheck, ModelVersions, ServedModel, SwapRefused
+from ditepose.service.batching.versions import EngineCheck, ModelVersions, ServedModel
 from ditepose.service.batching.worker import (
-    WORKER_STATES,
     BatchObserver,
     Worker,
     WorkerStatus,
     attach_batcher,
     close_engines,
     detach_batchers,
-    release_memory,
 )
-
-__all__ = [
-    "WORKER_STATES", "BatchObserver", "EngineCheck", "InferFactory", "ServedModel", "SwapRefused", "WorkerPool",
-    "WorkerStatus", "detector_batcher_name", "release_memory",
-]
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ditepose.model.repository import ManifestError, ResolvedVersion, list_versions, resolve, scan
-from ditepose.service.batching.pool import SwapRefused, WorkerPool
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.batching.versions import SwapRefused
 from ditepose.service.core.model_loader import (
     LoadedModel,
     check_engine,

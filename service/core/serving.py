@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ditepose.service.batching.interface import InferencePool
-from ditepose.service.batching.pool import BatchObserver, WorkerPool
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.batching.worker import BatchObserver
 from ditepose.service.core.admission import Admission
 from ditepose.service.core.metrics import ServiceMetrics
 from ditepose.service.core.model_loader import load_models_isolated
