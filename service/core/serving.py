@@ -103,9 +103,3 @@ class Serving:
         self.metrics.watch_pool(pool, watcher)
         self.service = PoseService(pool, self.settings, self.admission, watcher)
         return self.service
-
-    def started_service(self) -> PoseService:
-        """The pose service; a composition root calls this after :meth:`attach`."""
-        if self.service is None:
-            raise RuntimeError("no pool is attached yet: call Serving.attach first")
-        return self.service
