@@ -41,9 +41,10 @@ Errors always look like `{"error": {"code": "...", "message": "..."}}`. Codes:
 def create_app(
     settings: Settings | None = None, serving: Serving | None = None, *, jobs_unavailable: str | None = None,
 ) -> FastAPI:
-    """Build the REST app over ``serving`` (the composition root's shared objects, a pool attached),
-    or, without it, over a pool of its own: loaded from ``settings`` at startup, stopped at shutdown.
-    ``jobs_unavailable``: why the job routes answer ``unavailable`` here (see :class:`AppContext`)."""
+    """Build the REST app over ``serving`` (the composition root's shared objects, a pool attached;
+    its settings are the app's), or, without it, over a pool of its own: loaded from ``settings``
+    at startup, stopped at shutdown. ``jobs_unavailable``: why the job routes answer
+    ``unavailable`` here (see :class:`AppContext`)."""
     if serving is not None and serving.service is None:
         raise ValueError("create_app: attach a pool to the Serving first (Serving.attach), or pass none")
     owns_pool = serving is None
