@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from ditepose.service.core.model_loader import LoadedModel
+from ditepose.service.batching.loaded_model import LoadedModel
 
 
 def zero_infer_factory(model: LoadedModel, device: str):
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ditepose.service.batching.pool import WorkerPool
     from ditepose.service.core.model_loader import load_models_isolated
+    from ditepose.service.core.serving import Serving
     from ditepose.service.core.settings import Settings
     from ditepose.service.http.app import create_app
 
@@ -46,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         queue_size=settings.queue_size, timeout_s=settings.request_timeout_s, infer_factory=zero_infer_factory,
         workers_per_device=settings.resolved_workers_per_device(), torch_threads=settings.resolved_torch_threads(),
     ).start()
+    serving = Serving.create(settings)
+    serving.attach(pool)
     try:
-        uvicorn.run(create_app(settings, pool=pool), host=settings.host, port=settings.port, log_level="warning")
+        uvicorn.run(create_app(settings, serving), host=settings.host, port=settings.port, log_level="warning")
     finally:
         pool.stop()
     return 0

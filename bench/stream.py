@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     width, height = (int(v) for v in args.input.lower().split("x"))
 
     from ditepose.model.pipeline import TopDownPipeline
-    from ditepose.service.batching.pool import WorkerPool
     from ditepose.service.core.images import decode_image
+    from ditepose.service.core.serving import Serving, build_pool
     from ditepose.service.core.settings import ModelSpec, Settings
     from ditepose.service.grpc.server import start_grpc_server
 
@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             _env_file=None, models=[ModelSpec(name="bench", checkpoint=ckpt)], grpc_port=0, devices=args.devices,
             max_batch_size=args.batch_size, max_delay_ms=5.0, queue_size=4096,
         )
-        pool = WorkerPool.from_settings(settings).start()
-        server = start_grpc_server(settings, pool)
+        served = build_pool(settings).start()
+        pool = served.pool
+        server = start_grpc_server(settings, Serving.create(settings).attach(pool, served.watcher))
         try:
             loaded = pool.models["bench"]
             worker = pool.workers[0]
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = engine_throughput(infer, args.batch_size, crops, args.engine_seconds)
         finally:
             server.stop(1.0)
-            pool.stop()
+            served.stop()
     crops_per_frame = 2 if args.flip else 1
     report = {
         "what": "gRPC StreamPose frames/s and per-frame latency vs the bare engine at the same batch size",

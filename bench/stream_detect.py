@@ -120,8 +120,7 @@ def run_stream(port: int, frames: list[bytes], *, interval: int | None, boxes: l
 
 def scenario(checkpoint: Path, frames: list[bytes], threshold: float | None, args: argparse.Namespace) -> dict:
     """One server (NanoDet at ``threshold``, None: the server's default) and every mode's streams."""
-    from ditepose.service.batching.pool import WorkerPool
-    from ditepose.service.core.pose_service import PoseService
+    from ditepose.service.core.serving import Serving, build_pool
     from ditepose.service.core.settings import ModelSpec, Settings
     from ditepose.service.grpc.server import start_grpc_server
     from ditepose.service.grpc.stream import DEFAULT_DETECT_INTERVAL
@@ -130,9 +129,10 @@ def scenario(checkpoint: Path, frames: list[bytes], threshold: float | None, arg
     extra = {} if threshold is None else {"det_score_threshold": threshold}
     settings = Settings(_env_file=None, models=[ModelSpec(name="bench", checkpoint=checkpoint)], grpc_port=0,
                         devices=args.devices, max_delay_ms=5.0, queue_size=4096, **extra)
-    pool = WorkerPool.from_settings(settings).start()
-    service = PoseService(pool, settings)
-    server = start_grpc_server(settings, pool, service)
+    served = build_pool(settings).start()
+    pool = served.pool
+    service = Serving.create(settings).attach(pool, served.watcher)
+    server = start_grpc_server(settings, service)
     run = {"max_in_flight": args.max_in_flight, "flip": args.flip}
     modes = [f"detect_interval={n}" + (f" (default {DEFAULT_DETECT_INTERVAL})" if n == 0 else "") for n in args.intervals]
     runs: dict[str, list[dict]] = {mode: [] for mode in [*modes, "boxes given"]}
@@ -145,7 +145,7 @@ def scenario(checkpoint: Path, frames: list[bytes], threshold: float | None, arg
                 runs[mode].append(run_stream(server.port, frames, interval=interval, boxes=boxes, **run))
     finally:
         server.stop(1.0)
-        pool.stop()
+        served.stop()
     rows = []
     for mode, done in runs.items():
         best = dict(min(done, key=lambda r: r["ms_per_frame"]))

@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
+from ditepose.service.batching.interface import InferencePool
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.pose_service import PoseService
+from ditepose.service.core.serving import Serving, ServingPool, build_pool
 from ditepose.service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def _start_grpc(settings: Settings, pool: WorkerPool, service: PoseService, registry: Any = None) -> Any | None:
-    """Start gRPC on the same pool and service as REST (unless disabled)."""
-    if not settings.grpc_enabled:
-        return None
-    from ditepose.service.grpc.server import start_grpc_server
-
-    return start_grpc_server(settings, pool, service, registry)
+def _serving_pool(settings: Settings, pool: WorkerPool | None) -> ServingPool:
+    """The pool to serve: ``pool`` as handed in (benches; no versions managed), else the settings'."""
+    return ServingPool(pool) if pool is not None else build_pool(settings)
 
 
 def run_servers(settings: Settings, pool: WorkerPool | None = None) -> None:
-    """Load models once, start the workers, serve REST (blocking) and gRPC beside it.
+    """Load models once, start the workers, serve REST (blocking) and gRPC beside it, both over
+    the one :class:`~ditepose.service.core.serving.Serving` built here.
 
     ``pool``: serve this (unstarted) pool instead of one loaded from the settings (benches)."""
     if settings.api_processes > 1:
@@ -35,29 +33,30 @@ def run_servers(settings: Settings, pool: WorkerPool | None = None) -> None:
         return
     import uvicorn
 
+    from ditepose.service.grpc.server import GrpcServer, start_grpc_server
     from ditepose.service.http.app import create_app
-    from ditepose.service.http.deps import context_of
 
-    pool = (pool or WorkerPool.from_settings(settings)).start()
-    grpc_server = None
+    served = _serving_pool(settings, pool)
+    serving = Serving.create(settings)
+    service = serving.attach(served.pool, served.watcher)
+    served.start()
+    grpc_server: GrpcServer | None = None
     try:
-        app = create_app(settings, pool=pool)
-        context = context_of(app)
-        assert context.service is not None
-        grpc_server = _start_grpc(settings, pool, context.service, context.metrics.registry)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
-        server = uvicorn.Server(config)
-        _announce(settings, pool, context.service, grpc_server.port if grpc_server is not None else None)
+        app = create_app(settings, serving)
+        if settings.grpc_enabled:
+            grpc_server = start_grpc_server(settings, service, serving.metrics.registry)
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
+        _announce(settings, served.pool, service, grpc_server.port if grpc_server is not None else None)
         server.run()
     finally:
         if grpc_server is not None:
             grpc_server.stop(grace=2.0)
-        pool.stop()
+        served.stop()
 
 
 def refuse_for_processes(settings: Settings) -> str | None:
     """Why ``settings`` cannot run with api_processes > 1, or None."""
-    repository = getattr(settings, "model_repository", None)
+    repository = settings.model_repository
     if repository:
         return (f"model_repository ({repository}) is not supported with api_processes > 1 yet: hot swaps run "
                 "in one process; serve with api_processes=1")
@@ -74,25 +73,28 @@ def run_host(settings: Settings, pool: WorkerPool | None = None) -> None:
     refusal = refuse_for_processes(settings)
     if refusal is not None:
         raise SystemExit(f"ditepose serve: {refusal}")
-    pool = (pool or WorkerPool.from_settings(settings)).start()
-    host = None
+    served = _serving_pool(settings, pool)
+    # The host's pose service builds the detectors front-ends ask for, from this process's settings.
+    service = Serving.create(settings).attach(served.pool, served.watcher)
+    served.start()
+    host: InferenceHost | None = None
     try:
-        host = InferenceHost(settings, pool)
+        host = running = InferenceHost(settings, served.pool, service)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: host.request_stop())  # type: ignore[union-attr]
+                signal.signal(sig, lambda *_: running.request_stop())
         host.start()
-        served = settings.model_copy(update={"port": host.rest_port})
-        _announce(served, pool, host.service, host.grpc_port, processes=host.processes)
+        _announce(settings.model_copy(update={"port": host.rest_port}), served.pool, service, host.grpc_port,
+                  processes=host.processes)
         host.supervise()
     finally:
         if host is not None:
             host.stop()
-        pool.stop()
+        served.stop()
 
 
 def _announce(
-    settings: Settings, pool: WorkerPool, service: PoseService, grpc_port: int | None, processes: int = 1
+    settings: Settings, pool: InferencePool, service: PoseService, grpc_port: int | None, processes: int = 1
 ) -> None:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"

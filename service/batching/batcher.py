@@ -18,13 +18,11 @@ every submission has a deadline, so a caller never waits forever even if no work
 Background submissions (evaluation jobs in embedded mode, ``background=True``) share the
 workers and the batches with live requests but yield to them: a batch takes the live crops
 first and fills what room is left with background ones (queued in quarter-batch pieces, so
-they fit beside live crops), background crops never count
-against the live queue bound (they are never shed: a job waits its turn instead of failing),
-and a batch made only of background crops leaves after ``max_delay_ms`` of quiet like any
-other.
+they fit beside live crops), background crops never count against the live queue bound (they
+are never shed: a job waits its turn), and a batch of only background crops leaves after
+``max_delay_ms`` of quiet like any other.
 
-Several batchers (one per model) may share one ``threading.Condition`` so that one worker
-thread can wait on all of them at once (:func:`wait_for_batch`).
+Batchers (one per model) share one ``threading.Condition``: a worker waits on all at once (:func:`wait_for_batch`).
 """
 
 from __future__ import annotations
@@ -68,8 +66,7 @@ class OutOfMemory(InferenceFailed):
     """The device ran out of memory for this batch: its requests are shed (HTTP 503 with
     Retry-After, gRPC RESOURCE_EXHAUSTED), the device's cached blocks are released, and the worker
     serves the next batch. Transient by nature (the memory a larger batch, another model or another
-    process held), so clients may retry; a subclass, so code that handles InferenceFailed still does.
-    """
+    process held), so clients may retry; a subclass, so code that handles InferenceFailed still does."""
 
 
 class Arrival:

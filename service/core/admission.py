@@ -26,26 +26,36 @@ class Admission:
             raise ValueError(f"the in-flight limit must be >= 1, got {limit}")
         self.limit = limit
         self.retry_after_s = retry_after_s
-        self.in_flight = 0
-        self.peak = 0
+        self._in_flight = 0
+        self._peak = 0
         self.rejected: Counter[str] = Counter()  # by transport ("rest", "grpc")
         self._lock = threading.Lock()
 
     def try_acquire(self, transport: str) -> bool:
         """Take a slot; False (and counted as rejected) when all ``limit`` are taken."""
         with self._lock:
-            if self.in_flight >= self.limit:
+            if self._in_flight >= self.limit:
                 self.rejected[transport] += 1
                 return False
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
+            self._in_flight += 1
+            self._peak = max(self._peak, self._in_flight)
             return True
 
     def release(self) -> None:
         with self._lock:
-            if self.in_flight <= 0:
+            if self._in_flight <= 0:
                 raise RuntimeError("admission slot released twice")
-            self.in_flight -= 1
+            self._in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet answered."""
+        return self._in_flight
+
+    @property
+    def peak(self) -> int:
+        """The most requests that were in flight at once."""
+        return self._peak
 
     def overloaded(self) -> ServiceError:
         return ServiceError(

@@ -1,17 +1,13 @@
 """One error shape for every failure: ``{"error": {"code": ..., "message": ...}}``.
 
-Codes are stable API: clients branch on ``code``, never on ``message``.
+Codes are stable API: clients branch on ``code``, never on ``message``. This module knows no
+transport: REST answers these errors in :mod:`ditepose.service.http.errors`, gRPC maps their codes
+to statuses in :mod:`ditepose.service.grpc.convert`.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ditepose.service.batching.batcher import (
     BatcherClosed,
@@ -21,8 +17,6 @@ from ditepose.service.batching.batcher import (
     OutOfMemory,
     Overloaded,
 )
-
-log = logging.getLogger(__name__)
 
 # code -> (HTTP status, what it means); documented in OpenAPI and the README.
 ERROR_CODES: dict[str, tuple[int, str]] = {
@@ -66,58 +60,24 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-def error_response(code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=ERROR_CODES[code][0], headers=dict(headers or {}))
+# The batcher's outcomes, subclasses before their bases (the first class an error is an instance of
+# wins): the one table that both the HTTP-facing mapping below and the inference host's channel
+# (:mod:`ditepose.service.host.remote`, which names errors across processes) read.
+BATCHER_OUTCOMES: tuple[tuple[type[BatcherError], str], ...] = (
+    (Overloaded, "overloaded"),
+    (DeadlineExceeded, "timeout"),
+    (BatcherClosed, "unavailable"),
+    (OutOfMemory, "out_of_memory"),
+    (InferenceFailed, "inference_failed"),
+)
+# Outcomes a client should retry after a pause: their error carries a Retry-After header.
+_RETRY_LATER = frozenset({"overloaded", "out_of_memory"})
 
 
 def from_batcher_error(exc: BatcherError, retry_after_s: int = 1) -> ServiceError:
-    """Map a batcher outcome to the HTTP-facing error."""
-    if isinstance(exc, Overloaded):
-        return ServiceError("overloaded", str(exc), {"Retry-After": str(retry_after_s)})
-    if isinstance(exc, DeadlineExceeded):
-        return ServiceError("timeout", str(exc))
-    if isinstance(exc, BatcherClosed):
-        return ServiceError("unavailable", str(exc))
-    if isinstance(exc, OutOfMemory):  # before InferenceFailed: a subclass of it
-        return ServiceError("out_of_memory", str(exc), {"Retry-After": str(retry_after_s)})
-    if isinstance(exc, InferenceFailed):
-        return ServiceError("inference_failed", str(exc))
+    """Map a batcher outcome to the error with a stable code (both transports answer it)."""
+    for cls, code in BATCHER_OUTCOMES:
+        if isinstance(exc, cls):
+            headers = {"Retry-After": str(retry_after_s)} if code in _RETRY_LATER else None
+            return ServiceError(code, str(exc), headers)
     return ServiceError("internal", str(exc))
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
-
-
-def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
-    """Replace FastAPI's default error bodies with the service's shape."""
-
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(BatcherError)
-    async def _batcher_error(request: Request, exc: BatcherError) -> JSONResponse:
-        err = from_batcher_error(exc, retry_after_s)
-        return error_response(err.code, err.message, err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response("invalid_request", _validation_message(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
-            exc.status_code, "invalid_request" if exc.status_code < 500 else "internal"
-        )
-        body = error_body(code, str(exc.detail))
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response("internal", f"{type(exc).__name__}: {exc}")

@@ -45,8 +45,8 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-            image = ImageOps.exif_transpose(image) or image
-            rgb = image.convert("RGB")
+            upright = ImageOps.exif_transpose(image) or image
+            rgb = upright.convert("RGB")
     except Image.DecompressionBombError as exc:  # pragma: no cover - caught by the header check
         raise ServiceError("too_large", str(exc)) from exc
     except (OSError, ValueError, SyntaxError) as exc:

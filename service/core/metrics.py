@@ -11,9 +11,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ditepose.service.batching.worker import WORKER_STATES
+
 if TYPE_CHECKING:
-    from ditepose.service.batching.pool import WorkerPool
+    from ditepose.service.batching.interface import InferencePool
     from ditepose.service.core.admission import Admission
+    from ditepose.service.core.repository_watcher import ModelRepositoryWatcher
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +77,26 @@ def gpu_memory_families(
 
 
 class PoolCollector(Collector):
-    """Reads queue depth, worker state, model info and GPU memory from the pool at scrape time."""
+    """Reads queue depth, worker state, model info and GPU memory from the pool at scrape time,
+    and the version load failures from the repository watcher, if the pool has one."""
 
-    def __init__(self, pool: WorkerPool, memory_fn: Callable[[str], GpuMemory | None] = cuda_memory) -> None:
+    def __init__(
+        self, pool: InferencePool, watcher: ModelRepositoryWatcher | None = None,
+        memory_fn: Callable[[str], GpuMemory | None] = cuda_memory,
+    ) -> None:
         self.pool = pool
+        self.watcher = watcher
         self.memory_fn = memory_fn
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._queue_families()
+        yield from self._worker_families()
+        yield from self._model_families()
+        yield from self._version_families()
+        yield from gpu_memory_families(list(self.pool.devices), self.memory_fn)
+
+    def _queue_families(self) -> Iterator[Metric]:
+        """Depth, sheds and expiries of every model's and detector's queue."""
         depth = GaugeMetricFamily("ditepose_queue_depth", "Crops waiting in a model's queue", labels=["model"])
         rejected = CounterMetricFamily(
             "ditepose_queue_rejected", "Submissions refused because the queue was full", labels=["model"]
@@ -103,12 +119,10 @@ class PoolCollector(Collector):
             depth.add_metric([name], batcher.depth)
             rejected.add_metric([name], batcher.rejected)
             expired.add_metric([name], batcher.expired)
-        yield depth
-        yield rejected
-        yield expired
-        yield detect_depth
-        yield detect_rejected
+        yield from (depth, rejected, expired, detect_depth, detect_rejected)
 
+    def _worker_families(self) -> Iterator[Metric]:
+        """Each worker's state, errors and out-of-memory sheds."""
         state = GaugeMetricFamily(
             "ditepose_worker_state", "1 for the current state of each worker", labels=["worker", "device", "state"]
         )
@@ -119,31 +133,26 @@ class PoolCollector(Collector):
             "ditepose_worker_out_of_memory", "Batches shed because the device ran out of memory (503)",
             labels=["worker", "device"],
         )
-        from ditepose.service.batching.pool import WORKER_STATES
-
         for status in self.pool.worker_status():
             current = status.state if status.alive or status.state == "stopped" else "dead"
             for name in WORKER_STATES:
                 state.add_metric([status.name, status.device, name], 1.0 if name == current else 0.0)
             errors.add_metric([status.name, status.device], status.errors)
             out_of_memory.add_metric([status.name, status.device], status.out_of_memory)
-        yield state
-        yield errors
-        yield out_of_memory
+        yield from (state, errors, out_of_memory)
 
+    def _model_families(self) -> Iterator[Metric]:
+        """What each served model is and how long it took to load."""
         info = GaugeMetricFamily(
             "ditepose_model_info",
             "Served models (value 1) with their arch, dataset and whether they run on random demo weights",
             labels=["model", "arch", "dataset", "demo_weights"],
         )
         load = GaugeMetricFamily("ditepose_model_load_seconds", "Time spent loading a model", labels=["model"])
-        for m in self.pool.models.values():
+        for m in list(self.pool.models.values()):
             info.add_metric([m.name, m.arch, m.dataset, str(m.demo_weights).lower()], 1.0)
             load.add_metric([m.name], m.load_s)
-        yield info
-        yield load
-        yield from self._version_families()
-        yield from gpu_memory_families(self.pool.devices, self.memory_fn)
+        yield from (info, load)
 
     def _version_families(self) -> Iterator[Metric]:
         """Per-version requests, swaps, rejected versions and the served version of each model."""
@@ -151,19 +160,19 @@ class PoolCollector(Collector):
         requests = CounterMetricFamily(
             "ditepose_model_requests", "Pose requests (REST, gRPC, stream frames) answered, by the model version "
             "that ran them; outcome ok or error", labels=["model", "version", "outcome"])
-        for (name, version, outcome), count in list(getattr(pool, "model_requests", {}).items()):
+        for (name, version, outcome), count in list(pool.model_requests.items()):
             requests.add_metric([name, version, outcome], count)
         yield requests
         swaps = CounterMetricFamily("ditepose_model_swaps", "Times a new version of a model was swapped in while "
                                     "serving", labels=["model"])
-        for name, count in list(getattr(pool, "swaps", {}).items()):
+        for name, count in list(pool.swaps.items()):
             swaps.add_metric([name], count)
         yield swaps
         failures = CounterMetricFamily(
             "ditepose_model_load_failures", "Versions that failed to load or failed their checks (strict keys, "
             "reference forward pass, finite outputs); the served version kept serving", labels=["model", "version"])
-        watcher = getattr(pool, "watcher", None)
-        for (name, version), count in list(getattr(watcher, "load_failures", {}).items()):
+        load_failures = self.watcher.load_failures if self.watcher is not None else {}
+        for (name, version), count in list(load_failures.items()):
             failures.add_metric([name, version], count)
         yield failures
         served = GaugeMetricFamily("ditepose_model_version_info", "The served version of each model (value 1) and "
@@ -171,8 +180,7 @@ class PoolCollector(Collector):
                                    labels=["model", "version", "role"])
         for name, m in list(pool.models.items()):
             served.add_metric([name, m.version, "served"], 1.0)
-            retiring = getattr(pool, "retiring", None)
-            old = retiring(name) if retiring is not None else None
+            old = pool.retiring(name)
             if old is not None:
                 served.add_metric([name, old.version, "draining"], 1.0)
         yield served
@@ -251,11 +259,11 @@ class ServiceMetrics:
         )
         self._pool_collector: PoolCollector | None = None
 
-    def watch_pool(self, pool: WorkerPool) -> None:
-        """Export the pool's live state (queue depth, workers, models) from this registry."""
+    def watch_pool(self, pool: InferencePool, watcher: ModelRepositoryWatcher | None = None) -> None:
+        """Export the pool's live state (queue depth, workers, models, versions) from this registry."""
         if self._pool_collector is not None:
             self.registry.unregister(self._pool_collector)
-        self._pool_collector = PoolCollector(pool)
+        self._pool_collector = PoolCollector(pool, watcher)
         self.registry.register(self._pool_collector)
 
     def watch_admission(self, admission: Admission) -> None:

@@ -14,74 +14,24 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
-from torch import nn
 
 from ditepose.model.checkpoint import DEFAULT_INPUT_SIZE
-from ditepose.model.keypoints import KeypointSpec, get_keypoint_spec
+from ditepose.model.keypoints import get_keypoint_spec
+from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.core.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model ready to serve: the module on the CPU plus what clients need to know."""
+@runtime_checkable
+class InputSizeChecked(Protocol):
+    """A pose network that says whether it can take an input size (every network of :mod:`ditepose.model`)."""
 
-    name: str
-    arch: str
-    dataset: str
-    num_joints: int
-    input_size: tuple[int, int]  # (W, H)
-    module: nn.Module
-    checkpoint: str | None
-    demo_weights: bool
-    load_s: float
-    extra: dict = field(default_factory=dict)
-    version: str = "1"
-    source: str = "flag"  # 'flag' (--model / DITEPOSE_MODELS) or 'repository'
-    # serving options (ModelSpec / the repository manifest); None: the service's defaults
-    flip_test: bool | None = None
-    decoder: str | None = None
-    max_batch_size: int | None = None
-    precision: str | None = None
-
-    @property
-    def spec(self) -> KeypointSpec:
-        return get_keypoint_spec(self.dataset)
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "arch": self.arch,
-            "dataset": self.dataset,
-            "num_joints": self.num_joints,
-            "joints": list(self.spec.joint_names),
-            "skeleton": [list(edge) for edge in self.spec.skeleton],
-            "input_size": list(self.input_size),
-            "checkpoint": self.checkpoint,
-            "demo_weights": self.demo_weights,
-            "metadata": _jsonable(self.extra),
-            "version": self.version,
-            "source": self.source,
-            "options": {k: v for k, v in (("flip_test", self.flip_test), ("decoder", self.decoder),
-                                          ("max_batch_size", self.max_batch_size), ("precision", self.precision))
-                        if v is not None},
-        }
-
-
-def _jsonable(value: object) -> object:
-    """Checkpoint metadata may hold tensors or tuples; keep what JSON can carry."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    def check_input_size(self, height: int, width: int) -> None: ...
 
 
 def file_version(path: str | Path) -> str:
@@ -124,6 +74,8 @@ def load_model(spec: ModelSpec, version: str | None = None, source: str = "flag"
             module = models.build_model(spec.arch, num_joints=num_joints)
         size = spec.input_size or DEFAULT_INPUT_SIZE[dataset]
         arch, input_size, extra, demo, checkpoint = spec.arch, (int(size[0]), int(size[1])), {}, True, None
+    if not isinstance(module, InputSizeChecked):
+        raise TypeError(f"{type(module).__name__} cannot check its input size")
     module.check_input_size(input_size[1], input_size[0])
     module.eval()
     if version is None:
@@ -180,10 +132,6 @@ def check_engine(model: LoadedModel, infer, device: str) -> None:
     """The forward check (also the warm-up) of one engine of ``model`` on ``device``."""
     heatmaps = infer(reference_inputs(model))
     check_outputs(model, heatmaps.float().cpu(), f"model {model.name!r} version {model.version} on {device}")
-
-
-def load_models(specs: list[ModelSpec]) -> list[LoadedModel]:
-    return [load_model(spec) for spec in specs]
 
 
 def short_reason(exc: BaseException) -> str:

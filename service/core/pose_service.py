@@ -38,12 +38,13 @@ from ditepose.model.detectors import DETECTORS, DetectorName, PersonDetector, St
 from ditepose.model.keypoints import KeypointSpec
 from ditepose.model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
 from ditepose.model.weight_store import FETCH_COMMAND, NANODET, problems
-from ditepose.service.batching.batcher import BatcherError, DynamicBatcher
-from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.batching.batcher import BatcherError
+from ditepose.service.batching.interface import AnyBatcher, InferencePool
+from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.core.admission import Admission
 from ditepose.service.core.errors import ServiceError, from_batcher_error
 from ditepose.service.core.images import decode_image, encode_png
-from ditepose.service.core.model_loader import LoadedModel
+from ditepose.service.core.repository_watcher import ModelRepositoryWatcher
 from ditepose.service.core.settings import Settings
 
 
@@ -79,15 +80,25 @@ def _ms(seconds: float) -> float:
 
 
 class PoseService:
-    """Stateless per request; holds the pool, the settings, cached pipelines/detectors and the
-    :class:`~ditepose.service.core.admission.Admission` count every front-end takes a slot from."""
+    """Stateless per request; holds the pool, the settings, cached pipelines/detectors, the
+    :class:`~ditepose.service.core.admission.Admission` count every front-end takes a slot from,
+    and the watcher that manages the served models' versions (None: versions are not managed
+    here, e.g. a front-end of ``--api-processes`` or a pool built by hand).
 
-    def __init__(self, pool: WorkerPool, settings: Settings, admission: Admission | None = None) -> None:
+    The composition root (:mod:`ditepose.service.core.serving`) builds one and hands it to REST
+    and gRPC."""
+
+    def __init__(
+        self, pool: InferencePool, settings: Settings, admission: Admission,
+        versions: ModelRepositoryWatcher | None = None,
+    ) -> None:
         self.pool = pool
         self.settings = settings
-        self.admission = admission or Admission(settings.resolved_max_in_flight, settings.retry_after_s)
-        self._pipelines: dict[tuple[str, bool, str], TopDownPipeline] = {}
-        self._detectors: dict[str, object] = {}
+        self.admission = admission
+        self.versions = versions
+        # (name, version, input size, flip test, decoder) -> pipeline
+        self._pipelines: dict[tuple[str, str, tuple[int, int], bool, str], TopDownPipeline] = {}
+        self._detectors: dict[str, PersonDetector] = {}
         # Checked once (a sha256 over 7.6 MB): fetching the weights later takes a restart to be seen.
         self._weight_issues = problems(NANODET, settings.weights_dir)
         self._lock = threading.Lock()
@@ -99,8 +110,7 @@ class PoseService:
     @property
     def default_model_name(self) -> str:
         """The model of requests that name none: the settings', else the pool's first."""
-        return self.settings.default_model or getattr(self.pool, "default_model", None) or \
-            self.settings.default_model_name
+        return self.settings.default_model or self.pool.default_model or self.settings.default_model_name
 
     def resolve_model(self, name: str | None) -> LoadedModel:
         name = name or self.default_model_name
@@ -113,26 +123,20 @@ class PoseService:
         return self.pool.models[name]
 
     @contextlib.contextmanager
-    def take_model(self, name: str | None) -> Iterator[tuple[LoadedModel, DynamicBatcher]]:
+    def take_model(self, name: str | None) -> Iterator[tuple[LoadedModel, AnyBatcher]]:
         """The served version of a model and its batcher, taken together once and held for the block
         (a swap meanwhile lets this request finish on the version it started with)."""
         model = self.resolve_model(name)
-        lease = getattr(self.pool, "lease", None)
-        if lease is None:  # a pool without versions (the front-ends of --api-processes)
-            yield model, self.pool.batcher(model.name)
-            return
         with contextlib.ExitStack() as stack:
             try:
-                entry = stack.enter_context(lease(model.name))
+                entry = stack.enter_context(self.pool.lease(model.name))
             except KeyError:  # removed between the two looks
                 raise ServiceError("unknown_model", f"no model named {model.name!r}") from None
             yield entry.model, entry.batcher
 
     def count_request(self, model: LoadedModel, outcome: str) -> None:
         """One answered request of ``model``'s version (``ditepose_model_requests_total``)."""
-        count = getattr(self.pool, "count_request", None)
-        if count is not None:
-            count(model.name, model.version, outcome)
+        self.pool.count_request(model.name, model.version, outcome)
 
     def pipeline(self, model: LoadedModel, flip_test: bool | None, decoder: str | None) -> TopDownPipeline:
         if flip_test is None:
@@ -263,11 +267,16 @@ class PoseService:
         detector = self.detector(request.detector)
         if isinstance(detector, StagedDetector):
             try:
-                self.pool.detector_batcher(detector.name).check_admission()  # type: ignore[union-attr]
+                self._detector_batcher(detector).check_admission()
             except BatcherError as exc:
                 raise from_batcher_error(exc, self.settings.retry_after_s) from exc
             return image, decoded, detector, detector.preprocess(image), None
         return image, decoded, None, None, detector.detect(image)
+
+    def _detector_batcher(self, detector: StagedDetector) -> AnyBatcher:
+        """The pool's batcher of ``detector``, added again if the pool was rebuilt since it was cached."""
+        batcher = self.pool.detector_batcher(detector.name)
+        return batcher if batcher is not None else self.pool.add_detector(detector, self.settings.det_max_batch_size)
 
     def _goes_through_detector_queue(self, request: PoseRequest) -> bool:
         """Whether the request's boxes come from a staged detector (unbuilt detectors count as staged)."""
@@ -279,12 +288,9 @@ class PoseService:
     async def _detect_on_pool(
         self, detector: StagedDetector, image: np.ndarray, detector_input: torch.Tensor
     ) -> tuple[np.ndarray, np.ndarray]:
-        batcher = self.pool.detector_batcher(detector.name)
-        if batcher is None:  # the pool was rebuilt since the detector was cached
-            self.pool.add_detector(detector, self.settings.det_max_batch_size)
-            batcher = self.pool.detector_batcher(detector.name)
+        batcher = self._detector_batcher(detector)
         try:
-            candidates = await batcher.submit(detector_input, self.settings.request_timeout_s)  # type: ignore[union-attr]
+            candidates = await batcher.submit(detector_input, self.settings.request_timeout_s)
         except BatcherError as exc:
             raise from_batcher_error(exc, self.settings.retry_after_s) from exc
         return await asyncio.to_thread(detector.postprocess, candidates[0], image.shape[:2])
@@ -302,7 +308,7 @@ class PoseService:
             self.count_request(model, "ok")
             return result
 
-    async def _estimate(self, request: PoseRequest, model: LoadedModel, batcher: DynamicBatcher) -> PoseResult:
+    async def _estimate(self, request: PoseRequest, model: LoadedModel, batcher: AnyBatcher) -> PoseResult:
         try:
             batcher.check_admission()  # shed before decoding what the queue could not take anyway
         except BatcherError as exc:
@@ -375,7 +381,7 @@ async def reload_model(service: PoseService, name: str) -> ReloadOutcome:
     """``POST /v1/models/{name}/reload`` and gRPC ``ReloadModel``: resolve, load, check and swap now
     (in a thread: a load takes seconds, and a swap may first wait for the previous old version
     to drain). A version that fails its checks is in the outcome's state, not an error."""
-    watcher = getattr(service.pool, "watcher", None)
+    watcher = service.versions
     if not name:
         raise ServiceError("invalid_request", "name the model to reload")
     if watcher is None:

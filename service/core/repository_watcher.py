@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ditepose.model.repository import ManifestError, ResolvedVersion, list_versions, resolve, scan
-from ditepose.service.batching.pool import SwapRefused, WorkerPool
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.batching.versions import SwapRefused
 from ditepose.service.core.model_loader import (
     LoadedModel,
     check_engine,
@@ -62,7 +64,9 @@ class ModelState:
 
 
 class ModelRepositoryWatcher:
-    """Owns the version bookkeeping of every served model; one per pool (see ``WorkerPool.from_settings``)."""
+    """Owns the version bookkeeping of every served model; one per pool, built with it by the
+    composition root (:func:`ditepose.service.core.serving.build_pool`), which also starts and
+    stops it. The pose service reaches it as :attr:`PoseService.versions`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -133,9 +137,8 @@ class ModelRepositoryWatcher:
         return loaded
 
     def attach(self, pool: WorkerPool) -> None:
-        """Manage ``pool``'s versions from now on (it starts the poller with its workers)."""
+        """Manage ``pool``'s versions from now on (:meth:`start` starts the poller)."""
         self.pool = pool
-        pool.watcher = self
         for name, model in pool.models.items():
             if name not in self.states:
                 self.states[name] = ModelState(name, model.source, model.version, state="serving",
@@ -261,19 +264,16 @@ class ModelRepositoryWatcher:
                 pass  # recorded by _swap_in; the served version keeps serving
             return state
 
-    def _swap_in(self, state: ModelState, load, version: str) -> None:
+    def _swap_in(self, state: ModelState, load: Callable[[], LoadedModel], version: str) -> None:
         """Load, check on every device and swap; on failure record it and re-raise."""
         pool = self.pool
         assert pool is not None, "attach the watcher to its pool first"
-        drain_s = 2 * self.settings.request_timeout_s + 5
-        if not pool.wait_drained(state.name, drain_s):  # a third copy would be one too many
-            raise SwapRefused(f"the previous old version of {state.name!r} is still draining; retrying later")
         previous = state.state
         state.state = "swapping"
         try:
-            model: LoadedModel = load()
-            version = model.version
-            pool.swap_model(model, check=check_engine, drain_timeout_s=drain_s)
+            # the pool's one drain wait comes first: the new version loads only once a third copy
+            # could not be resident (SwapRefused when the previous old version is still draining)
+            pool.load_and_swap(state.name, load, check=check_engine)
         except SwapRefused:
             state.state = previous
             raise
@@ -316,7 +316,7 @@ def _signature(resolved: ResolvedVersion) -> tuple:
     """What identifies a candidate: its version, its file and the manifest's serving options."""
     try:
         stat = resolved.checkpoint.stat()
-        files = (stat.st_size, stat.st_mtime_ns)
+        files: tuple[int | None, int | None] = (stat.st_size, stat.st_mtime_ns)
     except OSError:
         files = (None, None)
     return (resolved.version, str(resolved.checkpoint), *files,

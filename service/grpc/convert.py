@@ -6,7 +6,7 @@ Also maps the service's stable error codes (shared with REST) to gRPC status cod
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import grpc
 import numpy as np
@@ -14,8 +14,8 @@ import numpy as np
 from ditepose.model.keypoints import KeypointSpec
 from ditepose.model.pipeline import PersonPose
 from ditepose.proto.ditepose.v1 import pose_pb2
+from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.core.errors import ServiceError
-from ditepose.service.core.model_loader import LoadedModel
 from ditepose.service.core.pose_service import PoseRequest, PoseResult
 
 ERROR_CODE_METADATA = "ditepose-error-code"
@@ -64,9 +64,9 @@ def request_from_proto(
         boxes=boxes_from_proto(boxes),
         model=options.model or None,
         flip_test=options.flip_test if options.HasField("flip_test") else None,  # None: the model's option
-        decoder=options.decoder or None,  # type: ignore[arg-type]  (checked when the pipeline is built)
+        decoder=options.decoder or None,  # type: ignore[arg-type]  # checked when the pipeline is built
         score_threshold=threshold,
-        detector=options.detector or None,  # type: ignore[arg-type]  (checked by PoseService.detector)
+        detector=options.detector or None,  # type: ignore[arg-type]  # checked by PoseService.detector
     )
 
 
@@ -138,7 +138,3 @@ def person_dict(person: pose_pb2.Person) -> dict:
 def keypoints_array(person: pose_pb2.Person) -> np.ndarray:
     """[K, 3] (x, y, score) of a result person."""
     return np.array([[k.x, k.y, k.score] for k in person.keypoints], np.float64).reshape(-1, 3)
-
-
-def boxes_to_proto(boxes: Sequence[Sequence[float]] | None) -> list[pose_pb2.Box]:
-    return [pose_pb2.Box(x=b[0], y=b[1], width=b[2], height=b[3]) for b in boxes or []]

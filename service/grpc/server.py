@@ -1,6 +1,6 @@
 """gRPC front-end (grpc.aio) on the SAME worker pool and batchers as the REST API.
 
-``start_grpc_server(settings, pool, service)`` runs the server on its own event loop in a
+``start_grpc_server(settings, service)`` runs the server on its own event loop in a
 background thread and returns a :class:`GrpcServer` handle with a blocking ``stop(grace)``,
 so :func:`ditepose.service.server.run_servers` can start it next to uvicorn. REST and gRPC
 requests go through one :class:`~ditepose.service.core.pose_service.PoseService` and meet in
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hmac
 import logging
 import threading
 import time
@@ -24,9 +23,9 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
 from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
-from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.errors import ServiceError
 from ditepose.service.core.pose_service import PoseRequest, PoseResult, PoseService, reload_model
+from ditepose.service.core.security import api_key_accepted
 from ditepose.service.core.settings import Settings
 from ditepose.service.grpc.convert import (
     ERROR_CODE_METADATA,
@@ -66,11 +65,11 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
 
     # ------------------------------------------------------------------ helpers
     def _check_key(self, context: grpc.aio.ServicerContext) -> ServiceError | None:
-        if self.api_key is None:
+        """``unauthorized`` unless the call's ``x-api-key`` metadata passes the service's one key check."""
+        presented: list[str | None] = [value for key, value in context.invocation_metadata() or ()
+                                       if key == "x-api-key" and isinstance(value, str)]
+        if any(api_key_accepted(self.api_key, value) for value in presented or [None]):
             return None
-        for key, value in context.invocation_metadata() or ():
-            if key == "x-api-key" and isinstance(value, str) and hmac.compare_digest(value.encode(), self.api_key.encode()):
-                return None
         return ServiceError("unauthorized", "missing or wrong x-api-key metadata")
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
@@ -108,7 +107,7 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
         if (denied := self._check_key(context)) is not None:
             await abort_with(context, denied)
         default = self.service.default_model_name
-        watcher = getattr(self.service.pool, "watcher", None)
+        watcher = self.service.versions
         models = [model_info(m, m.name == default, watcher.describe(m.name) if watcher is not None else None)
                   for m in list(self.service.pool.models.values())]
         failed = dict(self.service.pool.failed_models)
@@ -186,15 +185,11 @@ class GrpcServer:
     """A grpc.aio server on its own event loop thread; ``stop`` blocks until it is down."""
 
     def __init__(
-        self,
-        settings: Settings,
-        pool: WorkerPool,
-        service: PoseService | None = None,
-        registry: CollectorRegistry | None = None,
+        self, settings: Settings, service: PoseService, registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
-        self.pool = pool
-        self.service = service or PoseService(pool, settings)
+        self.service = service
+        self.pool = service.pool
         self.metrics = GrpcMetrics(registry)
         self.servicer = PoseServicer(self.service, settings, self.metrics)
         self.health = health_aio.HealthServicer()
@@ -307,14 +302,8 @@ class GrpcServer:
 
 
 def start_grpc_server(
-    settings: Settings,
-    pool: WorkerPool,
-    service: PoseService | None = None,
-    registry: CollectorRegistry | None = None,
+    settings: Settings, service: PoseService, registry: CollectorRegistry | None = None,
 ) -> GrpcServer:
-    """Start gRPC beside REST on the shared pool.
-
-    Pass the REST app's pose service (shared pipelines and admission count) and its metrics
-    registry (gRPC metrics on the same /metrics page): see :func:`ditepose.service.http.deps.context_of`.
-    """
-    return GrpcServer(settings, pool, service, registry).start()
+    """Start gRPC beside REST over the same pose service (its pool, pipelines and admission count),
+    with its metrics in ``registry`` (the composition root's: gRPC metrics on the same /metrics page)."""
+    return GrpcServer(settings, service, registry).start()

@@ -51,12 +51,12 @@ class SharedAdmission(Admission):
         self.retry_after_s = retry_after_s
         self.rejected: Counter[str] = Counter()  # this front-end's sheds, by transport
 
-    @property  # type: ignore[override]
+    @property
     def in_flight(self) -> int:
         """Requests in flight on the whole host."""
         return self.counts.total()
 
-    @property  # type: ignore[override]
+    @property
     def peak(self) -> int:
         return int(self.counts.peak.value)
 

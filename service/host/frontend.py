@@ -19,7 +19,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ditepose.service.core.errors import ServiceError
+from ditepose.service.core.serving import Serving
 from ditepose.service.core.settings import Settings
 from ditepose.service.host.admission import SharedAdmission, SharedCounts
 from ditepose.service.host.remote import RemotePool
@@ -77,12 +77,8 @@ class ProcessHeader:
         await self.app(scope, receive, send_named)
 
 
-def _jobs_refused() -> Any:
-    raise ServiceError(
-        "unavailable",
-        "embedded evaluation jobs do not run with api_processes > 1 (the pool lives in the inference host); "
-        "set redis_url to run them on `ditepose worker` processes, or serve with api_processes=1",
-    )
+JOBS_REFUSED = ("embedded evaluation jobs do not run with api_processes > 1 (the pool lives in the inference "
+                "host); set redis_url to run them on `ditepose worker` processes, or serve with api_processes=1")
 
 
 def run_frontend(
@@ -101,20 +97,19 @@ def run_frontend(
 
     from ditepose.service.grpc.server import GrpcServer
     from ditepose.service.http.app import create_app
-    from ditepose.service.http.deps import context_of
 
     settings = settings.model_copy(update={"port": rest_port, "grpc_port": grpc_port or 0})
     arena = SlotArena.attach(arena_name, slots, slot_bytes)
     pool = RemotePool(conn, arena, settings.request_timeout_s, on_host_lost=lambda: os._exit(0)).start()
-    admission = SharedAdmission(counts, index, settings.resolved_max_in_flight, settings.retry_after_s)
-    app = create_app(settings, pool=pool, admission=admission)  # type: ignore[arg-type]
+    # This front-end's shared objects, REST and gRPC alike; the in-flight count is the host's.
+    serving = Serving.create(settings, SharedAdmission(counts, index, settings.resolved_max_in_flight,
+                                                       settings.retry_after_s))
+    service = serving.attach(pool)
+    app = create_app(settings, serving, jobs_unavailable=JOBS_REFUSED if settings.redis_url is None else None)
     app.add_middleware(ProcessHeader, value=f"api-{index}/{os.getpid()}")
-    context = context_of(app)
-    if settings.redis_url is None:
-        context.jobs = _jobs_refused  # type: ignore[method-assign]
     grpc_server = None
     if grpc_port is not None:
-        grpc_server = GrpcServer(settings, pool, context.service, context.metrics.registry)  # type: ignore[arg-type]
+        grpc_server = GrpcServer(settings, service, serving.metrics.registry)
         grpc_server.reuse_port = True
         grpc_server.start()
     sock = reuseport_socket(settings.host, rest_port)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ditepose.model.detectors import StagedDetector
 from ditepose.service.batching.batcher import Arrival, BatcherError, DynamicBatcher
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.pose_service import PoseService
@@ -100,15 +101,18 @@ class FrontEnd:
 class InferenceHost:
     """The pool, the shared admission counts and N supervised front-end processes."""
 
-    def __init__(self, settings: Settings, pool: WorkerPool, processes: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, pool: WorkerPool, service: PoseService, processes: int | None = None,
+    ) -> None:
+        """``service``: the composition root's pose service over ``pool``; it builds the detectors
+        front-ends ask for, from this process's settings, into the pool."""
         self.settings = settings
         self.pool = pool
+        self.service = service
         self.processes = processes or settings.api_processes
         self.context = multiprocessing.get_context("spawn")
         self.counts = SharedCounts.create(self.processes, self.context)
         self.slot_bytes = slot_bytes_for(pool)
-        # Builds the detectors front-ends ask for, from this process's settings, into the pool.
-        self.service = PoseService(pool, settings)
         self.front_ends: list[FrontEnd | None] = [None] * self.processes
         self.restarts = 0
         self.stopping = threading.Event()
@@ -294,7 +298,7 @@ class InferenceHost:
         _, request_id, name, _max_batch = message
         try:
             detector = self.service.detector(name)
-            batcher = self.pool.detector_batcher(detector.name)
+            batcher = self.pool.detector_batcher(detector.name) if isinstance(detector, StagedDetector) else None
             if batcher is None:
                 raise RuntimeError(f"detector {name!r} does not run on the pool")
             stats = BatcherStats(batcher.detector, batcher.depth, batcher.background_depth, batcher.rejected,

@@ -1,6 +1,6 @@
-"""The front-end's pool: the surface :class:`~ditepose.service.core.pose_service.PoseService`,
-the REST app and the gRPC server use of a :class:`~ditepose.service.batching.pool.WorkerPool`,
-answered by the inference host over a pipe (control) and shared memory (tensors).
+"""The front-end's pool: an :class:`~ditepose.service.batching.interface.InferencePool` (the surface
+:class:`~ditepose.service.core.pose_service.PoseService`, the REST app and the gRPC server use of
+a pool), answered by the inference host over a pipe (control) and shared memory (tensors).
 
 Crops go into a slot of this front-end's :class:`~.slots.SlotArena`; the host submits them to
 its real :class:`~ditepose.service.batching.batcher.DynamicBatcher` (so crops of every front-end,
@@ -22,7 +22,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -34,12 +34,12 @@ from ditepose.service.batching.batcher import (
     BatcherClosed,
     BatcherError,
     DeadlineExceeded,
-    InferenceFailed,
-    OutOfMemory,
     Overloaded,
 )
-from ditepose.service.batching.pool import BatchObserver, WorkerStatus, detector_batcher_name
-from ditepose.service.core.model_loader import LoadedModel
+from ditepose.service.batching.loaded_model import LoadedModel
+from ditepose.service.batching.pool import detector_batcher_name
+from ditepose.service.batching.worker import BatchObserver, WorkerStatus, notify_observers
+from ditepose.service.core.errors import BATCHER_OUTCOMES
 from ditepose.service.host.slots import SlotArena, dtype_name, dtype_of
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,9 @@ STATUS_PERIOD_S = 0.25
 # longer for that answer before it gives up on its own (the host is then stuck or gone).
 REPLY_MARGIN_S = 2.0
 
-ERRORS: dict[str, type[BatcherError]] = {
-    # subclasses before their bases: error_kind takes the first class an error is an instance of
-    cls.__name__: cls for cls in (Overloaded, DeadlineExceeded, BatcherClosed, OutOfMemory, InferenceFailed)
-}
+# The batcher's error classes by name (they cross the pipe as names), in the order of core's one
+# table of batcher outcomes: subclasses before their bases.
+ERRORS: dict[str, type[BatcherError]] = {cls.__name__: cls for cls, _code in BATCHER_OUTCOMES}
 
 
 @dataclass
@@ -90,6 +89,7 @@ def describe_model(model: LoadedModel) -> LoadedModel:
 
 
 def error_kind(exc: BaseException) -> str:
+    """The name an error crosses the pipe as: its batcher class, or ``BatcherError`` for others."""
     for name, cls in ERRORS.items():
         if isinstance(exc, cls):
             return name
@@ -97,6 +97,7 @@ def error_kind(exc: BaseException) -> str:
 
 
 def make_error(kind: str, message: str) -> BatcherError:
+    """The front-end's copy of an error the host named with :func:`error_kind`."""
     return ERRORS.get(kind, BatcherError)(message)
 
 
@@ -193,6 +194,19 @@ class RemoteBatcher:
             raise DeadlineExceeded(f"no answer from the inference host for {self._what} within the deadline") from exc
 
 
+@dataclass(frozen=True)
+class RemoteServed:
+    """The served pair of a model on a front-end: no versions are swapped here, so it is just the
+    host's model and its batcher (:meth:`RemotePool.lease`)."""
+
+    model: LoadedModel
+    batcher: RemoteBatcher
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+
 @dataclass
 class _Pending:
     future: concurrent.futures.Future
@@ -200,7 +214,11 @@ class _Pending:
 
 
 class RemotePool:
-    """A :class:`~ditepose.service.batching.pool.WorkerPool` stand-in whose workers are the host's.
+    """An :class:`~ditepose.service.batching.interface.InferencePool` whose workers are the host's.
+
+    Versions are the host's business (model repositories are refused with ``api_processes`` > 1):
+    :meth:`lease` yields the served pair, :meth:`retiring` is None, the swap and request counters
+    are empty (this front-end keeps none) and :attr:`default_model` is None (the settings say).
 
     ``on_host_lost`` runs when the pipe to the host closes (the front-end process exits: a
     front-end has nothing to serve without its host)."""
@@ -221,6 +239,9 @@ class RemotePool:
         self.batchers: dict[str, RemoteBatcher] = {}
         self.observers: list[BatchObserver] = []
         self.host_restarts = 0
+        self.default_model: str | None = None
+        self.swaps: dict[str, int] = {}  # kept empty: no swaps run on a front-end
+        self.model_requests: dict[tuple[str, str, str], int] = {}  # kept empty: not counted here
         self.started = False
         self.stopped = False
         self._status: HostStatus | None = None
@@ -260,7 +281,7 @@ class RemotePool:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # ------------------------------------------------------------ the WorkerPool surface
+    # ------------------------------------------------------------ the InferencePool surface
     @property
     def ready(self) -> bool:
         return self.started and not self.stopped and self._status is not None and self._status.ready
@@ -270,6 +291,18 @@ class RemotePool:
 
     def model(self, name: str) -> LoadedModel:
         return self.models[name] if name in self.models else self.extra_models[name]
+
+    @contextlib.contextmanager
+    def lease(self, name: str) -> Iterator[RemoteServed]:
+        """The served model ``name`` and its batcher (KeyError if none): a front-end has one version."""
+        yield RemoteServed(self.models[name], self.batchers[name])
+
+    def count_request(self, name: str, version: str, outcome: str) -> None:
+        """Not counted on a front-end (see :attr:`model_requests`)."""
+
+    def retiring(self, name: str) -> RemoteServed | None:
+        """Always None: no version drains on a front-end."""
+        return None
 
     def detector_batcher(self, name: str) -> RemoteBatcher | None:
         return self.batchers.get(detector_batcher_name(name))
@@ -430,14 +463,10 @@ class RemotePool:
 
     def _observe(self, observation: tuple[Any, ...]) -> None:
         kind, *values = observation
-        for observer in self.observers:
-            try:
-                if kind == "batch":
-                    observer.observe_batch(*values)
-                elif hasattr(observer, "observe_detection"):
-                    observer.observe_detection(*values)  # type: ignore[attr-defined]
-            except Exception:  # metrics must never take the channel down
-                log.exception("batch observer failed")
+        if kind == "batch":
+            notify_observers(self.observers, None, tuple(values))
+        else:  # ("detection", detector, device, size, infer_s, queued_s, ok)
+            notify_observers(self.observers, values[0], tuple(values[1:]))
 
     def _fail_pending(self, exc: BatcherError) -> None:
         with self._lock:

@@ -1,8 +1,10 @@
 """``create_app(settings) -> FastAPI``: routers, error shape, metrics, and the worker pool.
 
-The app either owns its pool (loaded at startup, stopped at shutdown) or is handed one
-that gRPC shares; then the caller starts and stops it. Routes reach the pool and services
-through the typed dependencies of :mod:`ditepose.service.http.deps`.
+The app either owns its pool (built by :func:`~ditepose.service.core.serving.build_pool` at
+startup, stopped at shutdown) or is handed the composition root's
+:class:`~ditepose.service.core.serving.Serving`, whose pool and pose service gRPC shares; then
+the caller starts and stops the pool. Routes reach the pool and services through the typed
+dependencies of :mod:`ditepose.service.http.deps`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, params
 
 from ditepose import __version__
-from ditepose.service.batching.pool import WorkerPool
-from ditepose.service.core.admission import Admission
-from ditepose.service.core.errors import ERROR_CODES, install_error_handlers
+from ditepose.service.core.errors import ERROR_CODES
+from ditepose.service.core.serving import Serving, ServingPool, build_pool
 from ditepose.service.core.settings import Settings
 from ditepose.service.http.deps import AppContext
+from ditepose.service.http.errors import install_error_handlers
 from ditepose.service.http.middleware import AdmissionControl, BodySizeLimit, RequestMetrics
 from ditepose.service.http.routes import demo, error_responses, health, jobs, models, pose
 from ditepose.service.http.security import require_api_key
@@ -37,41 +39,43 @@ Errors always look like `{"error": {"code": "...", "message": "..."}}`. Codes:
 
 
 def create_app(
-    settings: Settings | None = None, pool: WorkerPool | None = None, admission: Admission | None = None
+    settings: Settings | None = None, serving: Serving | None = None, *, jobs_unavailable: str | None = None,
 ) -> FastAPI:
-    """Build the REST app; without ``pool`` it loads the configured models at startup. ``admission``:
-    an in-flight count shared beyond this app (the front-ends of ``--api-processes``)."""
-    settings = settings or Settings()
-    context = AppContext(settings, admission=admission)
-    owns_pool = pool is None
+    """Build the REST app over ``serving`` (the composition root's shared objects, a pool attached;
+    its settings are the app's), or, without it, over a pool of its own: loaded from ``settings``
+    at startup, stopped at shutdown. ``jobs_unavailable``: why the job routes answer
+    ``unavailable`` here (see :class:`AppContext`)."""
+    if serving is not None and serving.service is None:
+        raise ValueError("create_app: attach a pool to the Serving first (Serving.attach), or pass none")
+    owns_pool = serving is None
+    context = AppContext(serving or Serving.create(settings or Settings()), jobs_unavailable)
+    settings = context.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned: ServingPool | None = None
         if owns_pool:
-            context.attach(await asyncio.to_thread(lambda: WorkerPool.from_settings(settings).start()))
+            owned = await asyncio.to_thread(lambda: build_pool(settings).start())
+            context.serving.attach(owned.pool, owned.watcher)
         try:
             yield
         finally:
             context.close()
-            if owns_pool and context.pool is not None:
-                await asyncio.to_thread(context.pool.stop)
+            if owned is not None:
+                await asyncio.to_thread(owned.stop)
 
     app = FastAPI(title="DitePose", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
     app.state.context = context
-    if pool is not None:
-        context.attach(pool)
-
     install_error_handlers(app, settings.retry_after_s)
-    secured = {"dependencies": [Depends(require_api_key)], "responses": error_responses("unauthorized")}
-    app.include_router(pose.router, **secured)
-    app.include_router(models.router, **secured)
-    app.include_router(jobs.router, **secured)
+    secured: list[params.Depends] = [Depends(require_api_key)]
+    unauthorized = error_responses("unauthorized")
+    for router in (pose.router, models.router, jobs.router):
+        app.include_router(router, dependencies=secured, responses=unauthorized)
     app.include_router(health.router)
     app.include_router(demo.router)  # GET /: the browser demo (public page, not in OpenAPI)
 
     # Base64 JSON is 4/3 of the image, plus the other fields.
     # Outermost first: RequestMetrics -> AdmissionControl -> BodySizeLimit -> routes.
-    assert context.admission is not None
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 64 * 1024)
     app.add_middleware(AdmissionControl, admission=context.admission, routes=frozenset({("POST", "/v1/pose")}))
     app.add_middleware(RequestMetrics, metrics=context.metrics)

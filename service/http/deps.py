@@ -10,56 +10,74 @@ is built on first use.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 
+from ditepose.service.batching.interface import InferencePool
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.admission import Admission
 from ditepose.service.core.errors import ServiceError
 from ditepose.service.core.metrics import ServiceMetrics
 from ditepose.service.core.pose_service import PoseService
+from ditepose.service.core.serving import Serving
 from ditepose.service.core.settings import Settings
 from ditepose.service.jobs.manager import JobService
 
 
-@dataclass
 class AppContext:
-    """What one REST app holds: settings, metrics, the admission count, the pool and services."""
+    """What one REST app holds: the shared objects of its process (:class:`~ditepose.service.core.serving.Serving`,
+    built by the composition root or, for an app that owns its pool, by :func:`~ditepose.service.http.app.create_app`)
+    and the job service, built on first use.
 
-    settings: Settings
-    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
-    admission: Admission | None = None
-    pool: WorkerPool | None = None
-    service: PoseService | None = None
-    _jobs: JobService | None = field(default=None, repr=False)
-    _jobs_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    ``jobs_unavailable``: why this process runs no embedded jobs (a front-end of ``--api-processes``
+    without Redis), answered as ``unavailable`` by the job routes."""
 
-    def __post_init__(self) -> None:
-        # One in-flight count for POST /v1/pose, gRPC Estimate and gRPC stream frames.
-        if self.admission is None:
-            self.admission = Admission(self.settings.resolved_max_in_flight, self.settings.retry_after_s)
-        self.metrics.watch_admission(self.admission)
-        self.api_key = self.settings.resolved_api_key()
+    def __init__(self, serving: Serving, jobs_unavailable: str | None = None) -> None:
+        self.serving = serving
+        self.api_key = serving.settings.resolved_api_key()
+        self.jobs_unavailable = jobs_unavailable
+        self._jobs: JobService | None = None
+        self._jobs_lock = threading.Lock()
 
-    def attach(self, pool: WorkerPool) -> None:
-        """Serve from ``pool`` (started by the app's lifespan or handed in by the caller)."""
-        assert self.admission is not None
-        self.pool = pool
-        self.service = PoseService(pool, self.settings, self.admission)
-        pool.add_observer(self.metrics)
-        self.metrics.watch_pool(pool)
+    @property
+    def settings(self) -> Settings:
+        return self.serving.settings
+
+    @property
+    def metrics(self) -> ServiceMetrics:
+        return self.serving.metrics
+
+    @property
+    def admission(self) -> Admission:
+        return self.serving.admission
+
+    @property
+    def service(self) -> PoseService | None:
+        """The pose service; None while an app that owns its pool is still loading it."""
+        return self.serving.service
+
+    @property
+    def pool(self) -> InferencePool | None:
+        return self.serving.service.pool if self.serving.service is not None else None
+
+    def _job_pool(self) -> WorkerPool | None:
+        """The pool embedded jobs run on: only a pool in this process (a front-end's remote pool
+        cannot load a job's model; its jobs are refused by ``jobs_unavailable`` or go to Celery)."""
+        pool = self.pool
+        return pool if isinstance(pool, WorkerPool) else None
 
     def jobs(self) -> JobService:
         """The evaluation-job service, built on first use (embedded jobs run on :attr:`pool`)."""
+        if self.jobs_unavailable is not None:
+            raise ServiceError("unavailable", self.jobs_unavailable)
         if self._jobs is None:
             with self._jobs_lock:
                 if self._jobs is None:
                     from ditepose.service.jobs.metrics import JobMetrics, JobStoreCollector
 
                     metrics = JobMetrics(self.metrics.registry)
-                    jobs = JobService(self.settings, lambda: self.pool, metrics)
+                    jobs = JobService(self.settings, self._job_pool, metrics)
                     metrics.registry.register(JobStoreCollector(jobs.store))
                     self._jobs = jobs
         return self._jobs

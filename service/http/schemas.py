@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ditepose.model.codec import DecoderName
 from ditepose.model.detectors import DetectorName
-from ditepose.service.batching.pool import WorkerStatus
+from ditepose.service.batching.worker import WorkerStatus
 
 
 class PoseOptions(BaseModel):

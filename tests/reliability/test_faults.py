@@ -16,11 +16,11 @@ from ditepose import model as models
 from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.batching.infer import make_infer
 from ditepose.service.batching.pool import WorkerPool
-from ditepose.service.core.model_loader import load_models
+from ditepose.service.core.model_loader import load_models_isolated
+from ditepose.service.core.serving import Serving, build_pool
 from ditepose.service.core.settings import ModelSpec, Settings
 from ditepose.service.grpc.server import start_grpc_server
 from ditepose.service.http.app import create_app
-from ditepose.service.http.deps import context_of
 from tests.reliability.support import assert_error_shape, record, serve, wait_until
 from tests.service.conftest import encode, figure_image, post_pose
 from tests.service.grpc.support import (
@@ -59,11 +59,13 @@ def test_crashing_worker_thread_fails_in_flight_and_is_replaced(tiny_ckpt: Path)
             return infer(batch)
         return maybe_crash
 
-    pool = WorkerPool(load_models(settings.models), ["cpu"], max_delay_ms=1.0, timeout_s=30.0,
+    pool = WorkerPool(load_models_isolated(settings.models)[0], ["cpu"], max_delay_ms=1.0, timeout_s=30.0,
                       infer_factory=factory).start()
+    serving = Serving.create(settings)
+    serving.attach(pool)
     image = encode(figure_image())
     try:
-        with serve(create_app(settings, pool=pool)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with serve(create_app(settings, serving)) as url, httpx.Client(base_url=url, timeout=60) as client:
             assert post_pose(client, image, boxes=BOX).status_code == 200
             crash.set()
             started = time.monotonic()
@@ -92,9 +94,12 @@ def test_bad_checkpoints_are_reported_and_the_rest_serve(tiny_ckpt: Path, tmp_pa
              ModelSpec(name="wrong_arch", checkpoint=wrong), ModelSpec(name="missing", checkpoint=tmp_path / "no.pth")]
     settings = Settings(_env_file=None, models=specs, devices="cpu", grpc_port=0, max_delay_ms=1.0)
     image = encode(figure_image())
-    pool = WorkerPool.from_settings(settings).start()
-    app = create_app(settings, pool=pool)
-    grpc_server = start_grpc_server(settings, pool, context_of(app).service)
+    served = build_pool(settings).start()
+    pool = served.pool
+    serving = Serving.create(settings)
+    service = serving.attach(pool, served.watcher)
+    app = create_app(settings, serving)
+    grpc_server = start_grpc_server(settings, service)
     try:
         with channel(grpc_server) as ch:
             grpc_listing = stub(ch).ListModels(pose_pb2.ListModelsRequest(), timeout=10)
@@ -139,7 +144,7 @@ def test_only_bad_checkpoints_fail_startup_with_the_reason(tmp_path: Path) -> No
     corrupt.write_bytes(b"\x00" * 100)
     settings = Settings(_env_file=None, models=[ModelSpec(name="corrupt", checkpoint=corrupt)], devices="cpu")
     try:
-        WorkerPool.from_settings(settings)
+        build_pool(settings)
     except RuntimeError as exc:
         assert "corrupt" in str(exc)
     else:  # pragma: no cover

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ditepose.service.batching.interface import InferencePool
+from ditepose.service.core.repository_watcher import ModelRepositoryWatcher
 from ditepose.service.http.deps import ContextDep
 from ditepose.service.http.routes.jobs import jobs_readiness
 from ditepose.service.http.schemas import HealthResponse, ReadyResponse
@@ -39,7 +42,7 @@ async def readyz(context: ContextDep) -> JSONResponse:
             },
             workers=pool.worker_status(),
             queue_depth=pool.queue_depths(),
-            model_versions=_model_versions(pool),
+            model_versions=_model_versions(pool, context.service.versions if context.service is not None else None),
         )
     if context.service is not None:
         body.detectors = context.service.detector_status()
@@ -47,9 +50,8 @@ async def readyz(context: ContextDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
-def _model_versions(pool) -> dict[str, dict]:
+def _model_versions(pool: InferencePool, watcher: ModelRepositoryWatcher | None) -> dict[str, dict[str, Any]]:
     """Each model's served version and version state (a rejected new version is reported here)."""
-    watcher = getattr(pool, "watcher", None)
     out = {}
     for name in sorted({*pool.models, *(watcher.states if watcher is not None else ())}):
         state = watcher.describe(name) if watcher is not None else {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
 from ditepose.service.core.pose_service import PoseService, reload_model
@@ -12,13 +14,10 @@ from ditepose.service.http.schemas import ModelInfo, ModelsResponse, ReloadRespo
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-def version_state(service: PoseService, name: str) -> dict:
+def version_state(service: PoseService, name: str) -> dict[str, Any]:
     """The watcher's version bookkeeping of ``name`` plus the version still draining, if any."""
-    pool = service.pool
-    watcher = getattr(pool, "watcher", None)
-    state = dict(watcher.describe(name)) if watcher is not None else {}
-    retiring = getattr(pool, "retiring", None)
-    draining = retiring(name) if retiring is not None else None
+    state = dict(service.versions.describe(name)) if service.versions is not None else {}
+    draining = service.pool.retiring(name)
     state["draining_version"] = draining.version if draining is not None else None
     state.pop("served_version", None)  # the model's own version is authoritative
     state.pop("swapped_at", None)

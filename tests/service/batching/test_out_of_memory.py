@@ -20,7 +20,8 @@ import torch
 
 from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.batching.batcher import InferenceFailed, OutOfMemory
-from ditepose.service.batching.pool import WorkerPool, is_out_of_memory
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.batching.worker import is_out_of_memory
 from ditepose.service.core.errors import from_batcher_error
 from ditepose.service.core.model_loader import load_model
 from ditepose.service.core.settings import ModelSpec

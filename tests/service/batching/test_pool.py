@@ -19,8 +19,8 @@ from ditepose.service.batching.batcher import (
     Overloaded,
     wait_for_batch,
 )
+from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.batching.pool import WorkerPool
-from ditepose.service.core.model_loader import LoadedModel
 
 
 class _Scale(nn.Module):

@@ -12,8 +12,10 @@ from torch import nn
 
 from ditepose.service.batching.batcher import BatcherClosed
 from ditepose.service.batching.infer import make_infer
-from ditepose.service.batching.pool import SwapRefused, WorkerPool
-from ditepose.service.core.model_loader import LoadedModel, check_engine
+from ditepose.service.batching.loaded_model import LoadedModel
+from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.batching.versions import SwapRefused
+from ditepose.service.core.model_loader import check_engine
 
 
 class _Times(nn.Module):

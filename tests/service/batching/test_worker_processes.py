@@ -11,8 +11,8 @@ import torch
 
 from ditepose.model import build_model
 from ditepose.model.engine import InferenceEngine
+from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.batching.pool import WorkerPool
-from ditepose.service.core.model_loader import LoadedModel
 from ditepose.service.core.settings import Settings
 
 

@@ -70,11 +70,11 @@ def repository_settings(repository: Path, **overrides) -> Settings:
 
 @contextmanager
 def serving(settings: Settings) -> Iterator[tuple[LiveServer, GrpcServer]]:
-    """Real uvicorn (the app owns the pool, built by WorkerPool.from_settings) + a real gRPC server on it."""
+    """Real uvicorn (the app owns the pool, built by core.serving.build_pool) + a real gRPC server on it."""
     with LiveServer(settings) as live:
         context = context_of(live.app)
         assert context.service is not None and live.pool is not None
-        grpc_server = start_grpc_server(settings, live.pool, context.service, context.metrics.registry)
+        grpc_server = start_grpc_server(settings, context.service, context.metrics.registry)
         try:
             yield live, grpc_server
         finally:

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 from ditepose.model.repository import ModelManifest, write_manifest
-from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.serving import build_pool
 from ditepose.service.core.settings import ModelSpec, Settings
 from tests.service.conftest import LiveServer
 from tests.service.core.swap_support import (
@@ -23,16 +23,18 @@ def test_start_serves_the_newest_version_that_passes_and_reports_the_rejected_on
     model_dir = tmp_path / "repository" / "pose"
     publish(model_dir, seed=1)
     publish(model_dir, seed=2, corrupt="nan")
-    pool = WorkerPool.from_settings(repository_settings(tmp_path / "repository"))
+    served = build_pool(repository_settings(tmp_path / "repository"))
+    pool, watcher = served.pool, served.watcher
+    assert watcher is not None
     try:
         assert list(pool.models) == ["pose"]  # no default demo model beside the repository
         assert pool.models["pose"].version == "1" and pool.models["pose"].source == "repository"
-        state = pool.watcher.describe("pose")
+        state = watcher.describe("pose")
         assert state["served_version"] == "1" and state["available_versions"] == [1, 2]
         assert "not finite" in state["failed_versions"]["2"]
-        assert pool.watcher.load_failures == {("pose", "2"): 1}
+        assert watcher.load_failures == {("pose", "2"): 1}
     finally:
-        pool.stop()
+        served.stop()
 
 
 def test_a_pin_to_a_bad_version_at_start_is_not_substituted(tmp_path: Path) -> None:
@@ -41,13 +43,15 @@ def test_a_pin_to_a_bad_version_at_start_is_not_substituted(tmp_path: Path) -> N
     publish(repository / "pose", seed=2, corrupt="keys")
     write_manifest(repository / "pose", ModelManifest(version=2))
     publish(repository / "other", seed=3)
-    pool = WorkerPool.from_settings(repository_settings(repository))
+    served = build_pool(repository_settings(repository))
+    pool, watcher = served.pool, served.watcher
+    assert watcher is not None
     try:
         assert list(pool.models) == ["other"]
         assert "version 2" in pool.failed_models["pose"]
-        assert pool.watcher.describe("pose")["state"] == "failed"
+        assert watcher.describe("pose")["state"] == "failed"
     finally:
-        pool.stop()
+        served.stop()
 
 
 def test_reloading_a_model_flag_swaps_when_the_file_changed(tmp_path: Path) -> None:

@@ -20,10 +20,10 @@ import torch
 from ditepose import model as models
 from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
 from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.core.serving import Serving
 from ditepose.service.core.settings import ModelSpec, Settings
 from ditepose.service.grpc.server import GrpcServer, start_grpc_server
 from ditepose.service.http.app import create_app
-from ditepose.service.http.deps import context_of
 
 
 def tiny_checkpoint(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
@@ -55,10 +55,10 @@ def running_services(
         def factory(m, device):  # type: ignore[no-redef]
             return wrap_infer(make_infer(m.module, device, settings.precision))
 
-    from ditepose.service.core.model_loader import load_models
+    from ditepose.service.core.model_loader import load_models_isolated
 
     pool = WorkerPool(
-        load_models(settings.models),
+        load_models_isolated(settings.models)[0],
         settings.resolved_devices(),
         max_batch_size=settings.max_batch_size,
         max_delay_ms=settings.max_delay_ms,
@@ -66,8 +66,10 @@ def running_services(
         timeout_s=settings.request_timeout_s,
         infer_factory=factory,
     ).start()
-    app = create_app(settings, pool=pool)
-    server = start_grpc_server(settings, pool, context_of(app).service)
+    serving = Serving.create(settings)
+    service = serving.attach(pool)
+    app = create_app(settings, serving)
+    server = start_grpc_server(settings, service)
     try:
         yield pool, app, server
     finally:

@@ -37,7 +37,9 @@ def test_a_photo_without_boxes_gives_one_pose_per_person(hrnet18_checkpoint: Pat
         assert len(post_pose(client, coco_jpeg, detector="whole").json()["persons"]) == 1
         # gRPC, same service: no boxes -> the same persons
         settings = context_of(live.app).settings.model_copy(update={"grpc_port": 0})
-        server = start_grpc_server(settings, live.pool, context_of(live.app).service)
+        service = context_of(live.app).service
+        assert service is not None
+        server = start_grpc_server(settings, service)
         try:
             with grpc.insecure_channel(server.address) as channel:
                 reply = pose_pb2_grpc.PoseServiceStub(channel).Estimate(

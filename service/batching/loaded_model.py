@@ -1,0 +1,69 @@
+"""What the pool serves: a loaded model, its version and its serving options.
+
+It lives below :mod:`ditepose.service.core` because the worker pool (batching) holds models;
+:mod:`ditepose.service.core.model_loader` builds them from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ditepose.model.keypoints import KeypointSpec, get_keypoint_spec
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to serve: the module on the CPU plus what clients need to know."""
+
+    name: str
+    arch: str
+    dataset: str
+    num_joints: int
+    input_size: tuple[int, int]  # (W, H)
+    module: nn.Module
+    checkpoint: str | None
+    demo_weights: bool
+    load_s: float
+    extra: dict = field(default_factory=dict)
+    version: str = "1"
+    source: str = "flag"  # 'flag' (--model / DITEPOSE_MODELS) or 'repository'
+    # serving options (ModelSpec / the repository manifest); None: the service's defaults
+    flip_test: bool | None = None
+    decoder: str | None = None
+    max_batch_size: int | None = None
+    precision: str | None = None
+
+    @property
+    def spec(self) -> KeypointSpec:
+        return get_keypoint_spec(self.dataset)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "dataset": self.dataset,
+            "num_joints": self.num_joints,
+            "joints": list(self.spec.joint_names),
+            "skeleton": [list(edge) for edge in self.spec.skeleton],
+            "input_size": list(self.input_size),
+            "checkpoint": self.checkpoint,
+            "demo_weights": self.demo_weights,
+            "metadata": _jsonable(self.extra),
+            "version": self.version,
+            "source": self.source,
+            "options": {k: v for k, v in (("flip_test", self.flip_test), ("decoder", self.decoder),
+                                          ("max_batch_size", self.max_batch_size), ("precision", self.precision))
+                        if v is not None},
+        }
+
+
+def _jsonable(value: object) -> object:
+    """Checkpoint metadata may hold tensors or tuples; keep what JSON can carry."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
