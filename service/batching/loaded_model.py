@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ditepose.model.keypoints import KeypointSpec, get_keypoint_spec
+from ditepose.model.quality import ModelQuality, recorded_quality
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class LoadedModel:
     def spec(self) -> KeypointSpec:
         return get_keypoint_spec(self.dataset)
 
+    @property
+    def quality(self) -> ModelQuality:
+        """What the checkpoint is known to score (shown by /v1/models, ListModels, the demo page)."""
+        return recorded_quality(self.checkpoint, self.demo_weights, self.extra)
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -49,6 +55,7 @@ class LoadedModel:
             "input_size": list(self.input_size),
             "checkpoint": self.checkpoint,
             "demo_weights": self.demo_weights,
+            "quality": self.quality.to_dict(),
             "metadata": _jsonable(self.extra),
             "version": self.version,
             "source": self.source,

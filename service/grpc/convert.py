@@ -13,6 +13,7 @@ import numpy as np
 
 from ditepose.model.keypoints import KeypointSpec
 from ditepose.model.pipeline import PersonPose
+from ditepose.model.quality import ModelQuality
 from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.core.errors import ServiceError
@@ -121,6 +122,16 @@ def model_info(model: LoadedModel, default: bool, state: dict | None = None) -> 
         input_height=height,
         demo_weights=model.demo_weights,
         default=default,
+        quality=quality_message(model.quality),
+    )
+
+
+def quality_message(quality: ModelQuality) -> pose_pb2.ModelQuality:
+    """The checkpoint's recorded evaluation as the proto's ``ModelQuality`` (empty strings for None)."""
+    return pose_pb2.ModelQuality(
+        evaluated=quality.evaluated, note=quality.note, dataset=quality.dataset or "", boxes=quality.boxes or "",
+        metric=quality.metric or "", value=quality.value or 0.0, metrics=quality.metrics,
+        demo_checkpoint=quality.demo_checkpoint,
     )
 
 

@@ -92,6 +92,20 @@ class PoseResponse(BaseModel):
     persons: list[Person]
 
 
+class ModelQualityInfo(BaseModel):
+    """The evaluation the served checkpoint records, or why there is none (``model/quality.py``)."""
+
+    evaluated: bool = Field(description="False: nothing recorded (random weights, or no evaluation in the checkpoint).")
+    note: str = Field(description="One plain sentence for people (e.g. that the demo checkpoint is not usable "
+                      "on real photos).")
+    dataset: str | None = Field(default=None, description="What it was evaluated on, when the checkpoint says.")
+    boxes: str | None = Field(default=None, description="'gt' or the detector whose boxes were used.")
+    metric: str | None = Field(default=None, description="The primary metric: 'AP' (COCO) or 'PCKh' (MPII).")
+    value: float | None = Field(default=None, description="The primary metric's value.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Every recorded metric.")
+    demo_checkpoint: bool = Field(default=False, description="True: the project's shipped demo checkpoint.")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -104,6 +118,8 @@ class ModelInfo(BaseModel):
     input_size: list[int] = Field(description="Network input [W, H].")
     checkpoint: str | None
     demo_weights: bool = Field(description="True: random weights (no checkpoint found); poses are meaningless.")
+    quality: ModelQualityInfo = Field(description="What the checkpoint is known to score: read `note` before "
+                                      "trusting a pose (the shipped demo checkpoint is poor on real photos).")
     metadata: dict = Field(description="Checkpoint metadata (training recipe, metrics, notes).")
     default: bool = Field(description="Used when a request names no model.")
     version: str = Field(description="The served version: a repository version number, or for a --model "

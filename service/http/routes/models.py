@@ -28,7 +28,9 @@ def version_state(service: PoseService, name: str) -> dict[str, Any]:
             responses=error_responses("unavailable"))
 async def list_models(service: PoseServiceDep) -> ModelsResponse:
     """Every served model with its served version, the versions available and the last load error;
-    `demo_weights: true` means random weights (no checkpoint was found)."""
+    `demo_weights: true` means random weights (no checkpoint was found); `quality` is what the checkpoint
+    is known to score (its recorded evaluation, or "not evaluated"): the shipped demo checkpoint says there
+    that it is not usable on real photos."""
     default = service.default_model_name
     models = []
     for m in list(service.pool.models.values()):

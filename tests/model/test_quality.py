@@ -6,7 +6,7 @@ import pytest
 
 from ditepose.model.checkpoint import load_pose_model
 from ditepose.model.defaults import default_checkpoint_path
-from ditepose.service.core.model_quality import (
+from ditepose.model.quality import (
     NOT_EVALUATED_NOTE,
     RANDOM_NOTE,
     is_shipped_demo,

@@ -1,4 +1,4 @@
-"""What a served checkpoint is known to score, said where the model is served.
+"""What a checkpoint is known to score, said where the model is served.
 
 A client choosing a model, and a person opening the demo page, should see at once whether the
 network behind it is any good. ``demo_weights`` only says "random weights"; it is false for the
