@@ -76,6 +76,8 @@ def _open_encoder(path: Path, codec: str, size_wh: tuple[int, int], fps: int | F
     encoder, _, pix_fmt, options = CODECS[codec]
     container = av.open(str(path), mode="w")
     stream = container.add_stream(encoder, rate=Fraction(fps))
+    if not isinstance(stream, av.video.stream.VideoStream):  # narrows add_stream's union for mypy
+        raise TypeError(f"{encoder} is not a video encoder")
     stream.width, stream.height = size_wh
     stream.pix_fmt = pix_fmt
     stream.options = dict(options)
