@@ -218,18 +218,25 @@ def segment_overlap(options: VideoOptions, requested: int = 8) -> int:
     return max(requested, options.detect_interval)
 
 
+def plan_video(video: str | Path, options: VideoOptions,
+               segment_frames: int | None = None) -> tuple[VideoInfo, FrameIndex, list[SegmentPlan]]:
+    """Probe ``video`` and cut it: one segment (``segment_frames`` None), or segments of at least
+    ``segment_frames`` at keyframes, overlapping by :func:`segment_overlap`. Raises the probe's
+    NotAVideo / NoDecodableFrames."""
+    info = probe(video)
+    index = read_index(video)
+    if segment_frames is None:
+        return info, index, [SegmentPlan(0, 0, len(index.pts))]
+    return info, index, plan_segments(len(index.pts), index.keyframes, segment_frames, segment_overlap(options))
+
+
 def run_video(video: str | Path, model: PoseModel, detector: PersonDetector, options: VideoOptions | None = None,
               segment_frames: int | None = None, on_frame: Callable[[int], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> VideoResult:
     """The whole video in this thread: one segment, or segments of ``segment_frames`` cut at
     keyframes and run one after the other (what the Celery tasks do on several workers)."""
     options = options or VideoOptions()
-    info = probe(video)
-    index = read_index(video)
-    if segment_frames is None:
-        plans = [SegmentPlan(0, 0, info.frames)]
-    else:
-        plans = plan_segments(len(index.pts), index.keyframes, segment_frames, segment_overlap(options))
+    info, index, plans = plan_video(video, options, segment_frames)
     runner = SegmentRunner(model, detector, options)
     segments = [runner.run(video, plan, index, on_frame, should_stop) for plan in plans]
     return finish_result(info, segments, model, options)
