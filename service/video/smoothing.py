@@ -7,6 +7,7 @@ frames' timestamps, so dropped frames just mean a longer time step.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -80,3 +81,57 @@ class KeypointSmoother:
         live = set(live_ids)
         for track_id in [k for k in self.filters if k not in live]:
             del self.filters[track_id]
+
+
+# ---------------------------------------------------------------------------- offline (two-sided)
+@dataclass(frozen=True)
+class SavgolConfig:
+    """Savitzky–Golay smoothing of a recorded track: a polynomial of ``order`` fitted over a window
+    of ``window`` frames centred on each frame. Two-sided, so no lag (the One Euro filter above
+    must lag: it sees only the past); for offline video, where the whole track is known."""
+
+    window: int = 9  # frames, odd; 9 at 30 frames/s is 0.3 s
+    order: int = 2
+
+    def __post_init__(self) -> None:
+        if self.window < 3 or self.window % 2 == 0:
+            raise ValueError(f"window must be an odd number >= 3, got {self.window}")
+        if not 0 <= self.order < self.window:
+            raise ValueError(f"order must be in [0, window), got {self.order}")
+
+
+def _runs(frames: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) row ranges of consecutive frame numbers."""
+    breaks = np.flatnonzero(np.diff(frames) != 1) + 1
+    bounds = [0, *breaks.tolist(), len(frames)]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def savgol_keypoints(keypoints: np.ndarray, frames: np.ndarray | list[int],
+                     config: SavgolConfig | None = None) -> np.ndarray:
+    """Smoothed copy of one track's keypoints [F, K, 3] (x, y smoothed; scores pass through).
+
+    Each run of consecutive ``frames`` is smoothed on its own (a gap is a missed detection, not
+    a sample); a run shorter than the window gets the longest odd window it holds, and one too
+    short for the polynomial is left as it is."""
+    from scipy.signal import savgol_filter
+
+    config = config or SavgolConfig()
+    out = np.array(keypoints, np.float64, copy=True)
+    for start, end in _runs(np.asarray(frames, np.int64)):
+        length = end - start
+        window = min(config.window, length if length % 2 else length - 1)
+        if window <= config.order or window < 3:
+            continue
+        out[start:end, :, :2] = savgol_filter(out[start:end, :, :2], window, config.order, axis=0, mode="interp")
+    return out
+
+
+def one_euro_keypoints(keypoints: np.ndarray, timestamps: list[float],
+                       config: OneEuroConfig | None = None) -> np.ndarray:
+    """One track's keypoints [F, K, 3] through the causal One Euro filter, frame after frame."""
+    smoother = KeypointSmoother(config)
+    out = np.array(keypoints, np.float64, copy=True)
+    for row, t in enumerate(timestamps):
+        out[row] = smoother.smooth(0, out[row], float(t))
+    return out
