@@ -20,6 +20,7 @@ from ditepose.service.core.admission import Admission
 from ditepose.service.core.errors import ERROR_CODES, install_error_handlers
 from ditepose.service.core.settings import Settings
 from ditepose.service.http.deps import AppContext
+from ditepose.service.http.disconnects import install_disconnect_handler
 from ditepose.service.http.middleware import AdmissionControl, BodySizeLimit, RequestMetrics
 from ditepose.service.http.routes import demo, error_responses, health, jobs, models, pose
 from ditepose.service.http.security import require_api_key
@@ -62,6 +63,7 @@ def create_app(
         context.attach(pool)
 
     install_error_handlers(app, settings.retry_after_s)
+    install_disconnect_handler(app, context.metrics.registry)
     secured = {"dependencies": [Depends(require_api_key)], "responses": error_responses("unauthorized")}
     app.include_router(pose.router, **secured)
     app.include_router(models.router, **secured)
