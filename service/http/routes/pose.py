@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from ditepose.model.codec import DECODER_NAMES
@@ -64,6 +65,8 @@ async def _from_multipart(request: Request, max_bytes: int) -> PoseRequest:
         form = await request.form(max_files=1, max_fields=16, max_part_size=MAX_FIELD_BYTES)
     except MultiPartException as exc:
         raise ServiceError("invalid_request", f"bad multipart body: {exc.message}") from exc
+    except HTTPException as exc:  # starlette turns MultiPartException into a 400 inside an app; ours is 422
+        raise ServiceError("invalid_request", f"bad multipart body: {exc.detail}") from exc
     try:
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
