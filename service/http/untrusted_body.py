@@ -10,8 +10,9 @@ FastAPI's.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from email.message import Message
+from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
@@ -48,7 +49,7 @@ def declares_json(request: Request) -> bool:
 class UntrustedJsonRoute(APIRoute):
     """Parse a JSON body before FastAPI does, so a hostile one is our 422, not FastAPI's 400."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def parse_then_handle(request: Request) -> Response:
