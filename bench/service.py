@@ -48,7 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import STAGES, LevelResult, pose_request, run_level  # noqa: E402
-from bench.service_support import ProcCpu, free_port, test_jpeg  # noqa: E402
+from bench.service_support import ProcCpu, free_port, test_jpeg, tree_memory_mb  # noqa: E402
 from bench.shared import shared_file  # noqa: E402
 
 
@@ -178,7 +178,8 @@ def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: boo
 
 
 def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, requests: int,
-           engine: _Engine | None, batch: int, rounds: int, engine_s: float, settle_s: float = 0.0) -> dict:
+           engine: _Engine | None, batch: int, rounds: int, engine_s: float, settle_s: float = 0.0,
+           server_pid: int | None = None) -> dict:
     """One concurrency level in ``rounds`` load chunks, each preceded (and the last one followed)
     by an engine chunk: on a shared machine, interleaving makes both sides see the same load.
     ``settle_s``: wait before reading /metrics after a chunk (behind --api-processes a front-end
@@ -223,6 +224,8 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
         "server_loop_cpu_ms_per_req": round(1000 * loop_cpu / requests, 2),
         "client_cpu_ms_per_req": round(1000 * run.client_cpu_s / requests, 2),
         "server_stages_mean_ms": {s: round(run.stage_sums_ms[s] / ok, 2) for s in STAGES} if ok else None,
+        # per server process after this level: RSS now and its peak (VmHWM) since the server started
+        "server_memory_mb": tree_memory_mb(server_pid) if server_pid is not None else None,
     }
     if engine is not None:
         crops, seconds, cpu = (sum(r[i] for r in engine_runs) for i in range(3))
@@ -248,13 +251,14 @@ def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
     levels = []
     try:
         proc_cpu = ProcCpu(proc.pid)
+        idle_memory = tree_memory_mb(proc.pid)
         asyncio.run(run_level("127.0.0.1", port, request, 2, 4))  # warm-up
         for c in args.concurrency:
             n = args.requests or (max(16, 4 * c) if args.quick else max(160, 16 * c))
             rounds, engine_s = (2, 0.5) if args.quick else (4, 1.5)
             settle_s = 0.6 if "--api-processes" in args.serve_arg else 0.0
             level = _level(port, proc_cpu, request, c, n, engine, min(c, args.max_batch_size), rounds, engine_s,
-                           settle_s)
+                           settle_s, server_pid=proc.pid)
             levels.append(level)
             print(f"  concurrency {c}: {level['req_per_s']} req/s; engine {level.get('engine_req_per_s')}/s", flush=True)
     finally:
@@ -263,20 +267,32 @@ def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
     from ditepose import model
     meta = model.load_pose_model(checkpoint)[1]
     return {"checkpoint": str(checkpoint), "arch": meta.arch, "input_wh": list(meta.input_size),
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "levels": levels}
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "server_memory_idle_mb": idle_memory,
+            "levels": levels}
 
 
 def _print(run: dict) -> None:
     w, h = run["input_wh"]
     print(f"{run['arch']} {h}x{w} ({run['checkpoint']})")
     print(f"{'conc':>5} {'reqs':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'batch':>6} "
-          f"{'busy':>5} {'srv cpu':>8} {'loop':>6} {'client':>7} {'engine/s':>9} {'ratio':>6} {'1-str/s':>8} {'ratio':>6}")
+          f"{'busy':>5} {'srv cpu':>8} {'loop':>6} {'client':>7} {'engine/s':>9} {'ratio':>6} {'1-str/s':>8} {'ratio':>6}"
+          f" {'peak MiB':>9}")
     for r in run["levels"]:
         print(f"{r['concurrency']:>5} {r['requests']:>5} {r['req_per_s']:>8.2f} {r['p50_ms'] or 0:>8.1f} "
               f"{r['p99_ms'] or 0:>8.1f} {sum(r['errors'].values()):>7} {r['mean_batch'] or 0:>6.2f} "
               f"{r['worker_busy']:>5.2f} {r['server_cpu_ms_per_req']:>8.2f} {r['server_loop_cpu_ms_per_req']:>6.2f} "
               f"{r['client_cpu_ms_per_req']:>7.2f} {r.get('engine_req_per_s', 0):>9.2f} {r.get('ratio', 0):>6.2f} "
-              f"{r.get('engine_1_stream_req_per_s', 0):>8.2f} {r.get('ratio_1_stream', 0):>6.2f}")
+              f"{r.get('engine_1_stream_req_per_s', 0):>8.2f} {r.get('ratio_1_stream', 0):>6.2f}"
+              f" {_peak_mb(r):>9.1f}")
+    idle = sum(p["rss_mb"] for p in run["server_memory_idle_mb"])
+    print(f"server RSS idle {idle:.1f} MiB; per process after the last level: "
+          + ", ".join(f"{p['name']}[{p['pid']}] {p['rss_mb']} (peak {p['peak_rss_mb']})"
+                      for p in run["levels"][-1]["server_memory_mb"] or []) if run["levels"] else "")
+
+
+def _peak_mb(level: dict) -> float:
+    """The server's peak RSS over its processes (sum of each one's VmHWM: an upper bound of the tree's)."""
+    return sum(p["peak_rss_mb"] for p in level.get("server_memory_mb") or [])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,3 +47,51 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _status_kb(pid: int, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
+    except OSError:  # the process exited between the listing and the read
+        return None
+    return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``/proc/<pid>/task/*/children``), parents first."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop(0)
+        found.append(current)
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                queue.extend(int(child) for child in (task / "children").read_text().split())
+            except OSError:
+                continue
+    return found
+
+
+def tree_memory_mb(pid: int) -> list[dict]:
+    """Per process of ``pid``'s tree: its command name, current RSS (VmRSS) and peak RSS (VmHWM) in MiB.
+
+    The peak is the kernel's high-water mark since the process started, so a reading after the
+    load covers every burst in between without sampling.
+    """
+    rows = []
+    for member in process_tree(pid):
+        rss, peak = _status_kb(member, "VmRSS"), _status_kb(member, "VmHWM")
+        if rss is None or peak is None:
+            continue
+        try:
+            name = Path(f"/proc/{member}/comm").read_text().strip()
+        except OSError:
+            name = "?"
+        rows.append({"pid": member, "name": name, "rss_mb": round(rss / 1024, 1), "peak_rss_mb": round(peak / 1024, 1)})
+    return rows

@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.service_support import free_port, rss_mb  # noqa: E402
+from bench.service_support import free_port, rss_mb, tree_memory_mb  # noqa: E402
 
 BOX = "[[110,25,100,205]]"  # the figure of _images(), as the REST boxes field
 
@@ -187,8 +187,9 @@ def _sample_rss(pid: int, t0: float, stop_at: float, every: float) -> list[tuple
 
 
 def _report(config: dict, duration_s: float, tally: Tally, rss: list[tuple[float, float]], *, ready: bool,
-            metrics_ok: bool) -> dict:
-    """The soak's JSON: answers by code, served/s and latency percentiles by kind, losses, RSS."""
+            metrics_ok: bool, memory: dict[str, list[dict]]) -> dict:
+    """The soak's JSON: answers by code, served/s and latency percentiles by kind, losses, RSS
+    (the server's samples, and per process of its tree: RSS and peak RSS idle and after the load)."""
     kinds = sorted(tally.latency)
     served = {k: sum(v for c, v in tally.codes.items() if c.startswith(k + ":") and c.split(":")[1] in ("200", "ok"))
               for k in kinds}
@@ -207,6 +208,7 @@ def _report(config: dict, duration_s: float, tally: Tally, rss: list[tuple[float
         "lost_total": sum(tally.lost.values()),
         "rss_mb": {"start": rss_values[0] if rss_values else None, "max": max(rss_values, default=None),
                    "end": rss_values[-1] if rss_values else None, "samples": rss},
+        "memory_mb": memory,
         "ready_after": ready,
         "metrics_ok_after": metrics_ok,
     }
@@ -221,6 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     log = tmp / "server.log"
     with _server(checkpoint, log, queue_size=args.queue_size, timeout=args.timeout) as (pid, base, grpc_port):
         tally = Tally()
+        idle = tree_memory_mb(pid)
         stop_at = time.monotonic() + args.duration
         t0 = time.monotonic()
         rest = functools.partial(_rest_client, base, tally, stop_at, timeout=args.timeout + 10)
@@ -237,8 +240,9 @@ def run(args: argparse.Namespace) -> dict:
             t.join(args.timeout * args.frames_per_stream + 30)
         ready = bool(httpx.get(f"{base}/readyz", timeout=10).json().get("ready"))
         metrics_ok = httpx.get(f"{base}/metrics", timeout=10).status_code == 200
+        memory = {"idle": idle, "after_load": tree_memory_mb(pid)}
     return _report(vars(args) | {"checkpoint": str(checkpoint)}, args.duration, tally, rss, ready=ready,
-                   metrics_ok=metrics_ok)
+                   metrics_ok=metrics_ok, memory=memory)
 
 
 def main(argv: list[str] | None = None) -> None:

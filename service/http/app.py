@@ -21,6 +21,7 @@ from ditepose.service.core.errors import ERROR_CODES
 from ditepose.service.core.serving import Serving, ServingPool, build_pool
 from ditepose.service.core.settings import Settings
 from ditepose.service.http.deps import AppContext
+from ditepose.service.http.disconnects import install_disconnect_handler
 from ditepose.service.http.errors import install_error_handlers
 from ditepose.service.http.middleware import AdmissionControl, BodySizeLimit, RequestMetrics
 from ditepose.service.http.routes import demo, error_responses, health, jobs, models, pose
@@ -67,6 +68,7 @@ def create_app(
     app = FastAPI(title="DitePose", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
     app.state.context = context
     install_error_handlers(app, settings.retry_after_s)
+    install_disconnect_handler(app, context.metrics.registry)
     secured: list[params.Depends] = [Depends(require_api_key)]
     unauthorized = error_responses("unauthorized")
     for router in (pose.router, models.router, jobs.router):

@@ -17,12 +17,14 @@ from fastapi.responses import FileResponse, JSONResponse
 from ditepose.service.core.errors import ServiceError
 from ditepose.service.http.deps import AppContext, JobServiceDep
 from ditepose.service.http.routes import error_responses
+from ditepose.service.http.untrusted_body import UntrustedJsonRoute
 from ditepose.service.jobs.catalogue import BadName, UnknownName
 from ditepose.service.jobs.executor import BrokerUnavailable
 from ditepose.service.jobs.manager import InvalidRequest, JobService, UnknownModel
 from ditepose.service.jobs.schemas import EvaluateRequest, JobAccepted, JobList, JobResponse, job_response
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+# The JSON body of /v1/evaluate goes through the service's untrusted-JSON reader before FastAPI validates it.
+router = APIRouter(prefix="/v1", tags=["jobs"], route_class=UntrustedJsonRoute)
 
 
 def jobs_readiness(context: AppContext) -> dict[str, Any]:

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from ditepose.model.codec import DECODER_NAMES
 from ditepose.model.detectors import DETECTORS
 from ditepose.service.core.errors import ServiceError
 from ditepose.service.core.pose_service import PoseRequest, PoseResult
+from ditepose.service.core.untrusted_json import ANY_JSON, JSON_OBJECT, read_json
 from ditepose.service.http.deps import PoseServiceDep
 from ditepose.service.http.routes import error_responses
 from ditepose.service.http.schemas import (
@@ -29,6 +30,9 @@ from ditepose.service.http.schemas import (
 )
 
 router = APIRouter(prefix="/v1", tags=["pose"])
+
+# The largest multipart text field (the boxes' JSON included): 10,000 boxes fit in about 200 KB.
+MAX_FIELD_BYTES = 1024 * 1024
 
 _OPTION_FIELDS = ("model", "flip_test", "decoder", "score_threshold", "detector")
 
@@ -58,9 +62,11 @@ def _invalid(exc: ValidationError) -> ServiceError:
 
 async def _from_multipart(request: Request, max_bytes: int) -> PoseRequest:
     try:
-        form = await request.form(max_files=1, max_fields=16, max_part_size=1024 * 1024)
+        form = await request.form(max_files=1, max_fields=16, max_part_size=MAX_FIELD_BYTES)
     except MultiPartException as exc:
         raise ServiceError("invalid_request", f"bad multipart body: {exc.message}") from exc
+    except HTTPException as exc:  # starlette turns MultiPartException into a 400 inside an app; ours is 422
+        raise ServiceError("invalid_request", f"bad multipart body: {exc.detail}") from exc
     try:
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
@@ -71,22 +77,14 @@ async def _from_multipart(request: Request, max_bytes: int) -> PoseRequest:
         fields: dict[str, object] = {k: form[k] for k in _OPTION_FIELDS if isinstance(form.get(k), str) and form[k] != ""}
         raw_boxes = form.get("boxes")
         if isinstance(raw_boxes, str) and raw_boxes.strip():
-            try:
-                fields["boxes"] = json.loads(raw_boxes)
-            except json.JSONDecodeError as exc:
-                raise ServiceError("bad_boxes", f"'boxes' is not JSON: {exc}") from exc
+            fields["boxes"] = read_json(raw_boxes, ANY_JSON, field="boxes", max_bytes=MAX_FIELD_BYTES, code="bad_boxes")
     finally:
         await form.close()
     return _to_request(data, fields)
 
 
-async def _from_json(request: Request) -> PoseRequest:
-    try:
-        payload = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ServiceError("invalid_request", f"body is not JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise ServiceError("invalid_request", "JSON body must be an object")
+async def _from_json(request: Request, max_bytes: int) -> PoseRequest:
+    payload: dict = read_json(await request.body(), JSON_OBJECT, field="body", max_bytes=max_bytes)
     image_b64 = payload.pop("image", None)
     if not isinstance(image_b64, str):
         raise ServiceError("invalid_request", "JSON field 'image' (base64 string) is required")
@@ -95,6 +93,12 @@ async def _from_json(request: Request) -> PoseRequest:
     except (binascii.Error, ValueError) as exc:
         raise ServiceError("invalid_request", f"'image' is not valid base64: {exc}") from exc
     return _to_request(data, payload)
+
+
+def json_body_limit(max_upload_bytes: int) -> int:
+    """The JSON form's body limit: base64 is 4/3 of the image, plus the other fields (the same
+    bound as the app's body-size middleware, which refuses larger bodies before they are read)."""
+    return max_upload_bytes * 4 // 3 + 64 * 1024
 
 
 def _to_request(data: bytes, fields: dict) -> PoseRequest:
@@ -145,7 +149,7 @@ async def estimate_pose(
     if content_type == "multipart/form-data":
         pose_request = await _from_multipart(request, service.settings.max_upload_bytes)
     elif content_type in ("application/json", ""):
-        pose_request = await _from_json(request)
+        pose_request = await _from_json(request, json_body_limit(service.settings.max_upload_bytes))
     else:
         raise ServiceError("not_an_image", f"send multipart/form-data or application/json, not {content_type!r}")
     result = await service.estimate(pose_request)
