@@ -8,7 +8,7 @@ settings import it without importing an engine.
 
 from __future__ import annotations
 
-from typing import Literal, cast, get_args
+from typing import Literal, get_args
 
 Precision = Literal["fp32", "fp16", "bf16"]
 PrecisionSetting = Literal["auto", Precision]
@@ -21,14 +21,14 @@ def parse_precision_setting(value: object) -> PrecisionSetting:
     """``value`` as a precision setting (``"auto"`` allowed); ValueError names the choices."""
     if not isinstance(value, str) or value not in PRECISION_SETTINGS:
         raise ValueError(f"precision must be one of {list(PRECISION_SETTINGS)}, got {value!r}")
-    return cast(PrecisionSetting, value)
+    return value
 
 
 def parse_precision(value: object) -> Precision:
     """``value`` as an engine precision (no ``"auto"``); ValueError names the choices."""
     if not isinstance(value, str) or value not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {value!r}")
-    return cast(Precision, value)
+    return value
 
 
 def resolve_precision(setting: str, device: str) -> Precision:
