@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared import shared_file
 from ditepose.model import build_model, load_checkpoint
-from ditepose.model.engine import PRECISIONS, InferenceEngine
-from ditepose.model.process_engine import ProcessEngine
+from ditepose.model.engines import PRECISIONS, build_engine
+from ditepose.model.engines.process_engine import ProcessEngine
 
 REFERENCE_WEIGHTS = {"dite_hrnet_18": ("dite_hrnet_18_coco_random.pth", 17), "dite_hrnet_30": ("dite_hrnet_30_mpii_random.pth", 16)}
 REFERENCE_INPUT = "dite_hrnet_18_coco_golden_io.pt"
@@ -72,8 +72,8 @@ def peak_rss_delta_mb(fn: Callable[[], object]) -> float | None:
 
 def cpu_seconds(fn: object) -> float:
     """CPU time of this process plus that of ``fn``'s engine processes, in seconds."""
-    return time.process_time() + sum(engine.cpu_seconds() for engine in getattr(fn, "fns", [])
-                                     if isinstance(engine, ProcessEngine))
+    engines = fn.fns if isinstance(fn, Streams) else []
+    return time.process_time() + sum(engine.cpu_seconds() for engine in engines if isinstance(engine, ProcessEngine))
 
 
 class Streams:
@@ -126,12 +126,12 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
     model.to(device)
     model_cpu = reference_model(arch)
     model_cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-    fast_cl = InferenceEngine(model_cpu, device, dynamic="fast", channels_last=True)
+    fast_cl = build_engine(model_cpu, device, dynamic="fast", channels_last=True)
     factories: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]] = {
         EAGER: lambda: eager,
-        "fused BN, grouped dyn": lambda: InferenceEngine(model_cpu, device, dynamic="grouped", channels_last=False),
-        "fused, stacked dyn": lambda: InferenceEngine(model_cpu, device, dynamic="stacked", channels_last=False),
-        "fused, fast dyn": lambda: InferenceEngine(model_cpu, device, dynamic="fast", channels_last=False),
+        "fused BN, grouped dyn": lambda: build_engine(model_cpu, device, dynamic="grouped", channels_last=False),
+        "fused, stacked dyn": lambda: build_engine(model_cpu, device, dynamic="stacked", channels_last=False),
+        "fused, fast dyn": lambda: build_engine(model_cpu, device, dynamic="fast", channels_last=False),
         "fused, fast dyn, CL": lambda: fast_cl,
     }
     cuda = device.startswith("cuda")
@@ -139,22 +139,22 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
         # CPU: autocast too (bf16 pays off on CPUs with AMX); CUDA graphs are CUDA-only
         for graphs in (False, True) if cuda else (False,):
             name = f"fast, {precision}" + (", graphs" if graphs else "")
-            factories[name] = lambda p=precision, g=graphs: InferenceEngine(model_cpu, device, precision=p, cuda_graphs=g)
+            factories[name] = lambda p=precision, g=graphs: build_engine(model_cpu, device, p, cuda_graphs=g)
     if not cuda and streams > 1:
         factories[f"eager, {streams} streams x 1 thread"] = lambda: Streams(eager, streams, 1)
         factories[f"fast CL, {streams} streams x 1 thread"] = lambda: Streams(fast_cl, streams, 1)
         # the same with each stream's engine in a child process: no GIL shared (DITEPOSE_WORKER_PROCESSES)
         factories[f"fast CL, {streams} processes x 1 thread"] = lambda: Streams(
-            [ProcessEngine(model_cpu, threads=1) for _ in range(streams)], streams, 1)
+            [build_engine(model_cpu, "cpu", process=True, threads=1) for _ in range(streams)], streams, 1)
     if with_compile:
-        factories["fast CL + torch.compile"] = lambda: InferenceEngine(model_cpu, device, compile=True,
-                                                                       channels_last=True)
+        factories["fast CL + torch.compile"] = lambda: build_engine(model_cpu, device, compile=True,
+                                                                    channels_last=True)
     if with_onnx and device == "cpu":
         def onnx() -> Callable[[torch.Tensor], torch.Tensor]:
-            from ditepose.model.export import OnnxEngine, export_onnx
+            from ditepose.model.export import export_onnx
 
             onnx_path = export_onnx(model_cpu, tmp / f"{arch}.onnx", input_hw)
-            return OnnxEngine(onnx_path, num_threads=torch.get_num_threads())
+            return build_engine(onnx_path, backend="onnxruntime", threads=torch.get_num_threads())
 
         factories["onnxruntime (stacked)"] = onnx
     return {name: make() for name, make in factories.items()

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ditepose.model.process_engine import stat_cpu_seconds
+from ditepose.model.engines.process_engine import stat_cpu_seconds
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ unchanged (``conv.attention.conv1``, ``conv.aggregation.weight``, ``channel_atte
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ class KernelAttention(nn.Module):
         self.conv2 = nn.Conv2d(mid_channels, num_kernels, kernel_size=1, bias=True)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         nn.init.kaiming_normal_(self.conv2.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.conv2.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.conv2.bias))  # built with bias=True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(x, 1)

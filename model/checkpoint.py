@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditepose.model.dite_hrnet import TopDownPoseNet
 from ditepose.model.keypoints import spec_for_num_joints
 from ditepose.model.registry import build_model, get_config
 
@@ -136,7 +137,8 @@ def infer_meta(state: dict[str, torch.Tensor], meta: dict[str, Any] | None = Non
         pattern = re.compile(rf"^backbone\.stage{stage}\.(\d+)\.")
         indices = {int(m.group(1)) for k in state if (m := pattern.match(k))}
         modules.append(max(indices) + 1 if indices else 0)
-    arch = {(2, 4, 2): "dite_hrnet_18", (3, 8, 3): "dite_hrnet_30"}.get(tuple(modules))
+    archs: dict[tuple[int, ...], str] = {(2, 4, 2): "dite_hrnet_18", (3, 8, 3): "dite_hrnet_30"}
+    arch = archs.get(tuple(modules))
     if arch is None:
         raise CheckpointError(f"unrecognised architecture: modules per stage {tuple(modules)}")
     meta = meta or {}
@@ -150,7 +152,7 @@ def infer_meta(state: dict[str, torch.Tensor], meta: dict[str, Any] | None = Non
 
 def load_pose_model(
     path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, CheckpointMeta]:
+) -> tuple[TopDownPoseNet, CheckpointMeta]:
     """Build the right network for a checkpoint (ours or the authors') and load it, in eval mode."""
     obj = _read(path, map_location)
     state = _state_dict_of(obj, path)

@@ -56,7 +56,7 @@ def encode_heatmaps(
     weight = (vis > 0).astype(np.float32)
     tmp_size = sigma * 3
     size = int(2 * tmp_size + 1)
-    x = np.arange(0, size, 1, np.float32)
+    x = np.arange(0, size, 1, dtype=np.float32)
     y = x[:, None]
     x0 = y0 = size // 2
     g = np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / (2 * sigma**2))

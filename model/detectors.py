@@ -169,7 +169,7 @@ class HogPersonDetector:
                 "install opencv-contrib-python-headless"
             )
         self._hog = cv2.HOGDescriptor()
-        self._hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+        self._hog.setSVMDetector(np.asarray(cv2.HOGDescriptor.getDefaultPeopleDetector()))
         self.score_thr = score_thr
         self.nms_iou = nms_iou
         self.max_side = max_side

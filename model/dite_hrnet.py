@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,12 @@ class DynamicMultiScaleContextBlock(nn.Module):
         return [channel_shuffle(torch.cat((a, b), dim=1), 2) for a, b in zip(passed, worked, strict=True)]
 
 
+def _module_list(modules: list[nn.Module | None]) -> nn.ModuleList:
+    """A ModuleList whose ``None`` entries mean "no layer" (``nn.Module.add_module`` accepts None;
+    the reference's checkpoints number their layers with those gaps)."""
+    return nn.ModuleList(cast(list[nn.Module], modules))
+
+
 class CrossResolutionModule(nn.Module):
     """A stage module: DMC blocks on every branch, then multi-scale fusion across branches."""
 
@@ -142,7 +149,7 @@ class CrossResolutionModule(nn.Module):
             *(DynamicMultiScaleContextBlock(in_channels, config) for _ in range(num_blocks))
         )
         self.fuse_layers = nn.ModuleList(
-            nn.ModuleList(self._fuse_path(j, i) for j in range(self.num_branches))
+            _module_list([self._fuse_path(j, i) for j in range(self.num_branches)])
             for i in range(self.num_branches)
         )
         self.relu = nn.ReLU(inplace=False)
@@ -172,9 +179,13 @@ class CrossResolutionModule(nn.Module):
             )
         )
 
+    def _path(self, target: int, source: int) -> nn.Module:
+        """``fuse_layers[target][source]``: the path from branch ``source`` to output ``target``."""
+        return cast(nn.ModuleList, self.fuse_layers[target])[source]
+
     def _from_branch0(self, target: int, branch0: torch.Tensor) -> torch.Tensor:
         """The reference adds the branch-0 path twice for every output (see ``forward``)."""
-        path = self.fuse_layers[target][0]
+        path = self._path(target, 0)
         if self.training:  # run it twice, as the reference does, so BN statistics update identically
             return path(branch0) + path(branch0)
         return 2 * path(branch0)
@@ -186,13 +197,13 @@ class CrossResolutionModule(nn.Module):
         # outputs i > 0 add their branch-0 path twice. Trained checkpoints depend on it; keep it.
         fused0 = out[0] + out[0]
         for j in range(1, self.num_branches):
-            fused0 = fused0 + self.fuse_layers[0][j](out[j])
+            fused0 = fused0 + self._path(0, j)(out[j])
         fused0 = self.relu(fused0)
         results = [fused0]
         for i in range(1, self.num_branches):
             y = self._from_branch0(i, fused0)
             for j in range(1, self.num_branches):
-                y = y + (out[j] if i == j else self.fuse_layers[i][j](out[j]))
+                y = y + (out[j] if i == j else self._path(i, j)(out[j]))
             results.append(self.relu(y))
         return results
 
@@ -263,7 +274,7 @@ class DiteHRNet(nn.Module):
                         )
                     )
                 )
-        return nn.ModuleList(layers)
+        return _module_list(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branches = [self.stem(x)]

@@ -22,6 +22,8 @@ None of these modules has trainable state or a training mode: convert, then call
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +73,11 @@ class PooledMLP(nn.Module):
     Weights are stored transposed for ``addmm``: ``F.linear`` would transpose them on every call
     (a few hundred extra ops per forward pass, which at batch 1 is mostly dispatch overhead)."""
 
+    w1t: torch.Tensor  # buffers (declared for the type checker; registered in __init__)
+    b1: torch.Tensor
+    w2t: torch.Tensor
+    b2: torch.Tensor
+
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("w1t", w1.t().contiguous())
@@ -89,6 +96,10 @@ class FastDynamicConv(nn.Module):
     ``mode='grouped'`` is the authors' batch-as-groups conv; ``'fast'`` uses a batched matmul for
     dense 1x1 kernels and the grouped conv otherwise (depth-wise: fastest by measurement).
     """
+
+    bank: torch.Tensor  # buffers (declared for the type checker; registered in __init__)
+    bias: torch.Tensor
+    stacked: torch.Tensor
 
     def __init__(
         self,
@@ -176,10 +187,15 @@ class FastDynamicConv(nn.Module):
 class FastGlobalContext(nn.Module):
     """Global context with its BatchNorm folded: ``x * (w * scale) + shift``, optionally into ``out``."""
 
+    mask_weight: torch.Tensor  # buffers (declared for the type checker; registered in __init__)
+    mask_bias: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, mask: nn.Conv2d, attention: PooledMLP, scale: torch.Tensor, shift: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask_weight", mask.weight.detach().flatten())
-        self.register_buffer("mask_bias", mask.bias.detach())
+        self.register_buffer("mask_bias", cast(torch.Tensor, mask.bias).detach())  # folded convs have a bias
         self.attention = attention
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift[:, None, None])
@@ -198,10 +214,13 @@ class FastDenseContext(nn.Module):
 
     def __init__(self, masks: nn.ModuleList, attention: PooledMLP, channels: list[int]) -> None:
         super().__init__()
+        convs = [cast(nn.Conv2d, m) for m in masks]
         self.mask_weight = nn.ParameterList(
-            nn.Parameter(m.weight.detach().flatten(), requires_grad=False) for m in masks
+            nn.Parameter(c.weight.detach().flatten(), requires_grad=False) for c in convs
         )
-        self.mask_bias = nn.ParameterList(nn.Parameter(m.bias.detach(), requires_grad=False) for m in masks)
+        self.mask_bias = nn.ParameterList(
+            nn.Parameter(cast(torch.Tensor, c.bias).detach(), requires_grad=False) for c in convs  # folded: biased
+        )
         self.attention = attention
         self.channels = channels
 
@@ -306,7 +325,7 @@ class FastCrossResolution(nn.Module):
         # nearest upsample, done by ``add_upsampled_`` from the shapes
         self.fuse_layers = fuse
         self._blocks = [block.forward for block in layers]  # no hooks on these: skip Module.__call__
-        self._fuse = [list(row) for row in fuse]
+        self._fuse = [list(cast(nn.ModuleList, row)) for row in fuse]
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         out = xs
@@ -391,7 +410,7 @@ class FastPoseNet(nn.Module):
         branches = [self.stem(x)]
         for transition, stage in zip(self.transitions, self.stages, strict=True):
             inputs = []
-            for j, layer in enumerate(transition):
+            for j, layer in enumerate(cast(nn.ModuleList, transition)):
                 source = branches[j] if j < len(branches) else branches[-1]
                 inputs.append(layer(source) if not isinstance(layer, nn.Identity) else source)
             branches = stage(inputs)

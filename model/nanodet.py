@@ -184,7 +184,7 @@ def read_tfjs_tensors(model_json: Path, weights_bin: Path) -> tuple[dict, dict[s
         quant = w.get("quantization")
         stored = np.dtype({"float16": np.float16, "uint8": np.uint8, "uint16": np.uint16}[quant["dtype"]]
                           if quant else {"float32": np.float32, "int32": np.int32, "bool": np.bool_}[w["dtype"]])
-        values = np.frombuffer(buf, stored, count, offset)
+        values: np.ndarray = np.frombuffer(buf, stored, count, offset)
         offset += count * stored.itemsize
         if quant and quant["dtype"] != "float16":
             values = values.astype(np.float32) * np.float32(quant["scale"]) + np.float32(quant["min"])

@@ -6,6 +6,8 @@ agrees with the reference to ~1e-12 and a float32 one to float32 rounding.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -41,7 +43,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, factor: float = 1.0
         conv.dilation, conv.groups, bias=True, device=conv.weight.device, dtype=dtype,
     )
     fused.weight.data.copy_((weight * factor).to(dtype))
-    fused.bias.data.copy_((bias * factor).to(dtype))
+    cast(torch.Tensor, fused.bias).data.copy_((bias * factor).to(dtype))  # built with bias=True
     return fused.requires_grad_(False)
 
 
@@ -49,9 +51,16 @@ def _mlp(conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.Conv2d) -> fb.PooledMLP
     """conv1(no bias) -> BN -> ReLU -> conv2 -> sigmoid on 1x1 maps, as linear layers."""
     first = fold_conv_bn(conv1, bn)
     second = fold_conv_bn(conv2, None)
+    first_bias, second_bias = cast(torch.Tensor, first.bias), cast(torch.Tensor, second.bias)  # folded: biased
     return fb.PooledMLP(
-        first.weight.detach().flatten(1), first.bias.detach(), second.weight.detach().flatten(1), second.bias.detach()
+        first.weight.detach().flatten(1), first_bias.detach(), second.weight.detach().flatten(1), second_bias.detach()
     )
+
+
+def _attention_mlp(channel_attention: nn.Sequential) -> fb.PooledMLP:
+    """The reference's channel attention (conv, BN, ReLU, conv, sigmoid) as a PooledMLP."""
+    ca = channel_attention
+    return _mlp(cast(nn.Conv2d, ca[0]), cast(nn.BatchNorm2d, ca[1]), cast(nn.Conv2d, ca[3]))
 
 
 def _seq(*modules: nn.Module | None) -> nn.Module:
@@ -101,7 +110,7 @@ def convert_sequential(seq: nn.Sequential, factor: float = 1.0) -> nn.Module:
     while i < len(flat):
         module = flat[i]
         if isinstance(module, nn.Conv2d):
-            bn = flat[i + 1] if i + 1 < len(flat) and isinstance(flat[i + 1], nn.BatchNorm2d) else None
+            bn = cast(nn.BatchNorm2d, flat[i + 1]) if i + 1 < len(flat) and isinstance(flat[i + 1], nn.BatchNorm2d) else None
             out.append(fold_conv_bn(module, bn, factor if i == last_conv else 1.0))
             i += 2 if bn is not None else 1
         elif isinstance(module, nn.ReLU):
@@ -118,22 +127,21 @@ def convert_sequential(seq: nn.Sequential, factor: float = 1.0) -> nn.Module:
 
 def convert_global_context(gc: blocks.GlobalContext, factor: float = 1.0) -> fb.FastGlobalContext:
     """``factor`` scales the output (folded into the BatchNorm's scale and shift)."""
-    ca = gc.channel_attention
     scale, shift = _bn_affine(gc.bn)
     dtype = gc.bn.weight.dtype
     return fb.FastGlobalContext(
-        fold_conv_bn(gc.conv_mask, None), _mlp(ca[0], ca[1], ca[3]), (scale * factor).to(dtype), (shift * factor).to(dtype)
+        fold_conv_bn(gc.conv_mask, None), _attention_mlp(gc.channel_attention), (scale * factor).to(dtype),
+        (shift * factor).to(dtype),
     )
 
 
 def convert_dense_context(dc: blocks.DenseContext) -> fb.FastDenseContext:
-    ca = dc.channel_attention
-    masks = nn.ModuleList(fold_conv_bn(m, None) for m in dc.conv_mask)
-    return fb.FastDenseContext(masks, _mlp(ca[0], ca[1], ca[3]), list(dc.channels))
+    masks = nn.ModuleList(fold_conv_bn(cast(nn.Conv2d, m), None) for m in dc.conv_mask)
+    return fb.FastDenseContext(masks, _attention_mlp(dc.channel_attention), list(dc.channels))
 
 
 def convert_split_conv(dsc: blocks.DynamicSplitConv, dynamic: str) -> fb.FastSplitConv:
-    convs = nn.ModuleList(convert_conv_norm(c, dynamic) for c in dsc.conv)
+    convs = nn.ModuleList(convert_conv_norm(cast(blocks.ConvNorm, c), dynamic) for c in dsc.conv)
     return fb.FastSplitConv(convs, list(dsc.split_channels))
 
 
@@ -141,11 +149,12 @@ def convert_block(block: DynamicMultiScaleContextBlock, dynamic: str, branch0_fa
     """``branch0_factor`` scales the block's branch-0 output (both halves), for free."""
     dcm = convert_dense_context(block.dcm) if block.dcm is not None else None
     gcm = (
-        nn.ModuleList(convert_global_context(g, branch0_factor if i == 0 else 1.0) for i, g in enumerate(block.gcm))
+        nn.ModuleList(convert_global_context(cast(blocks.GlobalContext, g), branch0_factor if i == 0 else 1.0)
+                      for i, g in enumerate(block.gcm))
         if block.gcm is not None
         else None
     )
-    convs = nn.ModuleList(convert_split_conv(c, dynamic) for c in block.conv)
+    convs = nn.ModuleList(convert_split_conv(cast(blocks.DynamicSplitConv, c), dynamic) for c in block.conv)
     return fb.FastBlock(dcm, convs, gcm, branch0_factor=branch0_factor)
 
 
@@ -155,7 +164,7 @@ def convert_cross_resolution(module: CrossResolutionModule, dynamic: str) -> fb.
     for i in range(n):
         row = nn.ModuleList()
         for j in range(n):
-            path = module.fuse_layers[i][j]
+            path = cast("nn.Sequential | None", cast(nn.ModuleList, module.fuse_layers[i])[j])
             if path is None:
                 row.append(nn.Identity())
             else:  # the eval-mode reference computes 2 * path(fused0) for j == 0, i > 0
@@ -163,22 +172,25 @@ def convert_cross_resolution(module: CrossResolutionModule, dynamic: str) -> fb.
         fuse.append(row)
     # fusion row 0 starts from 2 * (branch 0): the last block writes branch 0 already doubled
     last = len(module.layers) - 1
-    layers = nn.Sequential(*(convert_block(b, dynamic, 2.0 if k == last else 1.0) for k, b in enumerate(module.layers)))
+    layers = nn.Sequential(*(convert_block(cast(DynamicMultiScaleContextBlock, b), dynamic, 2.0 if k == last else 1.0)
+                             for k, b in enumerate(module.layers)))
     return fb.FastCrossResolution(layers, fuse)
 
 
-def convert_backbone(backbone: DiteHRNet, final: nn.Conv2d, dynamic: str) -> tuple[nn.Module, ...]:
+def _convert_stem_layer(layer: nn.Module, dynamic: str) -> nn.Module:
+    """A stem branch's layer: a global context or a ConvNorm."""
+    if isinstance(layer, blocks.GlobalContext):
+        return convert_global_context(layer)
+    return convert_conv_norm(cast(blocks.ConvNorm, layer), dynamic)
+
+
+def convert_backbone(backbone: DiteHRNet, final: nn.Conv2d,
+                     dynamic: str) -> tuple[fb.FastStem, nn.ModuleList, nn.ModuleList, fb.FastHead]:
     stem = backbone.stem
     fast_stem = fb.FastStem(
         convert_conv_norm(stem.conv1, dynamic),
-        nn.Sequential(*(
-            convert_global_context(m) if isinstance(m, blocks.GlobalContext) else convert_conv_norm(m, dynamic)
-            for m in stem.branch1
-        )),
-        nn.Sequential(*(
-            convert_global_context(m) if isinstance(m, blocks.GlobalContext) else convert_conv_norm(m, dynamic)
-            for m in stem.branch2
-        )),
+        nn.Sequential(*(_convert_stem_layer(m, dynamic) for m in stem.branch1)),
+        nn.Sequential(*(_convert_stem_layer(m, dynamic) for m in stem.branch2)),
     )
     transitions = nn.ModuleList()
     stages = nn.ModuleList()
@@ -191,10 +203,8 @@ def convert_backbone(backbone: DiteHRNet, final: nn.Conv2d, dynamic: str) -> tup
             convert_cross_resolution(m, dynamic) for m in getattr(backbone, f"stage{stage}")
         )))
     projects = nn.ModuleList(
-        nn.Sequential(
-            convert_conv_norm(p.depthwise_conv, dynamic), convert_conv_norm(p.pointwise_conv, dynamic)
-        )
-        for p in backbone.head_layer.projects
+        nn.Sequential(convert_conv_norm(p.depthwise_conv, dynamic), convert_conv_norm(p.pointwise_conv, dynamic))
+        for p in (cast(blocks.DepthwiseSeparable, m) for m in backbone.head_layer.projects)
     )
     head = fb.FastHead(projects, fold_conv_bn(final, None))
     return fast_stem, transitions, stages, head

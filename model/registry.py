@@ -28,7 +28,7 @@ def get_config(name: str, num_joints: int = 17, **overrides: Any) -> DiteHRNetCo
     unknown = set(overrides) - _OVERRIDABLE
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)}; allowed: {sorted(_OVERRIDABLE)}")
-    normalised = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    normalised: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return dataclasses.replace(base, num_joints=num_joints, **normalised)
 
 

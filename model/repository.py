@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from ditepose.model.arguments import parse_size
 from ditepose.model.codec import DECODER_NAMES
+from ditepose.model.engines.precision import PRECISION_SETTINGS, PrecisionSetting, parse_precision_setting
 from ditepose.model.keypoints import COCO, MPII
 from ditepose.model.registry import list_models
 
@@ -43,10 +44,8 @@ MANIFEST_NAME = "manifest.json"
 SIDECAR_NAME = "version.json"
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
 STAGING_PREFIX = ".staging-"
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DATASETS = (COCO.name, MPII.name)
 
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
 # A checkpoint source for publish_version: a file to copy, the bytes themselves, or a writer
 # called with the destination path (e.g. ``lambda p: save_checkpoint(p, module, meta)``).
 CheckpointSource = Path | str | bytes | Callable[[Path], object]
@@ -67,7 +66,7 @@ class ModelManifest:
     flip_test: bool | None = None
     decoder: str | None = None
     max_batch_size: int | None = None
-    precision: Precision | None = None
+    precision: PrecisionSetting | None = None
 
     @property
     def pinned(self) -> bool:
@@ -170,9 +169,10 @@ def _check_value(key: str, raw: Any, source: str) -> Any:
             raise bad("a positive integer")
         return raw
     if key == "precision":
-        if not isinstance(raw, str) or raw not in PRECISIONS:
-            raise bad(f"one of {list(PRECISIONS)}")
-        return raw
+        try:
+            return parse_precision_setting(raw)
+        except ValueError:
+            raise bad(f"one of {list(PRECISION_SETTINGS)}") from None
     raise ManifestError(f"{source}: unknown key {key!r}")  # from_dict filters these first
 
 

@@ -60,8 +60,8 @@ def get_affine_transform(
     dst[2] = _third_point(dst[0], dst[1])
 
     if inv:
-        return cv2.getAffineTransform(np.float32(dst), np.float32(src))
-    return cv2.getAffineTransform(np.float32(src), np.float32(dst))
+        return cv2.getAffineTransform(dst.astype(np.float32), src.astype(np.float32))
+    return cv2.getAffineTransform(src.astype(np.float32), dst.astype(np.float32))
 
 
 def affine_transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ditepose.model.engines.precision import PrecisionSetting
+
 
 class ModelSpec(BaseModel):
     """One model the service serves, chosen per request by ``name``."""
@@ -44,7 +46,7 @@ class ModelSpec(BaseModel):
     max_batch_size: int | None = Field(
         default=None, ge=1, description="Most crops per forward pass of this model (None: the service's).",
     )
-    precision: Literal["auto", "fp32", "fp16", "bf16"] | None = Field(
+    precision: PrecisionSetting | None = Field(
         default=None, description="Inference precision of this model (None: the service's `precision`)."
     )
 
@@ -119,7 +121,7 @@ class Settings(BaseSettings):
         description="Inference threads per device. None: one per CPU core on a CPU-only host (each with one torch "
         "thread: many small ops scale better across independent batches than inside one), one per CUDA GPU.",
     )
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+    precision: PrecisionSetting = Field(
         default="auto", description="Inference precision; 'auto' = fp16 on CUDA, fp32 on CPU."
     )
     max_batch_size: int = Field(default=32, ge=1, description="Most crops one forward pass takes.")

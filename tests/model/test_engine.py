@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ditepose.model import build_model, load_checkpoint
-from ditepose.model.engine import InferenceEngine
+from ditepose.model.engines.torch_engine import InferenceEngine
 from ditepose.model.fast_blocks import FastPoseNet
 from ditepose.model.optimize import optimize_for_inference
 from tests.model.support import REFERENCE_CASES as CASES

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ditepose.model.codec import decode_heatmaps
-from ditepose.model.engine import GRAPH_BUCKETS, InferenceEngine
+from ditepose.model.engines.torch_engine import GRAPH_BUCKETS, InferenceEngine
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.model_loader import LoadedModel
 from tests.model.support import GOLDEN_18, REFERENCE_CASES, load_reference

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from ditepose.model.export import OnnxEngine
+from ditepose.model.engines.onnxruntime_engine import OnnxEngine
 from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
 
 CKPT = "dite_hrnet_18_coco_random.pth"

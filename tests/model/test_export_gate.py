@@ -184,12 +184,13 @@ def test_gate_input_errors_are_named_before_anything_is_written(
 
 def test_gate_resolves_catalogue_names(demo_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--gate demo-synthetic`` is the jobs' built-in set; a configured MPII set does not fit a COCO model."""
+    from ditepose.cli import catalogue_dataset
     from ditepose.model import load_pose_model
-    from ditepose.model.export import resolve_gate_set
+    from ditepose.training.gate import resolve_gate_set
 
     monkeypatch.setenv("DITEPOSE_JOBS_DIR", str(tmp_path / "jobs"))
     _, meta = load_pose_model(demo_checkpoint)
-    name, eval_set = resolve_gate_set("demo-synthetic", meta)
+    name, eval_set = resolve_gate_set("demo-synthetic", meta, lookup=catalogue_dataset)
     assert name == "demo-synthetic" and len(eval_set.dataset.records) > 0
     assert eval_set.dataset.input_size_wh == tuple(meta.input_size)
     (tmp_path / "gt.json").write_text("{}")
@@ -197,4 +198,4 @@ def test_gate_resolves_catalogue_names(demo_checkpoint: Path, tmp_path: Path, mo
         "format": "mpii", "ann_file": str(tmp_path / "a.json"), "img_dir": str(tmp_path),
         "gt_file": str(tmp_path / "gt.json")}}))
     with pytest.raises(ValueError, match="is a mpii set; the checkpoint predicts coco joints"):
-        resolve_gate_set("mpii-val", meta)
+        resolve_gate_set("mpii-val", meta, lookup=catalogue_dataset)

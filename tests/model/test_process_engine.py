@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ditepose.model import build_model, load_checkpoint
-from ditepose.model.engine import InferenceEngine
-from ditepose.model.process_engine import EngineProcessDied, ProcessEngine
+from ditepose.model.engines.process_engine import EngineProcessDied, ProcessEngine
+from ditepose.model.engines.torch_engine import InferenceEngine
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ditepose.model import build_model
-from ditepose.model.engine import InferenceEngine
+from ditepose.model.engines.torch_engine import InferenceEngine
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.settings import Settings

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ditepose import model
-from ditepose.model.engine import InferenceEngine
+from ditepose.model.engines.torch_engine import InferenceEngine
 from ditepose.model.pipeline import PoseEstimator, TopDownPipeline
 from ditepose.model.transforms import PIXEL_STD, box_to_center_scale
 from ditepose.service.core.images import decode_image

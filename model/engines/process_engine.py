@@ -1,4 +1,4 @@
-"""ProcessEngine: an InferenceEngine in a child process, called like one.
+"""ProcessEngine (backend ``torch``, ``process=True``): an InferenceEngine in a child process, called like one.
 
 Why: at batch 1 most of a Dite-HRNet forward pass is the fixed cost of ~2,000 small ops, and
 the Python half of it holds the GIL. Two engines on two threads of one process therefore scale
@@ -41,7 +41,7 @@ class EngineProcessDied(RuntimeError):
 
 def _child_main(conn: Connection, module_bytes: bytes, engine_kwargs: dict[str, Any], threads: int) -> None:
     torch.set_num_threads(threads)
-    from ditepose.model.engine import InferenceEngine
+    from ditepose.model.engines.torch_engine import InferenceEngine
 
     module = pickle.loads(module_bytes)
     engine = InferenceEngine(module, "cpu", **engine_kwargs)

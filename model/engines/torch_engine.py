@@ -1,8 +1,9 @@
-"""InferenceEngine: an optimised, device-resident copy of a pose network behind one call.
+"""InferenceEngine (backend ``torch``): an optimised, device-resident copy of a pose network behind one call.
 
 CPU float32 NCHW batch in, CPU float32 heatmaps out; everything else (BN folding, fast dynamic
 kernels, memory format, autocast, torch.compile, CUDA graphs) is a constructor switch, and
 ``describe()`` says which ones are on. Defaults are what measured fastest (bench/engine.py).
+Build it through :func:`ditepose.model.engines.build_engine` unless a test needs its switches.
 """
 
 from __future__ import annotations
@@ -11,27 +12,23 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from ditepose.model.dite_hrnet import TopDownPoseNet
+from ditepose.model.engines.base import buckets_up_to, check_buckets, run_in_buckets
+from ditepose.model.engines.precision import Precision, parse_precision
 from ditepose.model.fast_blocks import FastPoseNet
+from ditepose.model.optimize import optimize_for_inference
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES: dict[Precision, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# torch.compile and CUDA graphs specialise on the batch size: such an engine pads each batch up
-# to one of these sizes (and splits larger ones), so a server builds a bounded set of graphs at
-# warm-up. A service passes the powers of two up to its max_batch_size (:func:`buckets_up_to`).
-def buckets_up_to(max_batch: int) -> tuple[int, ...]:
-    """Powers of two below ``max_batch``, and ``max_batch`` itself: ``buckets_up_to(48) == (1, 2, ..., 32, 48)``."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch}))
-
-
+# the default buckets of a compiled or graphed engine; a service passes buckets_up_to(max_batch_size)
 COMPILE_BUCKETS = buckets_up_to(32)  # (1, 2, 4, 8, 16, 32)
 GRAPH_BUCKETS = buckets_up_to(256)  # (1, 2, ..., 128, 256)
 
@@ -46,6 +43,30 @@ def _parse_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+def _keep_fp32_exact(device: torch.device) -> None:
+    """Turn cuDNN's TF32 off for fp32 convolutions on CUDA.
+
+    PyTorch lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) by default: fp32 here
+    means fp32 (the float64 reference within 2e-3); fp16/bf16 are the fast options. The switch
+    is process-wide; it changes only fp32 convolutions."""
+    if device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        log.info("cuDNN TF32 off for fp32 convolutions (InferenceEngine precision fp32 on %s)", device)
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def _default_buckets(compile: bool, cuda_graphs: bool) -> tuple[int, ...]:
+    return GRAPH_BUCKETS if cuda_graphs else COMPILE_BUCKETS if compile else ()
+
+
+def _compiled(module: nn.Module, buckets: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile(module)`` allowed one graph per bucket (the default limit, 8, would
+    silently fall back to eager past it)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * buckets)
+    return torch.compile(module, dynamic=False)
 
 
 class InferenceEngine:
@@ -63,25 +84,14 @@ class InferenceEngine:
         dynamic: str = "fast",
         batch_buckets: tuple[int, ...] | None = None,
     ) -> None:
-        from ditepose.model.dite_hrnet import TopDownPoseNet
-        from ditepose.model.optimize import optimize_for_inference
-
         self.device = _parse_device(device)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        if precision != "fp32" and self.device.type not in ("cuda", "cpu"):
-            raise ValueError(f"precision {precision!r} needs autocast, which runs on CUDA or the CPU")
+        self.precision: Precision = parse_precision(precision)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
         if channels_last not in (True, False, "auto"):
             raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
-        self.precision = precision
-        if precision == "fp32" and self.device.type == "cuda" and torch.backends.cudnn.allow_tf32:
-            # PyTorch lets cuDNN run fp32 convolutions in TF32 (10-bit mantissa) by default: fp32
-            # here means fp32 (the float64 reference within 2e-3); fp16/bf16 are the fast options.
-            # The switch is process-wide; it changes only fp32 convolutions.
-            log.info("cuDNN TF32 off for fp32 convolutions (InferenceEngine precision fp32 on %s)", self.device)
-            torch.backends.cudnn.allow_tf32 = False
+        if self.precision == "fp32":
+            _keep_fp32_exact(self.device)
         if fuse_bn and not isinstance(module, TopDownPoseNet):
             log.warning("%s is not a TopDownPoseNet: running it unoptimised", type(module).__name__)
             fuse_bn = False
@@ -90,27 +100,12 @@ class InferenceEngine:
         # channels-last: oneDNN's NCHW depth-wise convs are several times slower (bench/engine.py);
         # the unfused module keeps its NCHW graph on CPU unless asked
         self.channels_last = (fuse_bn or self.device.type == "cuda") if channels_last == "auto" else bool(channels_last)
-        if fuse_bn:  # builds new tensors; ``module`` is not touched
-            net: nn.Module = optimize_for_inference(module, dynamic=dynamic).float()
-            net.channels_last = self.channels_last
-        else:
-            net = copy.deepcopy(module).float().requires_grad_(False)
-        self.module = net.to(self.device).eval()
-        if self.channels_last and not fuse_bn:
-            self.module = self.module.to(memory_format=torch.channels_last)
+        self.module = self._device_copy(module)
         self.num_joints = int(getattr(module, "num_joints", 0))
         self.compiled = bool(compile)
-        if batch_buckets is None:
-            batch_buckets = GRAPH_BUCKETS if cuda_graphs else COMPILE_BUCKETS if compile else ()
-        self.buckets = tuple(sorted(set(batch_buckets)))
-        if self.buckets and self.buckets[0] < 1:
-            raise ValueError(f"batch_buckets must be positive batch sizes, got {batch_buckets!r}")
-        if compile:
-            import torch._dynamo.config as dynamo_config
-
-            # one graph per bucket and model; the default limit (8) would silently fall back to eager
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(self.buckets))
-        self._forward = torch.compile(self.module, dynamic=False) if compile else self.module
+        self.buckets = check_buckets(_default_buckets(compile, cuda_graphs) if batch_buckets is None else batch_buckets)
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = (
+            _compiled(self.module, len(self.buckets)) if compile else self.module)
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         # one memory pool for every captured graph; the lock keeps them from ever running at once
@@ -118,13 +113,23 @@ class InferenceEngine:
         self._graph_pool: Any = None
         self._graph_lock = threading.Lock()
 
+    def _device_copy(self, module: nn.Module) -> nn.Module:
+        """The network this engine runs, on its device: folded (a new module) or a deep copy,
+        so ``module`` is never touched."""
+        if self.fuse_bn and isinstance(module, TopDownPoseNet):
+            fast: FastPoseNet = optimize_for_inference(module, dynamic=self.dynamic).float()
+            fast.channels_last = self.channels_last
+            return fast.to(self.device).eval()
+        net = copy.deepcopy(module).float().requires_grad_(False).to(self.device).eval()
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
+
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and not self.fuse_bn:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.precision != "fp32":
             # inside a CUDA graph autocast's weight-cast cache would hold tensors of the capture,
             # so graphed engines cast in the graph itself (PyTorch's advice for graphs + autocast)
-            with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
+            with torch.autocast(self.device.type, dtype=TORCH_DTYPES[self.precision],
                                 cache_enabled=not self.cuda_graphs):
                 return self._forward(x)
         return self._forward(x)
@@ -164,20 +169,13 @@ class InferenceEngine:
             raise ValueError("empty batch")
         with torch.inference_mode():
             x = batch.to(self.device, torch.float32, non_blocking=True)
-            out = self._bucketed(x) if self.buckets else self._run(x)
+            out = run_in_buckets(self._one_bucket, x, self.buckets) if self.buckets else self._run(x)
             out = out.float().cpu() if self.device.type == "cuda" else out.float()
         return out.clone()  # a normal tensor (callers may modify it in place), never a graph's buffer
 
-    def _bucketed(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad to the next bucket (zeros; samples never mix) or split past the largest one."""
-        n, largest = x.shape[0], self.buckets[-1]
-        if n > largest:
-            return torch.cat([self._bucketed(part) for part in x.split(largest)])
-        size = next(b for b in self.buckets if b >= n)
-        if size > n:
-            x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
-        out = self._graphed(x) if self.cuda_graphs else self._run(x)
-        return out[:n]
+    def _one_bucket(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of exactly one bucket's size (:func:`run_in_buckets` pads and splits)."""
+        return self._graphed(x) if self.cuda_graphs else self._run(x)
 
     def warmup(self, batch_sizes: list[int] | tuple[int, ...] | None = None,
                input_hw: tuple[int, int] = (256, 192)) -> float:
