@@ -89,10 +89,10 @@ class VideoOptions:
 
 def load_video_model(checkpoint: str | Path, device: str = "cpu", precision: str = "auto",
                      name: str | None = None) -> PoseModel:
-    """A checkpoint behind the project's optimised engine, as ``service.batching.infer.make_infer``
-    builds it (fp16 on CUDA, fp32 on the CPU); version: the file's sha256, first 12 digits."""
+    """A checkpoint behind the project's engine, built by ``build_engine`` as the serving pool builds it
+    (``precision="auto"``: fp16 on CUDA, fp32 on the CPU); version: the file's sha256, first 12 digits."""
     from ditepose.model.checkpoint import load_pose_model
-    from ditepose.model.engine import InferenceEngine
+    from ditepose.model.engines.build import build_engine
     from ditepose.model.keypoints import get_keypoint_spec, spec_for_num_joints
     from ditepose.model.repository import file_sha256
 
@@ -101,9 +101,7 @@ def load_video_model(checkpoint: str | Path, device: str = "cpu", precision: str
         spec = get_keypoint_spec(meta.dataset)
     except KeyError:
         spec = spec_for_num_joints(meta.num_joints)
-    if precision == "auto":
-        precision = "fp16" if device.startswith("cuda") else "fp32"
-    engine = InferenceEngine(module, device, precision)
+    engine = build_engine(module, device, precision)
     version = "sha256:" + file_sha256(checkpoint)[:12]
     return PoseModel(name or Path(checkpoint).stem, version, engine, meta.input_size, spec)
 
