@@ -8,6 +8,11 @@ machine slows every path alike. Run it on a quiet machine: with both cores conte
 barriers make the many-small-op eager graph collapse far more than the optimised paths, which
 would flatter the speed-ups (``load_average_at_end`` is recorded for that reason).
 
+"openvino f32" / "openvino bf16" are :class:`~ditepose.model.engines.openvino.OpenVinoEngine` (the
+'fast' graph exported per batch size, OpenVINO's latency hint, ``--threads`` threads; bf16 only on
+a CPU that has it), compiled once per batch size before timing (the IRs and blobs stay in
+``~/.cache/ditepose/openvino``, so a second run starts at once).
+
 "N streams x T threads" paths run N batches at once on N Python threads (and "N processes" paths
 on N child processes, one engine each, so that they share no GIL), each with T intra-op
 threads, as the service does with ``DITEPOSE_WORKERS_PER_DEVICE=N DITEPOSE_TORCH_THREADS=T``: one
@@ -89,6 +94,23 @@ class Streams:
         return list(self.pool.map(lambda fn: fn(x), self.fns))
 
 
+def cpu_model() -> str | None:
+    """The CPU's marketing name (/proc/cpuinfo), which ``platform.processor()`` leaves empty on Linux."""
+    try:
+        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return None
+    return match.group(1).strip() if match else None
+
+
+def openvino_version() -> str | None:
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return str(openvino.__version__)
+
+
 def reference_model(arch: str) -> torch.nn.Module:
     name, joints = REFERENCE_WEIGHTS.get(arch, ("", 17))
     model = build_model(arch, num_joints=joints)
@@ -109,9 +131,23 @@ def bench_input(batch: int, input_hw: tuple[int, int]) -> torch.Tensor:
 EAGER = "eager (authors' graph)"
 
 
+def openvino_factories(model: torch.nn.Module, batch_sizes: list[int],
+                       input_hw: tuple[int, int]) -> dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]]:
+    """OpenVINO f32 (and bf16 where the CPU has it): one compiled model per timed batch size, no padding."""
+    try:
+        from ditepose.model.engines.openvino import OpenVinoEngine, cpu_supports_bf16
+    except ImportError:  # openvino not installed: the other paths still run
+        return {}
+    precisions = ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
+    return {f"openvino {'f32' if p == 'fp32' else p}": lambda p=p: OpenVinoEngine(
+        model, precision=p, threads=torch.get_num_threads(), batch_buckets=tuple(batch_sizes), input_hw=input_hw)
+        for p in precisions}
+
+
 def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bool, with_compile: bool,
                 tmp: Path, streams: int, only: list[str] | None = None,
-                precisions: tuple[str, ...] = ()) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+                precisions: tuple[str, ...] = (), openvino_batches: list[int] | None = None,
+                ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The timed paths by name; with ``only``, just those whose name contains one of its parts
     (and the eager baseline): the others are not even built (engine processes take seconds).
 
@@ -157,16 +193,20 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
             return build_engine(onnx_path, backend="onnxruntime", threads=torch.get_num_threads())
 
         factories["onnxruntime (stacked)"] = onnx
+    if openvino_batches and device == "cpu":
+        factories.update(openvino_factories(model_cpu, openvino_batches, input_hw))
     return {name: make() for name, make in factories.items()
             if not only or name == EAGER or any(part in name for part in only)}
 
 
 def bench_arch(arch: str, device: str, batch_sizes: list[int], rounds: int, input_hw: tuple[int, int],
                with_onnx: bool, with_compile: bool, tmp: Path, streams: int, only: list[str] | None = None,
-               quick: bool = False, block_calls: int | None = None, precisions: tuple[str, ...] = ()) -> list[dict]:
-    if quick:  # the default engine and the worker layouts only
-        only = only or ["fast dyn, CL", "streams", "processes"]
-    paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams, only, precisions)
+               quick: bool = False, block_calls: int | None = None, precisions: tuple[str, ...] = (),
+               with_openvino: bool = True) -> list[dict]:
+    if quick:  # the default engine, OpenVINO and the worker layouts only
+        only = only or ["fast dyn, CL", "openvino", "streams", "processes"]
+    paths = build_paths(arch, device, input_hw, with_onnx, with_compile, tmp, streams, only, precisions,
+                        openvino_batches=batch_sizes if with_openvino else None)
     rows = []
     for bs in batch_sizes:
         x = bench_input(bs, input_hw)
@@ -229,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO f32/bf16 paths")
     parser.add_argument("--paths", nargs="+", default=None,
                         help="only paths whose name contains one of these (the eager baseline always runs)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
@@ -261,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_arch(arch, args.device, batch_sizes, rounds, input_hw,
                                with_onnx=not args.no_onnx and not args.quick, with_compile=args.compile,
                                tmp=Path(tmp), streams=args.streams, only=args.paths, quick=args.quick,
-                               block_calls=args.calls, precisions=tuple(args.precisions or ()))
+                               block_calls=args.calls, precisions=tuple(args.precisions or ()),
+                               with_openvino=not args.no_openvino)
             result = {  # written after every arch, so a long run that is stopped keeps its rows
                 "device": f"{args.device} ({torch.cuda.get_device_name(torch.device(args.device))})" if cuda
                 else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+                "cpu_model": cpu_model(), "openvino": openvino_version(),
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "input_hw": list(input_hw),
                 "precision": "fp32 unless the path names another (autocast)", "quick": args.quick,
                 "timing": "median over rounds of a block of consecutive calls per path: wall clock (ms_per_batch) and "

@@ -282,3 +282,23 @@ def decode_boxes(raw: RawOutputs) -> tuple[torch.Tensor, torch.Tensor]:
     boxes = torch.stack((c[:, 0] - dist[..., 0], c[:, 1] - dist[..., 1],
                          c[:, 0] + dist[..., 2], c[:, 1] + dist[..., 3]), -1).clamp(0, INPUT_SIZE)
     return boxes, torch.cat([s.float() for s in cls], 1)
+
+
+def person_candidates(raw: RawOutputs) -> torch.Tensor:
+    """Raw outputs -> person candidates [N, A, 5]: x1, y1, x2, y2 (input pixels) and the person score.
+
+    What a detector's device stage hands to its CPU postprocessing; the OpenVINO runner exports the
+    network followed by this, so both runtimes answer the same rows."""
+    boxes, scores = decode_boxes(raw)
+    return torch.cat((boxes, scores[..., PERSON : PERSON + 1]), -1)
+
+
+class PersonCandidatesNet(nn.Module):
+    """``net`` followed by :func:`person_candidates`: one tensor out, as an export wants it."""
+
+    def __init__(self, net: NanoDet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return person_candidates(self.net(x))
