@@ -11,10 +11,11 @@ import pytest
 
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.settings import DatasetSpec, Settings
-from ditepose.service.jobs.evaluation import predictions_path, run_job
+from ditepose.service.jobs.evaluation import run_job
 from ditepose.service.jobs.manager import JobService, UnknownModel
 from ditepose.service.jobs.metrics import JobMetrics
 from ditepose.service.jobs.records import JobRecord, LocalJobStore
+from ditepose.service.jobs.runs import predictions_path
 from ditepose.service.jobs.schemas import EvaluateRequest
 from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import TinyEval, direct_evaluation, tiny_plan, wait_for
