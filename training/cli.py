@@ -92,7 +92,7 @@ def _check_test_boxes(cfg: TrainConfig, args: argparse.Namespace) -> None:
     The recipe's own detections file may be absent (the test then scores GT boxes and says so),
     but one named on the command line, or asked for with ``--test-boxes detections``, must exist;
     ``--test-boxes detector`` needs the detector's weights."""
-    from ditepose.training.trainer import resolve_det_file
+    from ditepose.training.data_layout import resolve_det_file
 
     explicit = bool(args.det_file or args.test_boxes)
     if (cfg.dataset == "coco" and cfg.test_boxes == "detections" and explicit
@@ -213,6 +213,15 @@ def _publish(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training package's sub-commands to the ``ditepose`` parser."""
+    _add_train(subparsers)
+    _add_evaluate(subparsers)
+    _add_evaluate_detector(subparsers)
+    _add_publish(subparsers)
+    _add_synth(subparsers)
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    """The `train` command."""
     train = subparsers.add_parser("train", help="train a Dite-HRNet recipe (single process or torchrun DDP)")
     train.add_argument("config", help="recipe name (e.g. dite_hrnet_18_coco_256x192), variant, or .json file")
     train.add_argument("--data", required=True, help="dataset folder (COCO or MPII layout, or `ditepose synth` output)")
@@ -261,6 +270,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "model has none (docs/operations.md, Model repository)")
     train.set_defaults(func=_train)
 
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    """The `evaluate` command."""
     ev = subparsers.add_parser("evaluate", help="COCO AP / MPII PCKh of a checkpoint, printed as JSON")
     ev.add_argument("checkpoint")
     ev.add_argument("--data", help="dataset folder (its val split is used unless --ann)")
@@ -288,6 +300,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--plots", metavar="DIR", help="write per-joint accuracy and OKS histogram PNGs here")
     ev.set_defaults(func=_evaluate)
 
+
+def _add_evaluate_detector(subparsers: argparse._SubParsersAction) -> None:
+    """The `evaluate-detector` command."""
     dv = subparsers.add_parser("evaluate-detector", help="a person detector's recall, false positives, box AP "
                                "and time per image on a COCO keypoints set, printed as JSON")
     dv.add_argument("--data", help="COCO dataset folder (its val split is used unless --ann)")
@@ -302,6 +317,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dv.add_argument("--device", default=None)
     dv.set_defaults(func=_evaluate_detector)
 
+
+def _add_publish(subparsers: argparse._SubParsersAction) -> None:
+    """The `publish` command."""
     pub = subparsers.add_parser("publish", help="add a checkpoint as the next version of a model in a model "
                                 "repository, atomically, after checking that it loads")
     pub.add_argument("checkpoint", help="checkpoint file (ours or the authors' mmpose layout)")
@@ -312,6 +330,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pub.add_argument("--metadata", help="JSON object stored in the version's version.json (e.g. a ticket)")
     pub.set_defaults(func=_publish)
 
+
+def _add_synth(subparsers: argparse._SubParsersAction) -> None:
+    """The `synth` command."""
     syn = subparsers.add_parser("synth", help="write a synthetic people dataset (COCO or MPII format)")
     syn.add_argument("--format", choices=["coco", "mpii"], default="coco")
     syn.add_argument("--out", required=True)
