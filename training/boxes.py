@@ -203,8 +203,8 @@ def evaluation_set(
                              f"not {boxes.source!r}")
         if max_images is not None:
             raise ValueError("max_images applies to COCO datasets only (MPII PCKh needs every annotated person)")
-        ds = MpiiKeypointDataset(ann_file, img_dir, input_size_wh, train=False, max_people=max_people)
-        return EvalSet(ds, Path(gt_file) if gt_file is not None else None, boxes.record())
+        mpii = MpiiKeypointDataset(ann_file, img_dir, input_size_wh, train=False, max_people=max_people)
+        return EvalSet(mpii, Path(gt_file) if gt_file is not None else None, boxes.record())
     if dataset_format != "coco":
         raise ValueError(f"unknown dataset format {dataset_format!r} (coco or mpii)")
     common: dict[str, Any] = {"train": False, "max_images": max_images, "max_people": max_people}

@@ -28,25 +28,18 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from ditepose.service.batching.batcher import DeadlineExceeded
 from ditepose.service.batching.infer import BatcherInfer
 from ditepose.service.batching.pool import WorkerPool
+from ditepose.service.jobs import runs
 from ditepose.service.jobs.inputs import cached_eval_set, job_models
 from ditepose.service.jobs.lease import Lease, LeaseLost
 from ditepose.service.jobs.plan import JobPlan
 from ditepose.service.jobs.records import TERMINAL, JobRecord, JobStore, atomic_write_text
-from ditepose.service.jobs.runs import (
-    JobTimeLimit,
-    claim_run,
-    give_up_if_retried_too_often,
-    predictions_path,
-    scored_result,
-    write_predictions,
-)
 from ditepose.training.evaluate import Prediction, image_groups, pipeline_for, predict, score
 
 log = logging.getLogger(__name__)
@@ -91,7 +84,7 @@ def read_shard(path: Path, job_id: str, index: int, persons: int) -> list[Predic
             or len(doc.get("predictions", [])) != persons:
         raise ValueError(f"{path}: not the complete predictions of shard {index} of job {job_id}")
     dtype = np.dtype(doc["dtype"])
-    return [Prediction(**{**p, "keypoints": np.asarray(p["keypoints"], dtype=dtype)}) for p in doc["predictions"]]
+    return [cast(Prediction, {**p, "keypoints": np.asarray(p["keypoints"], dtype=dtype)}) for p in doc["predictions"]]
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -178,7 +171,7 @@ def _shard_checks(store: JobStore, job_id: str, lease: Lease, soft_time_limit_s:
         if lease.cancel_requested or _job_stopped(store, job_id):
             raise ShardStopped("cancelled by request")
         if time.monotonic() - started > soft_time_limit_s:
-            raise JobTimeLimit.after(soft_time_limit_s)
+            raise runs.JobTimeLimit.after(soft_time_limit_s)
 
     return between_batches
 
@@ -219,7 +212,7 @@ def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: Worker
                 result = _predict_shard(rec, store, pool, jobs_dir, between_batches, soft_time_limit_s)
                 lease.check()
             except DeadlineExceeded as exc:
-                raise JobTimeLimit.after(soft_time_limit_s) from exc
+                raise runs.JobTimeLimit.after(soft_time_limit_s) from exc
     except LeaseLost:
         log.warning("shard %s: lease lost (another worker took it over); dropping this run", rec.id)
         return "lost"
@@ -253,12 +246,12 @@ def run_shard(
     """Claim and run one shard, then merge the job if every shard is done. Returns succeeded|failed|
     cancelled|lost or the claim's done|busy|missing; 'busy' also when the merge is held by a live worker
     (the caller tries again later: that worker may still die)."""
-    claim, token, worker = claim_run(store, sid, lease_ttl_s, worker)
+    claim, token, worker = runs.claim_run(store, sid, lease_ttl_s, worker)
     rec = store.get(sid)
     if rec is None or rec.parent is None:
         return "missing"
     if claim == "run":
-        error = give_up_if_retried_too_often(store, sid, token, rec.attempts, max_attempts)
+        error = runs.give_up_if_retried_too_often(store, sid, token, rec.attempts, max_attempts)
         if error:
             fail_job(store, rec.parent, f"shard {rec.plan['index']}: {error}")
             return "failed"
@@ -300,14 +293,14 @@ def _score_merged(job: JobRecord, shards: list[JobRecord], out_file: Path, lease
     if ids != list(range(len(dataset.records))):  # every person once: none missing, none twice
         raise ValueError(f"the shards hold {len(ids)} predictions ({len(set(ids))} distinct) for "
                          f"{len(dataset.records)} persons")
-    num_images = write_predictions(out_file, job.id, plan, eval_set, predictions)
+    num_images = runs.write_predictions(out_file, job.id, plan, eval_set, predictions)
     metrics = score(dataset, predictions, eval_set.gt_file)
     lease.check()
     finished = [r.finished_at or 0.0 for r in shards]
     split_at = float(job.plan.get("split_at", job.started_at or time.time()))
     timings = {"load_s": split_at - (job.started_at or split_at), "inference_s": max(finished) - split_at,
                "metric_s": time.perf_counter() - t0}
-    result = scored_result(metrics, num_images, eval_set, first["demo_weights"], first["input_size"], timings)
+    result = runs.scored_result(metrics, num_images, eval_set, first["demo_weights"], first["input_size"], timings)
     result["shards"] = [{"index": i, "images": r.plan["images"], "persons": r.result["persons"], "worker": r.worker,
                          "attempts": r.attempts, "inference_s": r.result["inference_s"]}
                         for i, r in enumerate(shards) if r.result is not None]
@@ -324,10 +317,10 @@ def merge(job_id: str, store: JobStore, jobs_dir: Path, lease_ttl_s: float = 30.
     shards = [r for r in found if r is not None and r.state == "succeeded"]
     if len(shards) != len(found):
         return "waiting"
-    claim, token, _ = claim_run(store, merge_id(job_id), lease_ttl_s, worker)
+    claim, token, _ = runs.claim_run(store, merge_id(job_id), lease_ttl_s, worker)
     if claim != "run":
         return claim
-    out_file = predictions_path(jobs_dir, job_id)
+    out_file = runs.predictions_path(jobs_dir, job_id)
     try:
         with Lease(store, merge_id(job_id), token, lease_ttl_s) as lease:
             result = _score_merged(job, shards, out_file, lease)
