@@ -31,6 +31,8 @@ class SourceFrame:
 
 @dataclass
 class StreamSummary:
+    """What one streamed video came to: counts, wall time and each result's latency."""
+
     frames_sent: int = 0
     results: int = 0
     dropped: int = 0

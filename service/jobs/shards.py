@@ -233,16 +233,8 @@ def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: Worker
     return "succeeded"
 
 
-def run_shard(
-    sid: str,
-    store: JobStore,
-    pool: WorkerPool,
-    jobs_dir: Path,
-    lease_ttl_s: float = 30.0,
-    soft_time_limit_s: float = 3600.0,
-    worker: str | None = None,
-    max_attempts: int = 3,
-) -> str:
+def run_shard(sid: str, store: JobStore, pool: WorkerPool, jobs_dir: Path, lease_ttl_s: float = 30.0,
+              soft_time_limit_s: float = 3600.0, worker: str | None = None, max_attempts: int = 3) -> str:
     """Claim and run one shard, then merge the job if every shard is done. Returns succeeded|failed|
     cancelled|lost or the claim's done|busy|missing; 'busy' also when the merge is held by a live worker
     (the caller tries again later: that worker may still die)."""

@@ -81,6 +81,11 @@ class FramePlanner:
         self._anchor: FramePlan | None = None
         self._boxes: dict[int, np.ndarray] = {}  # number of a finished frame -> boxes for later frames
 
+    @property
+    def remembered(self) -> int:
+        """How many finished frames' boxes are kept (bounded: a long video must not grow it)."""
+        return len(self._boxes)
+
     def plan(self, has_boxes: bool) -> FramePlan:
         """Number the next frame and decide where its boxes come from (module docstring)."""
         index, self._planned = self._planned, self._planned + 1

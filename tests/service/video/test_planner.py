@@ -79,6 +79,6 @@ def test_only_a_carried_frame_has_an_anchor_and_old_boxes_are_forgotten() -> Non
         asyncio.run(planner.carried(frames[0]))
     for frame in frames:
         _finish(planner, frame, 100.0)
-    assert len(planner._boxes) <= planner.detect_interval + planner.max_in_flight + 1
+    assert planner.remembered == planner.detect_interval + planner.max_in_flight + 1
     with pytest.raises(ValueError, match="detect_interval"):
         FramePlanner(0, 1)
