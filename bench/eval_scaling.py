@@ -39,19 +39,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.service_support import free_port  # noqa: E402
+from tests.support import wait_until  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO_ROOT / "model" / "weights" / "dite_hrnet_18_coco_demo.pth"
-
-
-def _wait(fn: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Redis:
@@ -66,7 +56,7 @@ class Redis:
         import redis
 
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        _wait(lambda: _pings(client), 10, "redis-server")
+        wait_until(lambda: _pings(client), 10, "redis-server", interval=0.1)
         client.close()
 
     @property
@@ -118,8 +108,8 @@ def _run_job(service: Any, request: dict[str, Any], timeout: float) -> dict[str,
 
     t0 = time.perf_counter()
     rec = service.submit(EvaluateRequest(**request))
-    done = _wait(lambda: (r := service.get(rec.id)).state in ("succeeded", "failed", "cancelled") and r,
-                 timeout, f"job {rec.id}", interval=0.05)
+    done = wait_until(lambda: (r := service.get(rec.id)).state in ("succeeded", "failed", "cancelled") and r,
+                       timeout, f"job {rec.id}", interval=0.05)
     wall = time.perf_counter() - t0
     if done.state != "succeeded":
         raise RuntimeError(f"job {rec.id} {done.state}: {done.error}")
@@ -140,7 +130,7 @@ def measure(layout: dict[str, Any], env: dict[str, str], workdir: Path, request:
                                   jobs_dir=Path(env["DITEPOSE_JOBS_DIR"]), demo_dataset=False,
                                   shard_size=int(env["DITEPOSE_SHARD_SIZE"]), max_shards=1024))
     try:
-        _wait(lambda: all(w.ready() for w in workers), 120, "the workers to be ready", interval=0.2)
+        wait_until(lambda: all(w.ready() for w in workers), 120, "the workers to be ready", interval=0.2)
         for _ in workers:  # warm each worker: imports, first forward passes (not part of a job's cost)
             _run_job(service, warm, timeout)
         runs = [_run_job(service, {**request, "shard_size": layout["shard_size"]}, timeout) for _ in range(repeat)]

@@ -33,6 +33,14 @@ if str(REPO_ROOT) not in sys.path:  # also run as a script: python bench/stream.
 from bench.shared import shared_file  # noqa: E402
 
 
+def write_report(path: Path, report: dict) -> int:
+    """The bench's JSON report (folders made as needed); 0, the bench's exit status."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
 def _checkpoint(arg: str | None, tmp: Path, input_size: tuple[int, int]) -> Path:
     if arg:
         return Path(arg)
@@ -208,10 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         share = 100.0 * r["frames_per_s"] / max(report["engine"]["frames_per_s_equivalent"], 1e-9)
         print(f"{r['streams']:>7} {r['frames']:>6} {r['frames_per_s']:>9.2f} {share:>7.0f}% "
               f"{r['latency_ms_p50']:>8.1f} {r['latency_ms_p95']:>8.1f} {r['server_total_ms_p50']:>10.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    return write_report(args.out, report)
 
 
 if __name__ == "__main__":

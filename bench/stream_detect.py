@@ -22,7 +22,6 @@ workers share the machine's cores (and the GIL): this is the whole system on one
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -39,6 +38,7 @@ if str(REPO_ROOT) not in sys.path:  # also run as a script: python bench/stream_
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.shared import shared_file  # noqa: E402
+from bench.stream import write_report  # noqa: E402
 
 IMAGE = "000000217285.jpg"  # 640x427, several people (tests/service/conftest.py COCO_IMAGE)
 WINDOW = (576, 384)  # the "camera" sees this much of the photo
@@ -215,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     "p50 ms": "median frame latency, send to result"},
         "scenarios": scenarios,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    return write_report(args.out, report)
 
 
 if __name__ == "__main__":

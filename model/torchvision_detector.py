@@ -47,7 +47,7 @@ import copy
 import pickle
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -155,8 +155,64 @@ def _load_state_dict(path: Path, arch: str) -> dict:
 
 def _detections_per_img(model: torch.nn.Module) -> int:
     """K: most detections per image (Faster R-CNN keeps it on its ROI heads, the others on the model)."""
-    holder = getattr(model, "roi_heads", model)
+    holder: Any = getattr(model, "roi_heads", model)  # torchvision's classes declare no common interface
     return int(holder.detections_per_img)
+
+
+def _checked_options(arch: str, weights: str | WeightsEnum | None, weights_path: str | Path | None,
+                     input_hw: tuple[int, int] | None, score_thr: float, nms_iou: float,
+                     max_persons: int) -> tuple[int, int]:
+    """ValueError for options the detector cannot run with; returns the input size (height, width)."""
+    _check_arch(arch)
+    if (weights is None) == (weights_path is None):
+        raise ValueError(
+            f"the torchvision detector {arch} needs exactly one of weights='DEFAULT' (torchvision's "
+            f"weights API, cached under $TORCH_HOME) and weights_path=<state dict file>, "
+            f"got weights={weights!r}, weights_path={weights_path!r}"
+        )
+    hw = tuple(input_hw) if input_hw is not None else default_input_hw(arch)
+    if len(hw) != 2 or not all(isinstance(v, int) and v >= 32 for v in hw):
+        raise ValueError(f"input_hw must be two integers >= 32 (height, width), got {input_hw!r}")
+    if not 0.0 <= score_thr <= 1.0:
+        raise ValueError(f"score_thr must lie in [0, 1] (padding rows score -1), got {score_thr}")
+    if not 0.0 < nms_iou <= 1.0:
+        raise ValueError(f"nms_iou must lie in (0, 1], got {nms_iou}")
+    if max_persons < 1:
+        raise ValueError(f"max_persons must be at least 1, got {max_persons}")
+    return hw[0], hw[1]
+
+
+def _network_from_torchvision(arch: str, weights: str | WeightsEnum, download: bool) -> tuple[Any, str]:
+    """(model, where its weights came from) through torchvision's weights API and its cache."""
+    from torchvision.models import detection
+
+    enum = resolve_weights(arch, weights)
+    path = cache_path(enum)
+    if not path.is_file():
+        if not download:
+            raise _missing(arch, enum, path, f"{path} is missing and download=False")
+        fetch_weights(arch, enum)
+    try:  # from the cache just checked: torchvision builds the model as it does for its weights
+        model = getattr(detection, arch)(weights=enum, progress=False)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise WeightsMissing(f"torchvision {arch} weights {enum}: the cached {path} cannot be "
+                             f"loaded ({exc}); delete it and fetch it again") from exc
+    return model, f"torchvision {enum} ({path})"
+
+
+def _network_from_file(arch: str, path: Path, num_classes: int) -> tuple[Any, str]:
+    """(model, where its weights came from) from a local state dict of ``arch``."""
+    from torchvision.models import detection
+
+    if not path.is_file():
+        raise FileNotFoundError(f"detector weights not found: {path} (torchvision {arch} state dict)")
+    model = getattr(detection, arch)(weights=None, weights_backbone=None, num_classes=num_classes)
+    try:
+        model.load_state_dict(_load_state_dict(path, arch))
+    except RuntimeError as exc:  # missing / unexpected keys, wrong shapes: another architecture
+        raise ValueError(f"{path} is not a state dict of torchvision {arch} "
+                         f"({num_classes} classes): {exc}") from exc
+    return model, f"state dict {path}"
 
 
 class TorchvisionDetector:
@@ -187,51 +243,12 @@ class TorchvisionDetector:
         num_classes: int = 91,
         name: str | None = None,
     ) -> None:
-        from torchvision.models import detection
-
-        _check_arch(arch)
-        if (weights is None) == (weights_path is None):
-            raise ValueError(
-                f"the torchvision detector {arch} needs exactly one of weights='DEFAULT' (torchvision's "
-                f"weights API, cached under $TORCH_HOME) and weights_path=<state dict file>, "
-                f"got weights={weights!r}, weights_path={weights_path!r}"
-            )
-        hw = tuple(input_hw) if input_hw is not None else default_input_hw(arch)
-        if len(hw) != 2 or not all(isinstance(v, int) and v >= 32 for v in hw):
-            raise ValueError(f"input_hw must be two integers >= 32 (height, width), got {input_hw!r}")
-        if not 0.0 <= score_thr <= 1.0:
-            raise ValueError(f"score_thr must lie in [0, 1] (padding rows score -1), got {score_thr}")
-        if not 0.0 < nms_iou <= 1.0:
-            raise ValueError(f"nms_iou must lie in (0, 1], got {nms_iou}")
-        if max_persons < 1:
-            raise ValueError(f"max_persons must be at least 1, got {max_persons}")
-
-        builder = getattr(detection, arch)
+        hw = _checked_options(arch, weights, weights_path, input_hw, score_thr, nms_iou, max_persons)
         if weights is not None:
-            enum = resolve_weights(arch, weights)
-            path = cache_path(enum)
-            if not path.is_file():
-                if not download:
-                    raise _missing(arch, enum, path, f"{path} is missing and download=False")
-                fetch_weights(arch, enum)
-            try:  # from the cache just checked: torchvision builds the model as it does for its weights
-                model = builder(weights=enum, progress=False)
-            except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-                raise WeightsMissing(f"torchvision {arch} weights {enum}: the cached {path} cannot be "
-                                     f"loaded ({exc}); delete it and fetch it again") from exc
-            self.source = f"torchvision {enum} ({path})"
+            model, self.source = _network_from_torchvision(arch, weights, download)
         else:
-            path = Path(weights_path)  # type: ignore[arg-type]
-            if not path.is_file():
-                raise FileNotFoundError(f"detector weights not found: {path} (torchvision {arch} state dict)")
-            model = builder(weights=None, weights_backbone=None, num_classes=num_classes)
-            try:
-                model.load_state_dict(_load_state_dict(path, arch))
-            except RuntimeError as exc:  # missing / unexpected keys, wrong shapes: another architecture
-                raise ValueError(f"{path} is not a state dict of torchvision {arch} "
-                                 f"({num_classes} classes): {exc}") from exc
-            self.source = f"state dict {path}"
-
+            assert weights_path is not None  # exactly one of the two (checked above)
+            model, self.source = _network_from_file(arch, Path(weights_path), num_classes)
         h, w = hw
         transform = model.transform  # run at exactly input_hw: the resize becomes the identity
         transform.min_size, transform.max_size = (min(h, w),), max(h, w)

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ditepose.model.detectors import DETECTORS, PersonDetector
+from ditepose.training.config import TrainConfig
+from ditepose.training.data_layout import find_split, resolve_det_file
 from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset, TopDownDataset
 from ditepose.training.detection_eval import (
     DetectionRun,
@@ -201,8 +203,8 @@ def evaluation_set(
                              f"not {boxes.source!r}")
         if max_images is not None:
             raise ValueError("max_images applies to COCO datasets only (MPII PCKh needs every annotated person)")
-        ds = MpiiKeypointDataset(ann_file, img_dir, input_size_wh, train=False, max_people=max_people)
-        return EvalSet(ds, Path(gt_file) if gt_file is not None else None, boxes.record())
+        mpii = MpiiKeypointDataset(ann_file, img_dir, input_size_wh, train=False, max_people=max_people)
+        return EvalSet(mpii, Path(gt_file) if gt_file is not None else None, boxes.record())
     if dataset_format != "coco":
         raise ValueError(f"unknown dataset format {dataset_format!r} (coco or mpii)")
     common: dict[str, Any] = {"train": False, "max_images": max_images, "max_people": max_people}
@@ -225,3 +227,18 @@ def evaluation_set(
                              det_score_thr=0.0, **common)
     report = detection_report(ds.coco, runs[0], ds.eval_image_ids)
     return EvalSet(ds, None, boxes.record(detector_score_thr(det)), report)
+
+
+def recipe_test_set(cfg: TrainConfig, data_dir: Path, device: str) -> tuple[EvalSet | None, str]:
+    """The val split with the boxes the recipe's end-of-training test asks for (``test_boxes``), or
+    (None, note) when the test scores the ground-truth boxes the validation already used; the note
+    says why when the recipe asked for detections that are not there."""
+    if cfg.dataset != "coco" or cfg.test_boxes not in ("detections", "detector"):
+        return None, ""
+    det = resolve_det_file(cfg, data_dir) if cfg.test_boxes == "detections" else None
+    if cfg.test_boxes == "detections" and det is None:
+        return None, (f"detections file {cfg.det_file} not found (relative to {data_dir}); "
+                      "scored on ground-truth boxes, which reads higher than the paper's protocol")
+    source = BoxSource("detector") if det is None else BoxSource("detections", det, cfg.det_bbox_thr)
+    layout = find_split(data_dir, "coco", "val")
+    return evaluation_set("coco", layout.ann_file, layout.img_dir, cfg.input_size, source, device=device), ""

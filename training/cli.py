@@ -16,6 +16,7 @@ BOX_CHOICES = ("gt", "detections", "detector")  # ditepose.training.boxes.BOX_SO
 if TYPE_CHECKING:
     from ditepose.training.boxes import BoxSource
     from ditepose.training.config import TrainConfig
+    from ditepose.training.data_layout import SplitFiles
 
 
 def _resolve_config(name: str, dataset: str | None) -> TrainConfig:
@@ -92,7 +93,7 @@ def _check_test_boxes(cfg: TrainConfig, args: argparse.Namespace) -> None:
     The recipe's own detections file may be absent (the test then scores GT boxes and says so),
     but one named on the command line, or asked for with ``--test-boxes detections``, must exist;
     ``--test-boxes detector`` needs the detector's weights."""
-    from ditepose.training.trainer import resolve_det_file
+    from ditepose.training.data_layout import resolve_det_file
 
     explicit = bool(args.det_file or args.test_boxes)
     if (cfg.dataset == "coco" and cfg.test_boxes == "detections" and explicit
@@ -118,7 +119,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ditepose.model import load_pose_model
     from ditepose.model.pipeline import module_infer
     from ditepose.training.boxes import evaluation_set
-    from ditepose.training.data_layout import find_split
     from ditepose.training.evaluate import pipeline_for, predict, score
 
     boxes = _box_source(args)  # bad box options fail before the checkpoint loads
@@ -127,22 +127,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_pose_model(args.checkpoint, map_location=device)
     model.to(device)
-    layout = find_split(args.data, meta.dataset, args.split) if args.data else None
-    ann = Path(args.ann) if args.ann else layout.ann_file
-    if args.img_dir is None and layout is None:
-        raise ValueError("--ann needs --img-dir (or --data)")
-    img_dir = Path(args.img_dir) if args.img_dir else layout.img_dir
-    gt = args.gt or (layout.gt_file if layout else None)
-    eval_set = evaluation_set(meta.dataset, ann, img_dir, meta.input_size, boxes, gt_file=gt,
+    files = _data_files(args, meta.dataset, "evaluate")
+    gt = args.gt or files.gt_file
+    eval_set = evaluation_set(meta.dataset, files.ann_file, files.img_dir, meta.input_size, boxes, gt_file=gt,
                               max_images=args.max_images, device=device, detector_batch=args.detector_batch)
     ds = eval_set.dataset
     preds = predict(module_infer(model), ds, pipeline_for(ds, not args.no_flip, args.decoder), args.batch_size)
     table = score(ds, preds, eval_set.gt_file)
     plots: list[str] = []
     if args.plots:
+        from ditepose.training.datasets import CocoKeypointDataset
         from ditepose.training.eval_breakdown import write_evaluation_plots
 
-        coco_gt = ds.coco if meta.dataset == "coco" else None
+        coco_gt = ds.coco if isinstance(ds, CocoKeypointDataset) else None
         plots = [str(p) for p in write_evaluation_plots(args.plots, meta.dataset, preds, table, coco_gt=coco_gt)]
     print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": meta.dataset, "samples": len(ds),
                       **eval_set.describe(), "max_images": args.max_images, "flip": not args.no_flip,
@@ -150,24 +147,34 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_files(args: argparse.Namespace, dataset: str, command: str) -> SplitFiles:
+    """The annotation file and image folder of ``--data``/``--split``, or of ``--ann``/``--img-dir``
+    (each overrides its half of ``--data``), and the split's ground-truth file when ``--data`` gives one."""
+    if args.ann is None and args.data is None:
+        raise ValueError(f"{command} needs --data DIR or --ann FILE (with --img-dir)")
+    if args.img_dir is None and args.data is None:
+        raise ValueError("--ann needs --img-dir (or --data)")
+    from ditepose.training.data_layout import SplitFiles, find_split
+
+    if args.data is None:
+        return SplitFiles(Path(args.ann), Path(args.img_dir))
+    layout = find_split(args.data, dataset, args.split)
+    return SplitFiles(Path(args.ann) if args.ann else layout.ann_file,
+                      Path(args.img_dir) if args.img_dir else layout.img_dir, layout.gt_file)
+
+
 def _evaluate_detector(args: argparse.Namespace) -> int:
     import torch
 
     from ditepose.training.boxes import BoxSource, make_detector
-    from ditepose.training.data_layout import find_split
     from ditepose.training.detection_eval import evaluate_detector
 
     source = BoxSource("detector", score_thr=args.det_score_thr, detector=args.detector)
-    if args.ann is None and args.data is None:
-        raise ValueError("evaluate-detector needs --data DIR or --ann FILE (with --img-dir)")
-    if args.ann is not None and args.img_dir is None and args.data is None:
-        raise ValueError("--ann needs --img-dir (or --data)")
-    layout = find_split(args.data, "coco", args.split) if args.data else None
-    ann = Path(args.ann) if args.ann else layout.ann_file
-    img_dir = Path(args.img_dir) if args.img_dir else layout.img_dir
+    files = _data_files(args, "coco", "evaluate-detector")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    report = evaluate_detector(make_detector(source, device), ann, img_dir, args.max_images, args.batch_size)
-    print(json.dumps({"annotations": str(ann), "device": device, **report}))
+    report = evaluate_detector(make_detector(source, device), files.ann_file, files.img_dir, args.max_images,
+                               args.batch_size)
+    print(json.dumps({"annotations": str(files.ann_file), "device": device, **report}))
     return 0
 
 
@@ -196,6 +203,9 @@ def _publish(args: argparse.Namespace) -> int:
         raise ValueError(f"--metadata must be a JSON object, got {args.metadata!r}")
     module, meta = load_pose_model(args.checkpoint)  # CheckpointError (a ValueError) names what does not fit
     input_size = args.input or meta.input_size
+    from ditepose.model.dite_hrnet import TopDownPoseNet
+
+    assert isinstance(module, TopDownPoseNet)  # what load_pose_model builds (typed as any nn.Module)
     module.check_input_size(input_size[1], input_size[0])
     manifest_path = model_dir / MANIFEST_NAME
     manifest = ModelManifest.from_file(manifest_path) if manifest_path.exists() else None
@@ -213,6 +223,15 @@ def _publish(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training package's sub-commands to the ``ditepose`` parser."""
+    _add_train(subparsers)
+    _add_evaluate(subparsers)
+    _add_evaluate_detector(subparsers)
+    _add_publish(subparsers)
+    _add_synth(subparsers)
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    """The `train` command."""
     train = subparsers.add_parser("train", help="train a Dite-HRNet recipe (single process or torchrun DDP)")
     train.add_argument("config", help="recipe name (e.g. dite_hrnet_18_coco_256x192), variant, or .json file")
     train.add_argument("--data", required=True, help="dataset folder (COCO or MPII layout, or `ditepose synth` output)")
@@ -261,6 +280,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "model has none (docs/operations.md, Model repository)")
     train.set_defaults(func=_train)
 
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    """The `evaluate` command."""
     ev = subparsers.add_parser("evaluate", help="COCO AP / MPII PCKh of a checkpoint, printed as JSON")
     ev.add_argument("checkpoint")
     ev.add_argument("--data", help="dataset folder (its val split is used unless --ann)")
@@ -288,6 +310,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--plots", metavar="DIR", help="write per-joint accuracy and OKS histogram PNGs here")
     ev.set_defaults(func=_evaluate)
 
+
+def _add_evaluate_detector(subparsers: argparse._SubParsersAction) -> None:
+    """The `evaluate-detector` command."""
     dv = subparsers.add_parser("evaluate-detector", help="a person detector's recall, false positives, box AP "
                                "and time per image on a COCO keypoints set, printed as JSON")
     dv.add_argument("--data", help="COCO dataset folder (its val split is used unless --ann)")
@@ -302,6 +327,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dv.add_argument("--device", default=None)
     dv.set_defaults(func=_evaluate_detector)
 
+
+def _add_publish(subparsers: argparse._SubParsersAction) -> None:
+    """The `publish` command."""
     pub = subparsers.add_parser("publish", help="add a checkpoint as the next version of a model in a model "
                                 "repository, atomically, after checking that it loads")
     pub.add_argument("checkpoint", help="checkpoint file (ours or the authors' mmpose layout)")
@@ -312,6 +340,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pub.add_argument("--metadata", help="JSON object stored in the version's version.json (e.g. a ticket)")
     pub.set_defaults(func=_publish)
 
+
+def _add_synth(subparsers: argparse._SubParsersAction) -> None:
+    """The `synth` command."""
     syn = subparsers.add_parser("synth", help="write a synthetic people dataset (COCO or MPII format)")
     syn.add_argument("--format", choices=["coco", "mpii"], default="coco")
     syn.add_argument("--out", required=True)

@@ -119,17 +119,3 @@ def evaluate_coco(
         coco_eval.summarize()
     # pycocotools reports -1 where a category/area has no ground truth; keep it as-is for honesty.
     return {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats, strict=True)}
-
-
-def gt_as_predictions(ann_file: str | Path | Any, score: float = 1.0) -> list[dict[str, Any]]:
-    """Ground-truth people with keypoints as perfect predictions (for checks and tests)."""
-    gt = _load_gt(ann_file)
-    preds: list[dict[str, Any]] = []
-    for ann in gt.loadAnns(gt.getAnnIds(iscrowd=False)):
-        if ann.get("num_keypoints", 0) == 0:
-            continue
-        kpts = np.asarray(ann["keypoints"], dtype=np.float64).reshape(-1, 3)
-        kpts[:, 2] = np.where(kpts[:, 2] > 0, score, 0.0)
-        preds.append({"image_id": ann["image_id"], "keypoints": kpts.tolist(),
-                      "box_score": 1.0, "area": float(ann["area"]), "bbox_id": ann["id"]})
-    return preds

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ditepose.training.config import TrainConfig
+from ditepose.training.datasets import CocoKeypointDataset, MpiiKeypointDataset, TopDownDataset
+
 
 @dataclass(frozen=True)
 class SplitFiles:
@@ -37,3 +40,27 @@ def find_split(data_dir: str | Path, dataset: str, split: str) -> SplitFiles:
     if ann is None or img is None:
         raise FileNotFoundError(f"no {dataset} '{split}' split under {root} (annotations/ + images)")
     return SplitFiles(ann, img, gt)
+
+
+def build_dataset(cfg: TrainConfig, data_dir: Path, split: str, train: bool) -> tuple[TopDownDataset, Path | None]:
+    """The recipe's dataset split under ``data_dir`` (training augmentation when ``train``) and,
+    for MPII, its PCKh ground-truth file."""
+    layout = find_split(data_dir, cfg.dataset, split)
+    if cfg.dataset == "coco":
+        ds: TopDownDataset = CocoKeypointDataset(
+            layout.ann_file, layout.img_dir, cfg.input_size, train=train, recipe=cfg.augment, seed=cfg.seed,
+            max_people=cfg.max_people if train else None)
+    else:
+        ds = MpiiKeypointDataset(layout.ann_file, layout.img_dir, cfg.input_size, train=train, recipe=cfg.augment,
+                                 seed=cfg.seed, max_people=cfg.max_people if train else None)
+    return ds, layout.gt_file
+
+
+def resolve_det_file(cfg: TrainConfig, data_dir: Path) -> Path | None:
+    """The recipe's detections file (absolute, or relative to the data folder), if it exists."""
+    if cfg.det_file is None:
+        return None
+    path = Path(cfg.det_file)
+    if not path.is_absolute():
+        path = data_dir / path
+    return path if path.is_file() else None

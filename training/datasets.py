@@ -125,34 +125,37 @@ class CocoKeypointDataset(TopDownDataset):
         if max_images is not None:
             # The first images (by id) that have persons; scored on those images only.
             self.eval_image_ids = sorted({r["image_id"] for r in gt_records})[:max_images]
-        if use_gt_bbox:
-            if det_file is not None or detect_images is not None:
-                raise ValueError("use_gt_bbox=True takes neither det_file nor detect_images")
-            self.records = gt_records
-        else:
-            if (det_file is None) == (detect_images is None):
-                raise ValueError("use_gt_bbox=False needs det_file (json list of {image_id, bbox, score, "
-                                 "category_id}) or detect_images (a live detector), exactly one of them")
-            images = self.eval_image_ids if self.eval_image_ids is not None else sorted(self.coco.getImgIds())
-            if det_file is not None:
-                source = str(det_file)
-                dets = self._read_det_file(Path(det_file))
-            else:
-                source = "the detector"
-                files = [(img_id, self.img_dir / self.coco.loadImgs(img_id)[0]["file_name"]) for img_id in images]
-                dets = detect_images(files)  # type: ignore[misc]
-            self.records = self._det_records(dets, det_score_thr, source, set(images))
+        self.records = self._box_records(gt_records, use_gt_bbox, det_file, det_score_thr, detect_images)
         if self.eval_image_ids is not None:
             kept = set(self.eval_image_ids)
             self.records = [r for r in self.records if r["image_id"] in kept]
         if max_people is not None and len(self.records) > max_people:
-            # Cut at an image boundary and score only those images, so unseen people are not misses.
-            last = self.records[max_people - 1]["image_id"]
-            keep = max_people
-            while keep < len(self.records) and self.records[keep]["image_id"] == last:
-                keep += 1
-            self.records = self.records[:keep]
-            self.eval_image_ids = sorted({r["image_id"] for r in self.records})
+            self._keep_people(max_people)
+
+    def _box_records(self, gt_records: list[dict[str, Any]], use_gt_bbox: bool, det_file: str | Path | None,
+                     det_score_thr: float, detect_images: DetectImages | None) -> list[dict[str, Any]]:
+        """The records of the dataset's boxes: the annotated ones, or detections (file or live detector)."""
+        if use_gt_bbox:
+            if det_file is not None or detect_images is not None:
+                raise ValueError("use_gt_bbox=True takes neither det_file nor detect_images")
+            return gt_records
+        images = self.eval_image_ids if self.eval_image_ids is not None else sorted(self.coco.getImgIds())
+        if det_file is not None and detect_images is None:
+            return self._det_records(self._read_det_file(Path(det_file)), det_score_thr, str(det_file), set(images))
+        if detect_images is not None and det_file is None:
+            files = [(img_id, self.img_dir / self.coco.loadImgs(img_id)[0]["file_name"]) for img_id in images]
+            return self._det_records(detect_images(files), det_score_thr, "the detector", set(images))
+        raise ValueError("use_gt_bbox=False needs det_file (json list of {image_id, bbox, score, "
+                         "category_id}) or detect_images (a live detector), exactly one of them")
+
+    def _keep_people(self, max_people: int) -> None:
+        """Cut at an image boundary and score only those images, so unseen people are not misses."""
+        last = self.records[max_people - 1]["image_id"]
+        keep = max_people
+        while keep < len(self.records) and self.records[keep]["image_id"] == last:
+            keep += 1
+        self.records = self.records[:keep]
+        self.eval_image_ids = sorted({r["image_id"] for r in self.records})
 
     def _center_scale(self, box: list[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         _x, _y, w, h = box
@@ -233,16 +236,9 @@ class CocoKeypointDataset(TopDownDataset):
 class MpiiKeypointDataset(TopDownDataset):
     """mmpose-format MPII json: [{image, center, scale, joints (1-based), joints_vis}]."""
 
-    def __init__(
-        self,
-        ann_file: str | Path,
-        img_dir: str | Path,
-        input_size_wh: tuple[int, int] = (256, 256),
-        train: bool = True,
-        recipe: AugmentConfig | None = None,
-        seed: int = 0,
-        max_people: int | None = None,
-    ) -> None:
+    def __init__(self, ann_file: str | Path, img_dir: str | Path, input_size_wh: tuple[int, int] = (256, 256),
+                 train: bool = True, recipe: AugmentConfig | None = None, seed: int = 0,
+                 max_people: int | None = None) -> None:
         super().__init__(input_size_wh, train, recipe, seed)
         self.spec = MPII
         self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)

@@ -50,3 +50,12 @@ class MetricsLogger:
             self.csv_file.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar over an epoch's steps (None without tqdm)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled)

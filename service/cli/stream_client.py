@@ -31,6 +31,8 @@ class SourceFrame:
 
 @dataclass
 class StreamSummary:
+    """What one streamed video came to: counts, wall time and each result's latency."""
+
     frames_sent: int = 0
     results: int = 0
     dropped: int = 0
@@ -335,7 +337,7 @@ def _source_fps(source: Path) -> float:
 def _open_writer(path: Path, first: np.ndarray, fps: float) -> cv2.VideoWriter:
     height, width = first.shape[:2]
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
     if not writer.isOpened():
         raise ValueError(f"OpenCV cannot write video {path}")
     return writer

@@ -42,6 +42,7 @@ from ditepose.service.batching.batcher import BatcherError
 from ditepose.service.batching.interface import AnyBatcher, InferencePool
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.core.admission import Admission
+from ditepose.service.core.detection import detector_options
 from ditepose.service.core.errors import ServiceError, from_batcher_error
 from ditepose.service.core.images import decode_image, encode_png
 from ditepose.service.core.repository_watcher import ModelRepositoryWatcher
@@ -194,16 +195,7 @@ class PoseService:
 
     def _detector_options(self, name: str) -> dict[str, object]:
         """Constructor options of detector ``name`` from the settings (nothing is ever downloaded)."""
-        settings = self.settings
-        if name == "nanodet":
-            return {"score_thr": settings.det_score_threshold, "max_persons": settings.max_boxes,
-                    "weights_dir": settings.weights_dir}
-        if name == "torchvision":
-            weights = settings.torchvision_weights
-            is_file = weights.endswith((".pth", ".pt")) or "/" in weights
-            return {"arch": settings.torchvision_arch, "max_persons": settings.max_boxes, "download": False,
-                    **({"weights_path": weights} if is_file else {"weights": weights})}
-        return {}
+        return detector_options(self.settings, name)
 
     def check_boxes(self, boxes: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
         """Boxes as float32 [N, 4]; ``bad_boxes`` for anything the pipeline must not see."""

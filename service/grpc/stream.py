@@ -11,28 +11,10 @@ Three pieces share a small amount of state on the server's event loop:
   runs tracking/smoothing, and frees the slot once the result is handed to gRPC.
 
 Person detection every N frames (``StreamConfig.detect_interval``, as rtmlib's
-``det_frequency``): the dispatcher numbers the frames it dispatches (dropped frames never get a
-number) and plans each one's boxes: the frame's own boxes if it has some (``CLIENT``), the
-detector on frames 0, N, 2N, ... (``DETECTED``), and boxes carried from an earlier frame's
-poses on the frames between (``CARRIED``, :mod:`ditepose.service.video.carry`). With
-``max_in_flight`` > 1 a carried frame is dispatched before the frame just before it has
-finished, so it cannot always wait for that one; what it gets is fixed here:
-
-* it waits for its *anchor*, the latest frame dispatched before it that detected or brought
-  its own boxes (that frame is already in flight, so the wait holds no one else up), then takes
-  the boxes of the highest-numbered frame before it that has finished by then, which is the
-  anchor itself or a later carried frame. With ``max_in_flight=1`` that is always the previous
-  frame: rtmlib's behaviour exactly;
-* when those boxes are empty (nobody found, or the source frame failed), the frame runs the
-  detector instead; so does a carried frame whose boxes the service refuses (``bad_boxes``,
-  e.g. a smaller frame than the one they came from).
-
-So which frames run the detector depends only on the stream and its results, not on timing,
-as long as no carried frame comes back with nobody in it. Why wait for the anchor rather than
-take whatever frame had finished (possibly one from before the last detection): on a 2-core CPU
-VM the second way streamed no faster (bench/stream_detect.py, within the noise of a shared
-machine) and split more tracks (10 track ids instead of 5 over 40 frames of 4 people), as the
-frames just after a detection went on with the boxes from before it.
+``det_frequency``): the dispatcher plans each frame's boxes with a
+:class:`~ditepose.service.video.planner.FramePlanner` (the caller's, the detector's, or carried
+from an earlier frame; the rules and why they are so are in that module) and this transport maps
+its :class:`~ditepose.service.video.planner.BoxSource` to ``pose_pb2.BOX_SOURCE_*``.
 
 A carried person's ``score`` is its keypoints' mean alone, as with caller boxes: there is no
 detector score to weigh it by, so the same person scores differently on detected and carried
@@ -55,7 +37,8 @@ from ditepose.proto.ditepose.v1 import pose_pb2
 from ditepose.service.core.errors import ServiceError
 from ditepose.service.core.pose_service import PoseRequest, PoseResult
 from ditepose.service.grpc.convert import person_to_proto, request_from_proto, timings_to_proto
-from ditepose.service.video.carry import CarryConfig, carried_boxes
+from ditepose.service.video.carry import CarryConfig
+from ditepose.service.video.planner import BoxSource, FramePlan, FramePlanner
 from ditepose.service.video.smoothing import KeypointSmoother, OneEuroConfig
 from ditepose.service.video.tracking import PoseTracker, TrackerConfig
 
@@ -70,6 +53,12 @@ DEFAULT_DETECT_INTERVAL = 5
 MAX_DETECT_INTERVAL = 300  # 10 s at 30 frames/s: longer and people entering the picture go unseen too long
 
 RunFrame = Callable[[PoseRequest], Awaitable[PoseResult]]
+
+BOX_SOURCE_TO_PROTO: dict[BoxSource, pose_pb2.BoxSource] = {
+    BoxSource.CLIENT: pose_pb2.BOX_SOURCE_CLIENT,
+    BoxSource.DETECTED: pose_pb2.BOX_SOURCE_DETECTED,
+    BoxSource.CARRIED: pose_pb2.BOX_SOURCE_CARRIED,
+}
 
 
 @dataclass(frozen=True)
@@ -136,10 +125,11 @@ def _retrieve(future: asyncio.Future) -> None:
 class _Job:
     frame: pose_pb2.Frame
     dropped: list[int] = field(default_factory=list)
-    index: int = -1  # dispatch number (module docstring)
-    source: pose_pb2.BoxSource.ValueType = pose_pb2.BOX_SOURCE_UNSPECIFIED
-    anchor: _Job | None = None  # a CARRIED frame waits for this one
-    done: asyncio.Event = field(default_factory=asyncio.Event)  # set once this frame's result is known
+    plan: FramePlan | None = None  # set when the frame is dispatched
+
+    @property
+    def box_source(self) -> pose_pb2.BoxSource:
+        return pose_pb2.BOX_SOURCE_UNSPECIFIED if self.plan is None else BOX_SOURCE_TO_PROTO[self.plan.source]
 
 
 @dataclass
@@ -166,9 +156,7 @@ class StreamSession:
         self._input_done = False
         self._input_error: BaseException | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._dispatched = 0
-        self._anchor: _Job | None = None
-        self._carry: dict[int, np.ndarray] = {}  # dispatch number of a finished frame -> boxes for later frames
+        self._planner = FramePlanner(opts.detect_interval, opts.max_in_flight, opts.carry)
         self.frames_in = 0
         self.frames_out = 0
         self.frames_dropped = 0
@@ -215,69 +203,36 @@ class StreamSession:
                 continue
             job = self._waiting.popleft()  # the oldest frame still waiting (drops happen meanwhile)
             job.dropped, self._dropped = self._dropped, []
-            self._plan(job)
+            job.plan = self._planner.plan(has_boxes=len(job.frame.boxes) > 0)
             self._space.set()
             task = asyncio.create_task(self._process(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             await self._out.put(task)
 
-    def _plan(self, job: _Job) -> None:
-        """Number the frame and decide where its boxes come from (module docstring)."""
-        job.index, self._dispatched = self._dispatched, self._dispatched + 1
-        if len(job.frame.boxes):
-            job.source = pose_pb2.BOX_SOURCE_CLIENT
-        elif self._anchor is None or job.index % self.opts.detect_interval == 0:
-            job.source = pose_pb2.BOX_SOURCE_DETECTED
-        else:
-            job.source, job.anchor = pose_pb2.BOX_SOURCE_CARRIED, self._anchor
-            return
-        self._anchor = job
-
-    async def _carried(self, job: _Job) -> list[list[float]] | None:
-        """The boxes a CARRIED frame gets, once its anchor has finished; None: detect instead."""
-        anchor, job.anchor = job.anchor, None  # do not keep the anchor's frame alive any longer
-        assert anchor is not None
-        await anchor.done.wait()
-        sources = [i for i in self._carry if anchor.index <= i < job.index]
-        if not sources:  # the anchor failed, or no frame since has finished
-            return None
-        boxes = self._carry[max(sources)]
-        return boxes.tolist() if len(boxes) else None
-
-    def _remember(self, job: _Job, result: PoseResult) -> None:
-        """Keep the boxes later frames may carry from this one."""
-        if self.opts.detect_interval == 1:
-            return
-        poses = result.poses
-        self._carry[job.index] = carried_boxes(
-            [p.keypoints for p in poses], [p.bbox_xywh for p in poses], result.width, result.height, self.opts.carry
-        )
-        # A frame dispatched later can only take boxes of frames at most interval + in-flight before it.
-        oldest = max(self._carry) - self.opts.detect_interval - self.opts.max_in_flight
-        for index in [i for i in self._carry if i < oldest]:
-            del self._carry[index]
-
     async def _process(self, job: _Job) -> _Outcome:
-        frame = job.frame
+        frame, plan = job.frame, job.plan
+        assert plan is not None  # planned by the dispatcher before the task starts
         try:
             request = request_from_proto(frame.image, frame.boxes, self.opts.options)
-            carried = await self._carried(job) if job.source == pose_pb2.BOX_SOURCE_CARRIED else None
-            if job.source == pose_pb2.BOX_SOURCE_CARRIED and carried is None:
-                job.source = pose_pb2.BOX_SOURCE_DETECTED
+            carried = await self._planner.carried(plan) if plan.source is BoxSource.CARRIED else None
+            if plan.source is BoxSource.CARRIED and carried is None:
+                plan.detect_instead()
             try:
                 result = await self.run_frame(request if carried is None else replace(request, boxes=carried))
             except ServiceError as exc:
                 if carried is None or exc.code != "bad_boxes":
                     raise
-                job.source = pose_pb2.BOX_SOURCE_DETECTED  # boxes of a larger frame: find the people again
+                plan.detect_instead()  # boxes of a larger frame: find the people again
                 result = await self.run_frame(request)
-            self._remember(job, result)
+            poses = result.poses
+            self._planner.remember(plan, [p.keypoints for p in poses], [p.bbox_xywh for p in poses],
+                                   result.width, result.height)
             return _Outcome(job, result, None)
         except ServiceError as exc:
             return _Outcome(job, None, exc)
         finally:
-            job.done.set()
+            plan.finish()
 
     # ----------------------------------------------------------------- emitter
     async def results(self, frames: AsyncIterator[pose_pb2.StreamRequest]) -> AsyncIterator[pose_pb2.StreamResult]:
@@ -321,7 +276,7 @@ class StreamSession:
             sequence_number=frame.sequence_number,
             timestamp=frame.timestamp,
             dropped_sequence_numbers=outcome.job.dropped,
-            box_source=outcome.job.source,
+            box_source=outcome.job.box_source,
         )
         if outcome.error is not None or outcome.result is None:
             err = outcome.error or ServiceError("internal", "no result")
@@ -343,7 +298,7 @@ class StreamSession:
                     smoothed[i] = self.smoother.smooth(ids[i], pose.keypoints, frame.timestamp)
                 self.smoother.retain(self.tracker.live_ids)
         message.persons.extend(
-            person_to_proto(p, result.spec, ids[i], None if smoothed[i] is None else smoothed[i][:, :2])
+            person_to_proto(p, result.spec, ids[i], None if (xy := smoothed[i]) is None else xy[:, :2])
             for i, p in enumerate(result.poses)
         )
         return message

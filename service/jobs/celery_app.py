@@ -15,6 +15,7 @@ the record in 'running'.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -105,7 +106,7 @@ def make_celery(settings: Settings) -> Celery:
         from ditepose.service.jobs.evaluation import run_job
 
         ctx = context()
-        return _deliver(self, job_id, lambda: run_job(
+        return _deliver(self, settings, job_id, lambda: run_job(
             job_id, ctx.store, ctx.pool, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
             soft_time_limit_s=settings.soft_time_limit_s, metrics=ctx.metrics, dispatch=dispatch_shards,
         ))
@@ -115,34 +116,35 @@ def make_celery(settings: Settings) -> Celery:
         from ditepose.service.jobs.shards import run_shard
 
         ctx = context()
-        return _deliver(self, shard_id, lambda: run_shard(
+        return _deliver(self, settings, shard_id, lambda: run_shard(
             shard_id, ctx.store, ctx.pool, settings.jobs_dir, lease_ttl_s=settings.lock_ttl_s,
             soft_time_limit_s=settings.soft_time_limit_s,
         ))
 
-    def _deliver(self: Any, job_id: str, body: Any) -> str:
-        """A job's or a shard's run, with the same answers to a lost Redis and to a busy lease."""
-        import redis
-
-        try:
-            outcome = body()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            # Redis went away mid-job (e.g. a restart). Failing here would ack the message and leave
-            # the record 'running' forever: wait for Redis, then queue a fresh copy of the task.
-            log.warning("job %s: Redis unreachable (%s); re-queueing the job once it is back", job_id, exc)
-            _wait_for_redis(settings.redis_url or "", settings.visibility_timeout_s * 4 + 30)
-            raise self.retry(countdown=min(settings.lock_ttl_s, 5), max_retries=None) from exc
-        if outcome == "busy":  # a live worker holds it; look again once its lease could have run out
-            # (sooner than visibility_timeout, so this waiting copy is not itself redelivered)
-            countdown = min(settings.lock_ttl_s, settings.visibility_timeout_s / 2)
-            raise self.retry(countdown=countdown, max_retries=None)
-        return outcome
-
-    app.evaluate_task = evaluate  # type: ignore[attr-defined]
-    app.evaluate_shard_task = evaluate_shard  # type: ignore[attr-defined]
+    app.evaluate_task = evaluate
+    app.evaluate_shard_task = evaluate_shard
     if settings.torch_threads:
         _set_torch_threads_in_children(settings.torch_threads)
     return app
+
+
+def _deliver(self: Any, settings: Settings, job_id: str, body: Callable[[], str]) -> str:
+    """A job's or a shard's run, with the same answers to a lost Redis and to a busy lease."""
+    import redis
+
+    try:
+        outcome = body()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        # Redis went away mid-job (e.g. a restart). Failing here would ack the message and leave
+        # the record 'running' forever: wait for Redis, then queue a fresh copy of the task.
+        log.warning("job %s: Redis unreachable (%s); re-queueing the job once it is back", job_id, exc)
+        _wait_for_redis(settings.redis_url or "", settings.visibility_timeout_s * 4 + 30)
+        raise self.retry(countdown=min(settings.lock_ttl_s, 5), max_retries=None) from exc
+    if outcome == "busy":  # a live worker holds it; look again once its lease could have run out
+        # (sooner than visibility_timeout, so this waiting copy is not itself redelivered)
+        countdown = min(settings.lock_ttl_s, settings.visibility_timeout_s / 2)
+        raise self.retry(countdown=countdown, max_retries=None)
+    return outcome
 
 
 def _wait_for_redis(url: str, timeout_s: float) -> bool:

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.settings import ModelSpec, Settings
@@ -76,7 +76,7 @@ class JobService:
                 out.update(ready=False, error=str(exc))
         return out
 
-    def resolve_model(self, req: EvaluateRequest, dataset_format: str) -> tuple[ModelSpec, bool]:
+    def resolve_model(self, req: EvaluateRequest, dataset_format: Literal["coco", "mpii"]) -> tuple[ModelSpec, bool]:
         """(the model's spec, whether it is a served model) for the request."""
         if req.checkpoint is not None:
             try:

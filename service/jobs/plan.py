@@ -11,6 +11,7 @@ import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ditepose.service.core.detection import detector_options
 from ditepose.service.core.settings import DatasetSpec, ModelSpec, Settings
 from ditepose.service.jobs.schemas import EvaluateRequest
 
@@ -79,23 +80,12 @@ class JobPlan:
         )
 
 
-def job_detector(settings: Settings, requested: str | None) -> str:
-    """The detector of a boxes='detector' job: the request's, else the service's default ('auto':
-    nanodet -- an evaluation never falls back to whole-image boxes silently)."""
+def job_detector_name(settings: Settings, requested: str | None) -> str:
+    """The name of the detector of a boxes='detector' job: the request's, else the service's default
+    ('auto': nanodet -- an evaluation never falls back to whole-image boxes silently)."""
     if requested is not None:
         return requested
     return "nanodet" if settings.detector == "auto" else settings.detector
-
-
-def detector_options(settings: Settings, name: str) -> dict[str, Any]:
-    """Where the server's detector ``name`` finds its weights (the service's own settings)."""
-    if name == "nanodet":
-        return {"weights_dir": str(settings.weights_dir)} if settings.weights_dir is not None else {}
-    if name == "torchvision":
-        weights = settings.torchvision_weights
-        is_file = weights.endswith((".pth", ".pt")) or "/" in weights
-        return {"arch": settings.torchvision_arch, **({"weights_path": weights} if is_file else {"weights": weights})}
-    return {}
 
 
 def eval_options(req: EvaluateRequest, dataset_name: str, dataset: DatasetSpec, settings: Settings) -> EvalOptions:
@@ -114,13 +104,13 @@ def eval_options(req: EvaluateRequest, dataset_name: str, dataset: DatasetSpec, 
                          f"{dataset_name!r} has none: use boxes 'gt' or 'detector'")
     detector, thr, options = None, req.det_score_thr, None
     if boxes == "detector":
-        detector = job_detector(settings, req.detector)
+        detector = job_detector_name(settings, req.detector)
         if thr is None and detector == "nanodet":
             thr = settings.det_score_threshold  # the service's threshold, as for POST /v1/pose
         BoxSource("detector", score_thr=thr, detector=detector)  # the same checks as the CLI's
         if detector == "whole" and thr is not None:
             raise ValueError("det_score_thr: detector 'whole' has no score threshold")
-        options = detector_options(settings, detector)
+        options = detector_options(settings, detector, for_job=True)
     shard_size = settings.shard_size if req.shard_size is None else min(req.shard_size, settings.shard_size)
     return EvalOptions(flip_test=req.flip_test, decoder=req.decoder, boxes=boxes, detector=detector,
                        det_score_thr=thr, detector_options=options, batch_size=req.batch_size,

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -317,7 +317,8 @@ class RedisJobStore:
         key = self._key(rec.id)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hsetnx(key, "id", json.dumps(rec.id))
-            pipe.hset(key, mapping=rec.to_fields())
+            mapping: dict[Any, Any] = rec.to_fields()  # redis' stubs want its own key/value union
+            pipe.hset(key, mapping=mapping)
             if rec.parent is None:
                 pipe.zadd(f"{self.prefix}:jobs", {rec.id: rec.created_at})
                 pipe.sadd(self._states + rec.state, rec.id)
@@ -326,7 +327,7 @@ class RedisJobStore:
             raise ValueError(f"job {rec.id} exists")
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.client.hgetall(self._key(job_id))
+        raw = _text_fields(self.client.hgetall(self._key(job_id)))
         return JobRecord.from_fields(raw) if raw else None
 
     def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
@@ -334,15 +335,15 @@ class RedisJobStore:
             for job_id in job_ids:
                 pipe.hgetall(self._key(job_id))
             rows = pipe.execute()
-        return [JobRecord.from_fields(raw) if raw else None for raw in rows]
+        return [JobRecord.from_fields(_text_fields(raw)) if raw else None for raw in rows]
 
     def recent(self, limit: int) -> list[JobRecord]:
         ids = self.client.zrevrange(f"{self.prefix}:jobs", 0, limit - 1)
         with self.client.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hgetall(self._key(job_id))
+                pipe.hgetall(self._key(str(job_id)))
             rows = pipe.execute()
-        return [JobRecord.from_fields(raw) for raw in rows if raw]
+        return [JobRecord.from_fields(_text_fields(raw)) for raw in rows if raw]
 
     def counts(self) -> dict[str, int]:
         with self.client.pipeline(transaction=False) as pipe:
@@ -352,8 +353,8 @@ class RedisJobStore:
 
     def claim(self, job_id: str, token: str, ttl_s: float, worker: str) -> Claim:
         keys = [self._key(job_id), self._lease(job_id), self._states]
-        args = [token, int(ttl_s * 1000), json.dumps(time.time()), json.dumps(worker), job_id]
-        return self._claim(keys=keys, args=args)  # type: ignore[return-value]
+        args: list[str | int] = [token, int(ttl_s * 1000), json.dumps(time.time()), json.dumps(worker), job_id]
+        return self._claim(keys=keys, args=args)
 
     def heartbeat(self, job_id: str, token: str, ttl_s: float, progress: float) -> tuple[bool, bool]:
         keys = [self._key(job_id), self._lease(job_id)]
@@ -384,3 +385,8 @@ def make_store(redis_url: str | None, root: Path | None, timeout_s: float = 2.0)
     if redis_url:
         return RedisJobStore(redis_url, timeout_s=timeout_s)
     return LocalJobStore(root)
+
+
+def _text_fields(raw: Any) -> dict[str, str]:
+    """A record hash as the client returns it: text, since it decodes responses (redis' stubs say bytes | str)."""
+    return cast(dict[str, str], raw)

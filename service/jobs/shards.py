@@ -25,25 +25,22 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from ditepose.service.batching.batcher import DeadlineExceeded
 from ditepose.service.batching.infer import BatcherInfer
 from ditepose.service.batching.pool import WorkerPool
-from ditepose.service.core.model_loader import LoadedModel
+from ditepose.service.jobs import runs
+from ditepose.service.jobs.inputs import cached_eval_set, job_models
 from ditepose.service.jobs.lease import Lease, LeaseLost
 from ditepose.service.jobs.plan import JobPlan
 from ditepose.service.jobs.records import TERMINAL, JobRecord, JobStore, atomic_write_text
-from ditepose.training.boxes import EvalSet
-from ditepose.training.evaluate import Prediction
+from ditepose.training.evaluate import Prediction, image_groups, pipeline_for, predict, score
 
 log = logging.getLogger(__name__)
 
@@ -67,83 +64,6 @@ def shard_file(jobs_dir: Path, job_id: str, index: int) -> Path:
     return jobs_dir / job_id / "shards" / f"shard-{index:04d}.json"
 
 
-# ---------------------------------------------------------------------------------------------- datasets
-
-_eval_sets: dict[str, EvalSet] = {}
-_eval_sets_lock = threading.Lock()
-
-
-def cached_eval_set(plan: JobPlan, input_size: tuple[int, int]) -> EvalSet:
-    """The plan's dataset, loaded once per process (the shards of a job, and its merge, on one
-    worker read the same annotation file once). Deterministic, so every worker's copy lists the same
-    records in the same order. Never for boxes='detector' (those jobs are not split)."""
-    from ditepose.service.jobs.evaluation import load_dataset
-
-    key = json.dumps([plan.dataset.model_dump(mode="json"), plan.options.boxes, plan.options.det_score_thr,
-                      plan.options.max_images, list(input_size)], sort_keys=True)
-    with _eval_sets_lock:
-        cached = _eval_sets.get(key)
-    if cached is not None:
-        return cached
-    eval_set = load_dataset(plan, input_size)
-    with _eval_sets_lock:
-        while len(_eval_sets) >= 2:  # a worker runs one job's shards at a time, mostly
-            _eval_sets.pop(next(iter(_eval_sets)))
-        _eval_sets[key] = eval_set
-    return eval_set
-
-
-# ---------------------------------------------------------------------------------------------- models
-
-class _JobModels:
-    """A job's model stays in the worker's pool between its shards (a checkpoint load per shard would
-    be most of the cost of sharding); the first shard of another job evicts it once no shard uses it.
-    At most one idle job model per pool lingers after its job."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[tuple[int, str], list[Any]] = {}  # (pool, job) -> [model, shards using it]
-
-    @contextmanager
-    def use(self, pool: WorkerPool, plan: JobPlan, job_id: str) -> Iterator[LoadedModel]:
-        from ditepose.service.core.model_loader import load_model
-
-        if plan.served and plan.model.name in pool.models:  # the pool's own (embedded mode): nothing to load
-            yield pool.models[plan.model.name]
-            return
-        key = (id(pool), job_id)
-        with self._lock:  # loads one at a time: a pool's shards of one job share one load
-            self._evict(pool, keep=job_id)
-            entry = self._entries.get(key)
-            if entry is None:
-                loaded = load_model(plan.model.model_copy(update={"name": f"job-{job_id}/{plan.model.name}"}))
-                pool.add_model(loaded, served=False)
-                entry = self._entries[key] = [loaded, 0]
-            entry[1] += 1
-        try:
-            yield entry[0]
-        finally:
-            with self._lock:
-                entry[1] -= 1
-
-    def _evict(self, pool: WorkerPool, keep: str) -> None:
-        for key, (loaded, users) in list(self._entries.items()):
-            if key[0] == id(pool) and key[1] != keep and users == 0:
-                pool.remove_model(loaded.name)
-                del self._entries[key]
-
-    def release(self, pool: WorkerPool, job_id: str) -> None:
-        """The job is over (merged, failed or cancelled): drop its model now if no shard uses it."""
-        with self._lock:
-            entry = self._entries.get((id(pool), job_id))
-            if entry is not None and entry[1] == 0:
-                pool.remove_model(entry[0].name)
-                del self._entries[(id(pool), job_id)]
-
-
-job_models = _JobModels()
-
-
 # ------------------------------------------------------------------------------------------ shard files
 
 def write_shard(path: Path, job_id: str, index: int, images: tuple[int, int], predictions: list[Prediction]) -> None:
@@ -164,7 +84,7 @@ def read_shard(path: Path, job_id: str, index: int, persons: int) -> list[Predic
             or len(doc.get("predictions", [])) != persons:
         raise ValueError(f"{path}: not the complete predictions of shard {index} of job {job_id}")
     dtype = np.dtype(doc["dtype"])
-    return [Prediction(**{**p, "keypoints": np.asarray(p["keypoints"], dtype=dtype)}) for p in doc["predictions"]]
+    return [cast(Prediction, {**p, "keypoints": np.asarray(p["keypoints"], dtype=dtype)}) for p in doc["predictions"]]
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -236,52 +156,63 @@ class ShardStopped(Exception):
     """The shard's job was cancelled (or ended otherwise); raised between batches."""
 
 
-def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: WorkerPool, jobs_dir: Path,
-                       lease_ttl_s: float, soft_time_limit_s: float) -> str:
-    from ditepose.service.jobs.evaluation import JobTimeLimit
-    from ditepose.training.evaluate import image_groups, pipeline_for, predict
+def _job_stopped(store: JobStore, job_id: str) -> bool:
+    job = store.get(job_id)
+    return job is None or job.state != "running" or job.cancel_requested
 
-    job_id, index = str(rec.parent), int(rec.plan["index"])
-    start, stop = (int(v) for v in rec.plan["images"])
+
+def _shard_checks(store: JobStore, job_id: str, lease: Lease, soft_time_limit_s: float) -> Callable[[float], None]:
+    """What a shard checks between batches: its lease, a cancel of it or its job, the time limit."""
     started = time.monotonic()
-    lease = Lease(store, rec.id, token, lease_ttl_s)
-
-    def job_stopped() -> bool:
-        job = store.get(job_id)
-        return job is None or job.state != "running" or job.cancel_requested
 
     def between_batches(percent: float) -> None:
         lease.progress = percent
         lease.check()
-        if lease.cancel_requested or job_stopped():
+        if lease.cancel_requested or _job_stopped(store, job_id):
             raise ShardStopped("cancelled by request")
         if time.monotonic() - started > soft_time_limit_s:
-            raise JobTimeLimit(f"soft time limit of {soft_time_limit_s:g} s exceeded")
+            raise runs.JobTimeLimit.after(soft_time_limit_s)
 
+    return between_batches
+
+
+def _predict_shard(rec: JobRecord, store: JobStore, pool: WorkerPool, jobs_dir: Path,
+                   between_batches: Callable[[float], None], soft_time_limit_s: float) -> dict[str, Any]:
+    """Predict the shard's images and write its file; returns the shard's result record."""
+    job_id, index = str(rec.parent), int(rec.plan["index"])
+    start, stop = (int(v) for v in rec.plan["images"])
+    job = store.get(job_id)
+    if job is None or _job_stopped(store, job_id):
+        raise ShardStopped("the job is no longer running")
+    plan = JobPlan.from_dict(job.plan)
+    t0 = time.perf_counter()
+    with job_models.use(pool, plan, job_id) as model:
+        dataset = cached_eval_set(plan, model.input_size).dataset
+        pipeline = pipeline_for(dataset, plan.options.flip_test, plan.options.decoder)
+        groups = image_groups(dataset)[start:stop]
+        t1 = time.perf_counter()
+        predictions = predict(BatcherInfer(pool.batcher(model.name), soft_time_limit_s), dataset,
+                              pipeline, plan.options.batch_size, between_batches, images=groups)
+    t2 = time.perf_counter()
+    path = shard_file(jobs_dir, job_id, index)
+    write_shard(path, job_id, index, (start, stop), predictions)
+    return {"file": str(path), "persons": len(predictions), "images": stop - start,
+            "input_size": list(model.input_size), "demo_weights": model.demo_weights,
+            "load_s": t1 - t0, "inference_s": t2 - t1}
+
+
+def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: WorkerPool, jobs_dir: Path,
+                       lease_ttl_s: float, soft_time_limit_s: float) -> str:
+    job_id, index = str(rec.parent), int(rec.plan["index"])
+    lease = Lease(store, rec.id, token, lease_ttl_s)
+    between_batches = _shard_checks(store, job_id, lease, soft_time_limit_s)
     try:
         with lease:
             try:
-                job = store.get(job_id)
-                if job is None or job_stopped():
-                    raise ShardStopped("the job is no longer running")
-                plan = JobPlan.from_dict(job.plan)
-                t0 = time.perf_counter()
-                with job_models.use(pool, plan, job_id) as model:
-                    eval_set = cached_eval_set(plan, model.input_size)
-                    dataset = eval_set.dataset
-                    pipeline = pipeline_for(dataset, plan.options.flip_test, plan.options.decoder)
-                    groups = image_groups(dataset)[start:stop]
-                    t1 = time.perf_counter()
-                    predictions = predict(BatcherInfer(pool.batcher(model.name), soft_time_limit_s), dataset,
-                                          pipeline, plan.options.batch_size, between_batches, images=groups)
-                    input_size = list(model.input_size)
-                    demo = model.demo_weights
-                t2 = time.perf_counter()
-                path = shard_file(jobs_dir, job_id, index)
-                write_shard(path, job_id, index, (start, stop), predictions)
+                result = _predict_shard(rec, store, pool, jobs_dir, between_batches, soft_time_limit_s)
                 lease.check()
             except DeadlineExceeded as exc:
-                raise JobTimeLimit(f"soft time limit of {soft_time_limit_s:g} s exceeded") from exc
+                raise runs.JobTimeLimit.after(soft_time_limit_s) from exc
     except LeaseLost:
         log.warning("shard %s: lease lost (another worker took it over); dropping this run", rec.id)
         return "lost"
@@ -292,10 +223,9 @@ def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: Worker
         log.exception("shard %s failed", rec.id)
         error = f"{type(exc).__name__}: {exc}"
         store.transition(rec.id, ["running"], "failed", token, finished_at=time.time(), error=error)
+        start, stop = rec.plan["images"]
         fail_job(store, job_id, f"shard {index} (images {start}-{stop}) failed: {error}")
         return "failed"
-    result = {"file": str(path), "persons": len(predictions), "images": stop - start, "input_size": input_size,
-              "demo_weights": demo, "load_s": t1 - t0, "inference_s": t2 - t1}
     if not store.transition(rec.id, ["running"], "succeeded", token, finished_at=time.time(), progress=100.0,
                             result=result):
         log.warning("shard %s: lease expired before the result could be recorded; another run will", rec.id)
@@ -303,31 +233,18 @@ def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: Worker
     return "succeeded"
 
 
-def run_shard(
-    sid: str,
-    store: JobStore,
-    pool: WorkerPool,
-    jobs_dir: Path,
-    lease_ttl_s: float = 30.0,
-    soft_time_limit_s: float = 3600.0,
-    worker: str | None = None,
-    max_attempts: int = 3,
-) -> str:
+def run_shard(sid: str, store: JobStore, pool: WorkerPool, jobs_dir: Path, lease_ttl_s: float = 30.0,
+              soft_time_limit_s: float = 3600.0, worker: str | None = None, max_attempts: int = 3) -> str:
     """Claim and run one shard, then merge the job if every shard is done. Returns succeeded|failed|
     cancelled|lost or the claim's done|busy|missing; 'busy' also when the merge is held by a live worker
     (the caller tries again later: that worker may still die)."""
-    from ditepose.service.jobs.evaluation import worker_name
-
-    worker = worker or worker_name()
-    token = uuid.uuid4().hex
-    claim = store.claim(sid, token, lease_ttl_s, worker)
+    claim, token, worker = runs.claim_run(store, sid, lease_ttl_s, worker)
     rec = store.get(sid)
     if rec is None or rec.parent is None:
         return "missing"
     if claim == "run":
-        if rec.attempts > max_attempts:
-            error = f"gave up after {max_attempts} attempts (each one's worker died or stalled)"
-            store.transition(sid, ["running"], "failed", token, finished_at=time.time(), error=error)
+        error = runs.give_up_if_retried_too_often(store, sid, token, rec.attempts, max_attempts)
+        if error:
             fail_job(store, rec.parent, f"shard {rec.plan['index']}: {error}")
             return "failed"
         outcome = _run_claimed_shard(rec, store, token, pool, jobs_dir, lease_ttl_s, soft_time_limit_s)
@@ -346,45 +263,59 @@ def run_shard(
 
 # ------------------------------------------------------------------------------------------------- merge
 
+def _merged_predictions(job: JobRecord, shards: list[JobRecord]) -> list[Prediction]:
+    """Every shard's predictions in person order, checked: every person of the dataset once."""
+    predictions: list[Prediction] = []
+    for i, rec in enumerate(shards):
+        if rec.result is None:
+            raise ValueError(f"shard {i} of job {job.id} succeeded without a result")
+        predictions += read_shard(Path(rec.result["file"]), job.id, i, int(rec.result["persons"]))
+    return sorted(predictions, key=lambda p: p["bbox_id"])
+
+
+def _score_merged(job: JobRecord, shards: list[JobRecord], out_file: Path, lease: Lease) -> dict[str, Any]:
+    """Write the job's predictions file from its shards' files and score it; returns the job result."""
+    t0 = time.perf_counter()
+    predictions = _merged_predictions(job, shards)
+    plan = JobPlan.from_dict(job.plan)
+    first: dict[str, Any] = shards[0].result or {}
+    eval_set = cached_eval_set(plan, tuple(first["input_size"]))
+    dataset = eval_set.dataset
+    ids = [p["bbox_id"] for p in predictions]
+    if ids != list(range(len(dataset.records))):  # every person once: none missing, none twice
+        raise ValueError(f"the shards hold {len(ids)} predictions ({len(set(ids))} distinct) for "
+                         f"{len(dataset.records)} persons")
+    num_images = runs.write_predictions(out_file, job.id, plan, eval_set, predictions)
+    metrics = score(dataset, predictions, eval_set.gt_file)
+    lease.check()
+    finished = [r.finished_at or 0.0 for r in shards]
+    split_at = float(job.plan.get("split_at", job.started_at or time.time()))
+    timings = {"load_s": split_at - (job.started_at or split_at), "inference_s": max(finished) - split_at,
+               "metric_s": time.perf_counter() - t0}
+    result = runs.scored_result(metrics, num_images, eval_set, first["demo_weights"], first["input_size"], timings)
+    result["shards"] = [{"index": i, "images": r.plan["images"], "persons": r.result["persons"], "worker": r.worker,
+                         "attempts": r.attempts, "inference_s": r.result["inference_s"]}
+                        for i, r in enumerate(shards) if r.result is not None]
+    return result
+
+
 def merge(job_id: str, store: JobStore, jobs_dir: Path, lease_ttl_s: float = 30.0, worker: str = "") -> str:
     """Score the job once every shard succeeded: 'merged', 'waiting' (shards left), or the merge claim's
     done|busy|cancelled|missing, or failed|lost."""
-    from ditepose.service.jobs.evaluation import predictions_path
-    from ditepose.training.evaluate import predictions_by_image, score
-
     job = store.get(job_id)
     if job is None or job.state != "running" or not job.shards or job.cancel_requested:
         return "waiting" if job is not None and job.state == "running" else "done"
-    shards = store.get_many(shard_ids(job))
-    if any(r is None or r.state != "succeeded" for r in shards):
+    found = store.get_many(shard_ids(job))
+    shards = [r for r in found if r is not None and r.state == "succeeded"]
+    if len(shards) != len(found):
         return "waiting"
-    token = uuid.uuid4().hex
-    claim = store.claim(merge_id(job_id), token, lease_ttl_s, worker)
+    claim, token, _ = runs.claim_run(store, merge_id(job_id), lease_ttl_s, worker)
     if claim != "run":
         return claim
-    t0 = time.perf_counter()
+    out_file = runs.predictions_path(jobs_dir, job_id)
     try:
         with Lease(store, merge_id(job_id), token, lease_ttl_s) as lease:
-            predictions: list[Prediction] = []
-            for i, rec in enumerate(shards):
-                assert rec is not None and rec.result is not None
-                predictions += read_shard(Path(rec.result["file"]), job_id, i, int(rec.result["persons"]))
-            plan = JobPlan.from_dict(job.plan)
-            first = shards[0].result  # type: ignore[union-attr]
-            eval_set = cached_eval_set(plan, tuple(first["input_size"]))
-            dataset = eval_set.dataset
-            ids = sorted(p["bbox_id"] for p in predictions)
-            if ids != list(range(len(dataset.records))):  # every person once: none missing, none twice
-                raise ValueError(f"the shards hold {len(ids)} predictions ({len(set(ids))} distinct) for "
-                                 f"{len(dataset.records)} persons")
-            predictions.sort(key=lambda p: p["bbox_id"])
-            out_file = predictions_path(jobs_dir, job_id)
-            doc = {"job_id": job_id, "model": plan.model.name, "dataset": plan.dataset_name,
-                   "format": plan.dataset.format, "options": plan.to_dict()["options"],
-                   "box_source": eval_set.box_source, "images": predictions_by_image(predictions)}
-            atomic_write_text(out_file, json.dumps(doc))
-            metrics = score(dataset, predictions, eval_set.gt_file)
-            lease.check()
+            result = _score_merged(job, shards, out_file, lease)
     except LeaseLost:
         return "lost"
     except Exception as exc:
@@ -393,23 +324,7 @@ def merge(job_id: str, store: JobStore, jobs_dir: Path, lease_ttl_s: float = 30.
         store.transition(merge_id(job_id), ["running"], "failed", token, finished_at=time.time(), error=error)
         fail_job(store, job_id, error)
         return "failed"
-    t1 = time.perf_counter()
-    finished = [r.finished_at or 0.0 for r in shards if r is not None]
-    split_at = float(job.plan.get("split_at", job.started_at or time.time()))
-    result = {
-        "metrics": metrics,
-        "num_images": len(doc["images"]),
-        "num_persons": len(dataset.records),
-        **eval_set.describe(),
-        "demo_weights": first["demo_weights"],
-        "input_size": list(first["input_size"]),
-        "timings": {"load_s": split_at - (job.started_at or split_at), "inference_s": max(finished) - split_at,
-                    "metric_s": t1 - t0},
-        "shards": [{"index": i, "images": r.plan["images"], "persons": r.result["persons"], "worker": r.worker,
-                    "attempts": r.attempts, "inference_s": r.result["inference_s"]}
-                   for i, r in enumerate(shards) if r is not None and r.result is not None],
-        "merged_by": worker,
-    }
+    result["merged_by"] = worker
     store.transition(job_id, ["running"], "succeeded", finished_at=time.time(), result=result, progress=100.0,
                      predictions=str(out_file))
     store.transition(merge_id(job_id), ["running"], "succeeded", token, finished_at=time.time())

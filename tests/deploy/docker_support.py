@@ -9,17 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests import support
 from tests.conftest import REPO_ROOT, stop_process_group
 
 T = TypeVar("T")
@@ -33,22 +32,12 @@ INDEX_PORT = int(os.environ.get("DITEPOSE_TEST_INDEX_PORT", "38765"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    return support.free_port(LOOPBACK)
 
 
-def wait_for(fn: Callable[[], T], timeout: float, what: str, interval: float = 0.5,
-             on_timeout: Callable[[], str] | None = None) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{on_timeout()}" if on_timeout else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
-        time.sleep(interval)
+def wait_for(fn: Callable[[], T], timeout: float, what: str, on_timeout: Callable[[], str] | None = None) -> T:
+    """:func:`tests.support.wait_until` at a Docker pace: each probe may run a docker command."""
+    return support.wait_until(fn, timeout, what, interval=0.5, on_timeout=on_timeout)
 
 
 def run(argv: Sequence[str], timeout: float = 600, check: bool = True, env: dict[str, str] | None = None,

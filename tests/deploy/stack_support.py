@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from tests import support
 from tests.conftest import REPO_ROOT, stop_process_group, subprocess_env
 from tests.deploy.compose_support import (
     DOCKERFILES,
@@ -36,22 +35,18 @@ HOST_FLAGS = ("--host", "--metrics-host")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    return support.free_port(LOOPBACK)
 
 
 def wait_for(fn: Callable[[], T], timeout: float, what: str, proc: ServiceProcess | None = None) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if proc is not None and proc.proc.poll() is not None:
-            raise AssertionError(f"{proc.name} exited ({proc.proc.returncode}) while waiting for {what}:\n{proc.log()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
+    """:func:`tests.support.wait_until`, giving up early when ``proc`` exits (with its log)."""
+
+    def exited() -> str | None:
+        if proc is None or proc.proc.poll() is None:
+            return None
+        return f"{proc.name} exited ({proc.proc.returncode}):\n{proc.log()}"
+
+    return support.wait_until(fn, timeout, what, interval=0.1, gave_up=exited)
 
 
 def image_env() -> dict[str, str]:

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from ditepose.model.keypoints import COCO
-from ditepose.training.coco_eval import STAT_NAMES, evaluate_coco, gt_as_predictions, rescore_and_nms
+from ditepose.training.coco_eval import STAT_NAMES, evaluate_coco, rescore_and_nms
 from ditepose.training.mpii_eval import evaluate_mpii, save_mpii_gt
+
+
+def gt_as_predictions(ann_file: Path, score: float = 1.0) -> list[dict[str, Any]]:
+    """The annotated people with keypoints as perfect predictions (scores AP 1 by construction)."""
+    doc = json.loads(ann_file.read_text())
+    preds: list[dict[str, Any]] = []
+    for ann in doc["annotations"]:
+        if ann.get("iscrowd", 0) or ann.get("num_keypoints", 0) == 0:
+            continue
+        kpts = np.asarray(ann["keypoints"], dtype=np.float64).reshape(-1, 3)
+        kpts[:, 2] = np.where(kpts[:, 2] > 0, score, 0.0)
+        preds.append({"image_id": ann["image_id"], "keypoints": kpts.tolist(),
+                      "box_score": 1.0, "area": float(ann["area"]), "bbox_id": ann["id"]})
+    return preds
 
 
 @pytest.fixture(scope="module")

@@ -112,12 +112,12 @@ def test_a_failed_publish_keeps_training_and_fails_the_command(
 ) -> None:
     # A full disk cannot be produced here (the tests may run as root on a roomy disk), so the
     # repository write is replaced by one that fails as a full disk would.
-    import ditepose.training.trainer as trainer_module
+    import ditepose.training.publish as publish_module
 
     def disk_full(*args: object, **kwargs: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer_module, "publish_version", disk_full)
+    monkeypatch.setattr(publish_module, "publish_version", disk_full)
     model_dir = tmp_path / "repository" / "pose"
     assert train(data, tmp_path / "run", "--publish", str(model_dir)) == 1
     captured = capsys.readouterr()

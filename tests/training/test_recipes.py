@@ -21,7 +21,7 @@ from ditepose.model import get_config as model_config
 from ditepose.training.augment import AugmentConfig, half_body
 from ditepose.training.coco_eval import evaluate_coco
 from ditepose.training.config import CONFIGS, TrainConfig, describe_differences, differences, get_config
-from ditepose.training.trainer import BatchLayout, epoch_order, lr_at, micro_batches, steps_per_epoch
+from ditepose.training.schedule import BatchLayout, epoch_order, lr_at, micro_batches, steps_per_epoch
 
 COCO_DETS = "person_detection_results/COCO_val2017_detections_AP_H_56_person.json"
 

@@ -19,7 +19,6 @@ from ditepose.service.http.deps import context_of
 from ditepose.service.jobs.manager import JobService
 from ditepose.service.jobs.schemas import EvaluateRequest
 from tests.service.conftest import LiveServer, assert_error, start_server
-from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import (
     RedisServer,
     TinyEval,
@@ -29,9 +28,6 @@ from tests.service.jobs.support import (
     wait_for,
 )
 
-redis_server = jobs_support.redis_server  # fixtures
-tiny_eval = jobs_support.tiny_eval
-one_torch_thread = jobs_support.one_torch_thread
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Low enough that a killed worker's task comes back within seconds.

@@ -11,17 +11,13 @@ import pytest
 
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.settings import DatasetSpec, Settings
-from ditepose.service.jobs.evaluation import predictions_path, run_job
+from ditepose.service.jobs.evaluation import run_job
 from ditepose.service.jobs.manager import JobService, UnknownModel
 from ditepose.service.jobs.metrics import JobMetrics
 from ditepose.service.jobs.records import JobRecord, LocalJobStore
+from ditepose.service.jobs.runs import predictions_path
 from ditepose.service.jobs.schemas import EvaluateRequest
-from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import TinyEval, direct_evaluation, tiny_plan, wait_for
-
-one_torch_thread = jobs_support.one_torch_thread  # fixtures
-tiny_eval = jobs_support.tiny_eval
-job_pool = jobs_support.job_pool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

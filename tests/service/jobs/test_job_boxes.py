@@ -21,7 +21,6 @@ from ditepose.service.jobs.plan import JobPlan
 from ditepose.service.jobs.records import JobRecord
 from ditepose.service.jobs.schemas import EvaluateRequest
 from tests.service.conftest import assert_error, start_server
-from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import (
     RedisServer,
     TinyEval,
@@ -30,11 +29,6 @@ from tests.service.jobs.support import (
     tiny_plan,
     wait_for,
 )
-
-one_torch_thread = jobs_support.one_torch_thread  # fixtures
-tiny_eval = jobs_support.tiny_eval
-job_pool = jobs_support.job_pool
-redis_server = jobs_support.redis_server
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

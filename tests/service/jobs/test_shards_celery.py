@@ -20,7 +20,6 @@ from ditepose.service.jobs.manager import JobService
 from ditepose.service.jobs.records import JobRecord, RedisJobStore
 from ditepose.service.jobs.schemas import EvaluateRequest, job_response
 from ditepose.service.jobs.shards import merge_id, shard_id
-from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import (
     RedisServer,
     SynthEval,
@@ -30,10 +29,6 @@ from tests.service.jobs.support import (
     wait_for,
 )
 
-redis_server = jobs_support.redis_server  # fixtures
-tiny_eval = jobs_support.tiny_eval
-synth_eval = jobs_support.synth_eval
-one_torch_thread = jobs_support.one_torch_thread
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 # Low enough that a killed worker's shard comes back within seconds.

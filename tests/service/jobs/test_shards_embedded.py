@@ -24,13 +24,7 @@ from ditepose.service.jobs.shards import (
     shard_id,
     write_shard,
 )
-from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import SynthEval, TinyEval, direct_evaluation, wait_for
-
-one_torch_thread = jobs_support.one_torch_thread  # fixtures
-tiny_eval = jobs_support.tiny_eval
-synth_eval = jobs_support.synth_eval
-job_pool = jobs_support.job_pool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

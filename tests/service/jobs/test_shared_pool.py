@@ -11,11 +11,7 @@ import pytest
 from ditepose.service.core.settings import ModelSpec
 from ditepose.service.http.deps import context_of
 from tests.service.conftest import encode, figure_image, post_pose, start_server
-from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import TinyEval, wait_for
-
-tiny_eval = jobs_support.tiny_eval
-one_torch_thread = jobs_support.one_torch_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

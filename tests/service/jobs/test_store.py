@@ -12,10 +12,7 @@ import pytest
 from ditepose.service.core.settings import DatasetSpec, Settings
 from ditepose.service.jobs.catalogue import BadName, Catalogue, UnknownName
 from ditepose.service.jobs.records import JobRecord, LocalJobStore, RedisJobStore
-from tests.service.jobs import support as jobs_support
 from tests.service.jobs.support import RedisServer
-
-redis_server = jobs_support.redis_server  # fixture
 
 
 def _catalogue(tmp_path: Path) -> Catalogue:
