@@ -22,9 +22,9 @@ import torch
 pytest.importorskip("openvino", reason="openvino is not installed")
 
 from ditepose.model import build_model, load_checkpoint
-from ditepose.model.engines.torch_engine import InferenceEngine
 from ditepose.model.engines.agreement import AgreementBounds, compare_heatmaps, reference_crops
 from ditepose.model.engines.openvino import OpenVinoEngine, cpu_supports_bf16, module_fingerprint
+from ditepose.model.engines.torch_engine import InferenceEngine
 from tests.model.support import load_reference, mirrored_golden_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
