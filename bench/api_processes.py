@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = model.default_checkpoint_path()
     if demo is None:
-        raise SystemExit("the demo checkpoint is missing (see README: fetch the weights)")
+        raise SystemExit("the demo checkpoint model/weights/dite_hrnet_18_coco_demo.pth is missing from this checkout (it ships in git)")
     print(f"{'net':>6} {'conc':>4} | {'1 process: req/s  p50  p99  err batch cpu/req':<46} | "
           f"{'2 API processes: same':<46} | speedup", flush=True)
     load_before = os.getloadavg()

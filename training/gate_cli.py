@@ -220,7 +220,7 @@ def _register_check(formats: argparse._SubParsersAction, find_dataset: DatasetLo
     check.add_argument("--device", default=None, help="torch device of the engine and PyTorch (default: cuda if "
                        "available, else cpu)")
     check.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="engine autocast precision (fp16/bf16 need CUDA)")
+                       help="engine precision: fp32, or fp16/bf16 under autocast (on a CPU too)")
     check.add_argument("--compile", action="store_true", help="engine with torch.compile")
     check.add_argument("--cuda-graphs", action="store_true", help="engine replaying CUDA graphs (CUDA only)")
     check.add_argument("--no-fuse-bn", action="store_true", help="engine without BN folding / fast kernels")
