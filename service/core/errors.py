@@ -18,7 +18,7 @@ from ditepose.service.batching.batcher import (
     Overloaded,
 )
 
-# code -> (HTTP status, what it means); documented in OpenAPI and the README.
+# code -> (HTTP status, what it means); documented in OpenAPI and docs/api.md.
 ERROR_CODES: dict[str, tuple[int, str]] = {
     "invalid_request": (422, "The request does not match the schema (field, type or JSON/base64 syntax)."),
     "not_an_image": (415, "The upload is not a JPEG, PNG or WebP image."),
