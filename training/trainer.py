@@ -246,7 +246,11 @@ class Trainer:
             extra={"recipe": self.cfg.to_dict(), "reproduces": self.cfg.reproduces, "amp": self.cfg.amp,
                    "differs_from_authors": differences(self.cfg), "layout": asdict(self.layout),
                    "metrics": metrics or {}, "boxes": box_label(record), "box_source": record, "epoch": self.epoch,
-                   "iterations": self.global_iter})
+                   "iterations": self.global_iter, "evaluated_on": self.evaluated_on() if metrics else None})
+
+    def evaluated_on(self) -> str | None:
+        """What the recorded metrics were scored on, in words (served as the model's quality)."""
+        return None if self.val_set is None else f"{Path(self.data_dir).name} val split ({len(self.val_set)} people)"
 
     def eval_module(self) -> nn.Module:
         return self.ema.module if self.ema else self.model

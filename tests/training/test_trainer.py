@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ditepose.model import load_pose_model
+from ditepose.model.quality import recorded_quality
 from ditepose.training.config import get_config, list_configs
 from ditepose.training.loss import JointsMSELoss
 from ditepose.training.synth import synthesize
@@ -111,6 +112,10 @@ def test_cli_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert summary["throughput"][0]["images"] == 8 and summary["throughput"][0]["images_per_s"] > 0
     assert (work / "best.pt").is_file() and (work / "metrics.csv").is_file()
     assert (work / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # curves beside the logs
+    # The checkpoint names what its metrics were scored on: the served model's quality (model/quality.py).
+    _, meta = load_pose_model(work / "best.pt")
+    assert meta.extra["evaluated_on"] == "data val split (4 people)" and "AP" in meta.extra["metrics"]
+    assert recorded_quality(str(work / "best.pt"), False, meta.extra).note.endswith("on data val split (4 people), gt boxes.")
     assert main(["evaluate", str(work / "final.pt"), "--data", str(data), "--no-flip",
                  "--plots", str(tmp_path / "eval_plots")]) == 0
     result = json.loads(capsys.readouterr().out)
