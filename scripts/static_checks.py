@@ -69,11 +69,14 @@ def check_types(tree: Path, config: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checks", nargs="*", choices=["imports", "types"], default=[])
+    parser.add_argument("checks", nargs="*", metavar="{imports,types}", help="default: both")
     parser.add_argument("--tree", type=Path, help="a folder that already holds ditepose/ (default: links here)")
     parser.add_argument("--config", type=Path, default=REPO / "pyproject.toml")
     args = parser.parse_args(argv)
     checks = args.checks or ["imports", "types"]
+    unknown = sorted(set(checks) - {"imports", "types"})
+    if unknown:
+        parser.error(f"unknown check(s) {', '.join(unknown)}: choose imports, types")
     with tempfile.TemporaryDirectory(prefix="ditepose-static-") as scratch:
         tree = args.tree.resolve() if args.tree else lay_out(Path(scratch))
         failed = []
