@@ -7,6 +7,10 @@ benches) asks here, so a backend is added in one place: write a builder with the
     torch        the project's optimised network (:class:`InferenceEngine`), in this process or,
                  with ``process=True`` on a CPU, in a child process (:class:`ProcessEngine`)
     onnxruntime  an ONNX file on onnxruntime's CPU provider (:class:`OnnxEngine`)
+    openvino     the network exported per batch bucket and compiled by OpenVINO's CPU plugin, fp32 or
+                 bf16 (:class:`~ditepose.model.engines.openvino.OpenVinoEngine`; compiled models are
+                 cached on disk). Which backend the *service* runs is a later choice (issue 26):
+                 today the pool builds torch engines.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from ditepose.model.engines.base import Engine
 from ditepose.model.engines.precision import Precision, resolve_precision
 
-Backend = Literal["torch", "onnxruntime"]
+Backend = Literal["torch", "onnxruntime", "openvino"]
 ModelSource = nn.Module | str | Path  # a network (torch) or a file in the backend's format (onnxruntime)
 
 
@@ -92,10 +96,30 @@ def _onnxruntime_engine(model: ModelSource, device: str, precision: Precision, o
     return engine
 
 
-# The backend table. A new backend (OpenVINO is planned) is one more entry here and in ``Backend``.
+def _openvino_engine(model: ModelSource, device: str, precision: Precision, options: EngineOptions) -> Engine:
+    from ditepose.model.dite_hrnet import TopDownPoseNet
+    from ditepose.model.engines.openvino import OpenVinoEngine
+
+    if not isinstance(model, TopDownPoseNet):
+        raise ValueError(f"the openvino backend compiles a pose network, got {type(model).__name__}")
+    if device != "cpu":
+        raise ValueError(f"the openvino backend runs on OpenVINO's CPU plugin; device {device!r} does not apply")
+    refused = ([f"precision {precision}"] if precision == "fp16" else []) + [
+        name for name in _changed(options) if name not in ("threads", "batch_buckets", "warmup_hw")]
+    if refused:
+        raise ValueError(f"the openvino backend compiles the exported graph; not applicable: {', '.join(refused)}")
+    engine = OpenVinoEngine(model, precision=precision, threads=options.threads, batch_buckets=options.batch_buckets,
+                            input_hw=options.warmup_hw or (256, 192))
+    if options.warmup_hw is not None:
+        engine.warmup(input_hw=options.warmup_hw)
+    return engine
+
+
+# The backend table: a new backend is one more entry here and in ``Backend``.
 BACKENDS: dict[Backend, EngineBuilder] = {
     "torch": _torch_engine,
     "onnxruntime": _onnxruntime_engine,
+    "openvino": _openvino_engine,
 }
 
 

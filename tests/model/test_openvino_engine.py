@@ -67,6 +67,26 @@ def test_fp32_agrees_with_the_torch_engine_at_every_bucket(engine18, torch18, ba
     assert float((got - expected).abs().max()) < FP32_TOL
 
 
+def test_build_engine_picks_openvino_from_its_table(demo18, torch18, engine18, cache_dir, monkeypatch):
+    """``build_engine(..., backend="openvino")`` is the same engine (here from the disk cache engine18 filled)."""
+    from ditepose.model.engines.build import build_engine
+    from ditepose.model.engines.openvino import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent / "xdg"))
+    (default_cache_dir().parent).mkdir(parents=True, exist_ok=True)
+    default_cache_dir().symlink_to(cache_dir, target_is_directory=True)
+    engine = build_engine(demo18, "cpu", "fp32", backend="openvino", batch_buckets=BUCKETS)
+    crops = reference_crops((256, 192))[:3]
+    with torch.inference_mode():
+        expected = torch18(crops)
+    assert engine.describe()["backend"] == "openvino"
+    assert float((engine(crops) - expected).abs().max()) < FP32_TOL
+    for refused in ({"device": "cuda:0"}, {"precision": "fp16"}, {"cuda_graphs": True}, {"process": True}):
+        kwargs = {"device": "cpu", "precision": "fp32", **refused}
+        with pytest.raises(ValueError, match="openvino"):
+            build_engine(demo18, backend="openvino", batch_buckets=BUCKETS, **kwargs)
+
+
 def test_padding_and_splitting_compile_only_the_buckets(engine18):
     engine18(reference_crops((256, 192))[:7])  # 4, then 3 padded to 4
     described = engine18.describe()
