@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -124,8 +124,14 @@ class _Reported:
     def __set_name__(self, owner: type, name: str) -> None:
         self._read = operator.attrgetter(name)
 
-    def __get__(self, batcher: RemoteBatcher, owner: type | None = None) -> int:
-        return int(self._read(batcher.stats))
+    @overload
+    def __get__(self, batcher: None, owner: type) -> _Reported: ...
+
+    @overload
+    def __get__(self, batcher: RemoteBatcher, owner: type | None = None) -> int: ...
+
+    def __get__(self, batcher: RemoteBatcher | None, owner: type | None = None) -> int | _Reported:
+        return self if batcher is None else int(self._read(batcher.stats))
 
 
 class RemoteBatcher:
