@@ -36,8 +36,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ditepose.service.batching.interface import Announcement
 
 SPLIT_MIN = 4  # crops per worker below which a backlog is not split among free workers
 
@@ -117,9 +121,7 @@ class Batch:
         return sum(item.size for item in self.items if item.background)
 
     def tensor(self) -> torch.Tensor:
-        if len(self.items) == 1:
-            return self.items[0].crops
-        return torch.cat([item.crops for item in self.items], dim=0)
+        return _concat([item.crops for item in self.items])
 
     def complete(self, heatmaps: torch.Tensor) -> None:
         """Hand each submission its slice of the output."""
@@ -169,16 +171,9 @@ class DynamicBatcher:
     """Bounded queue of crops for one model, drained in batches by worker threads."""
 
     def __init__(
-        self,
-        name: str,
-        max_batch_size: int = 32,
-        max_delay_ms: float = 5.0,
-        queue_size: int = 512,
-        default_timeout_s: float = 30.0,
-        condition: threading.Condition | None = None,
-        max_fill_ms: float | None = None,
-        detector: str | None = None,
-        key: str | None = None,
+        self, name: str, max_batch_size: int = 32, max_delay_ms: float = 5.0, queue_size: int = 512,
+        default_timeout_s: float = 30.0, condition: threading.Condition | None = None,
+        max_fill_ms: float | None = None, detector: str | None = None, key: str | None = None,
         version: str | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1:
@@ -299,19 +294,14 @@ class DynamicBatcher:
             self._pending -= item.size
 
     def submit_sync(
-        self,
-        crops: torch.Tensor,
-        timeout_s: float | None = None,
-        arrival: Arrival | None = None,
+        self, crops: torch.Tensor, timeout_s: float | None = None, arrival: Arrival | None = None,
         background: bool = False,
     ) -> torch.Tensor:
         """Queue ``crops`` and block until their outputs arrive (for threads: evaluation jobs, tests).
 
         ``background``: yield to live requests (see the module docstring)."""
-        if crops.shape[0] == 0:
-            if arrival is not None:
-                arrival.settle()
-            return crops.new_zeros((0,))
+        if (empty := answer_if_empty(crops, arrival)) is not None:
+            return empty
         items = self._enqueue(crops, timeout_s, arrival, background)
         outputs = []
         try:
@@ -330,10 +320,8 @@ class DynamicBatcher:
         self, crops: torch.Tensor, timeout_s: float | None = None, arrival: Arrival | None = None
     ) -> torch.Tensor:
         """Queue ``crops`` and await their outputs without blocking the event loop."""
-        if crops.shape[0] == 0:
-            if arrival is not None:
-                arrival.settle()
-            return crops.new_zeros((0,))
+        if (empty := answer_if_empty(crops, arrival)) is not None:
+            return empty
         items = self._enqueue(crops, timeout_s, arrival)
         waiters = [asyncio.wrap_future(item.future) for item in items]
         remaining = items[0].deadline - time.monotonic()
@@ -436,6 +424,15 @@ class DynamicBatcher:
     def next_batch(self, timeout_s: float) -> Batch | None:
         """Wait up to ``timeout_s`` for a batch of this batcher alone."""
         return wait_for_batch([self], timeout_s)
+
+
+def answer_if_empty(crops: torch.Tensor, arrival: Announcement | None) -> torch.Tensor | None:
+    """No crops need no batch: every submit (here and on a host's front-end) answers them at once."""
+    if crops.shape[0] != 0:
+        return None
+    if arrival is not None:
+        arrival.settle()
+    return crops.new_zeros((0,))
 
 
 def _concat(outputs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -84,22 +84,32 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
         except TimeoutError as exc:
             raise ServiceError("timeout", f"no answer within {timeout_s:.3f} s") from exc
 
-    # --------------------------------------------------------------------- RPCs
-    async def Estimate(
-        self, request: pose_pb2.EstimateRequest, context: grpc.aio.ServicerContext
-    ) -> pose_pb2.EstimateResponse:
+    async def _unary(
+        self, rpc: str, context: grpc.aio.ServicerContext, answer: Callable[[], Awaitable[T]]
+    ) -> T:
+        """A timed unary call: the key check, then ``answer``; its latency is observed under its
+        status, and a :class:`ServiceError` ends the call with its gRPC status."""
         started = time.perf_counter()
         try:
             if (denied := self._check_key(context)) is not None:
                 raise denied
+            result = await answer()
+        except ServiceError as exc:
+            self.metrics.observe_call(rpc, status_of(exc).name, time.perf_counter() - started)
+            await abort_with(context, exc)
+        self.metrics.observe_call(rpc, "OK", time.perf_counter() - started)
+        return result
+
+    # --------------------------------------------------------------------- RPCs
+    async def Estimate(
+        self, request: pose_pb2.EstimateRequest, context: grpc.aio.ServicerContext
+    ) -> pose_pb2.EstimateResponse:
+        async def estimate() -> PoseResult:
             with self.service.admission.slot("grpc"):  # RESOURCE_EXHAUSTED at once past the in-flight limit
                 pose_request = request_from_proto(request.image, request.boxes, request.options)
-                result = await self._run(pose_request, self._timeout(context))
-        except ServiceError as exc:
-            self.metrics.observe_call("Estimate", status_of(exc).name, time.perf_counter() - started)
-            await abort_with(context, exc)
-        self.metrics.observe_call("Estimate", "OK", time.perf_counter() - started)
-        return estimate_response(result)
+                return await self._run(pose_request, self._timeout(context))
+
+        return estimate_response(await self._unary("Estimate", context, estimate))
 
     async def ListModels(
         self, request: pose_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -116,15 +126,7 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):
     async def ReloadModel(
         self, request: pose_pb2.ReloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pose_pb2.ReloadModelResponse:
-        started = time.perf_counter()
-        try:
-            if (denied := self._check_key(context)) is not None:
-                raise denied
-            outcome = await reload_model(self.service, request.name)
-        except ServiceError as exc:
-            self.metrics.observe_call("ReloadModel", status_of(exc).name, time.perf_counter() - started)
-            await abort_with(context, exc)
-        self.metrics.observe_call("ReloadModel", "OK", time.perf_counter() - started)
+        outcome = await self._unary("ReloadModel", context, lambda: reload_model(self.service, request.name))
         default = self.service.default_model_name
         model = self.service.pool.models.get(request.name)
         info = (model_info(model, model.name == default, outcome.state) if model is not None

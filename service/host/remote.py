@@ -21,11 +21,12 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import operator
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -35,6 +36,7 @@ from ditepose.service.batching.batcher import (
     BatcherError,
     DeadlineExceeded,
     Overloaded,
+    answer_if_empty,
 )
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.batching.pool import detector_batcher_name
@@ -115,6 +117,23 @@ class RemoteArrival:
             self.pool._send(("settle", self.id))
 
 
+class _Reported:
+    """A :class:`RemoteBatcher` count the host reports: the field of the same name of the batcher's
+    latest :class:`BatcherStats` (each status replaces them all)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._read = operator.attrgetter(name)
+
+    @overload
+    def __get__(self, batcher: None, owner: type) -> _Reported: ...
+
+    @overload
+    def __get__(self, batcher: RemoteBatcher, owner: type | None = None) -> int: ...
+
+    def __get__(self, batcher: RemoteBatcher | None, owner: type | None = None) -> int | _Reported:
+        return self if batcher is None else int(self._read(batcher.stats))
+
+
 class RemoteBatcher:
     """A host batcher, seen from a front-end (same calls as a DynamicBatcher's front-end side)."""
 
@@ -127,29 +146,16 @@ class RemoteBatcher:
         self.local_rejected = 0  # sheds by check_admission here, before anything reached the host
         self._what = f"detector {detector!r}" if detector else f"model {name!r}"
 
-    @property
-    def queue_size(self) -> int:
-        return self.stats.queue_size
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.stats.max_batch_size
-
-    @property
-    def depth(self) -> int:
-        return self.stats.depth
-
-    @property
-    def background_depth(self) -> int:
-        return self.stats.background_depth
+    # What the host last reported of its batcher (the same names as a DynamicBatcher's).
+    queue_size = _Reported()
+    max_batch_size = _Reported()
+    depth = _Reported()
+    background_depth = _Reported()
+    expired = _Reported()
 
     @property
     def rejected(self) -> int:
         return self.stats.rejected + self.local_rejected
-
-    @property
-    def expired(self) -> int:
-        return self.stats.expired
 
     def check_admission(self) -> None:
         """Shed early by the depth the host last reported; the host's submit has the final say."""
@@ -168,10 +174,8 @@ class RemoteBatcher:
     async def submit(
         self, crops: torch.Tensor, timeout_s: float | None = None, arrival: RemoteArrival | None = None
     ) -> torch.Tensor:
-        if crops.shape[0] == 0:
-            if arrival is not None:
-                arrival.settle()
-            return crops.new_zeros((0,))
+        if (empty := answer_if_empty(crops, arrival)) is not None:
+            return empty
         future = self.pool._submit(self.name, crops, timeout_s, False, arrival)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self._wait_s(timeout_s))
@@ -182,10 +186,8 @@ class RemoteBatcher:
         self, crops: torch.Tensor, timeout_s: float | None = None, arrival: RemoteArrival | None = None,
         background: bool = False,
     ) -> torch.Tensor:
-        if crops.shape[0] == 0:
-            if arrival is not None:
-                arrival.settle()
-            return crops.new_zeros((0,))
+        if (empty := answer_if_empty(crops, arrival)) is not None:
+            return empty
         future = self.pool._submit(self.name, crops, timeout_s, background, arrival)
         try:
             return future.result(self._wait_s(timeout_s))

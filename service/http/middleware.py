@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,20 +30,42 @@ async def _send_error(send: Send, code: str, message: str, headers: Mapping[str,
     await send({"type": "http.response.body", "body": body})
 
 
-class AdmissionControl:
+class _HttpMiddleware(ABC):
+    """A middleware of HTTP requests: every other scope (lifespan), and the requests it does not
+    apply to, pass straight to the inner app."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.applies_to(scope):
+            await self.handle(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def applies_to(self, scope: Scope) -> bool:
+        """Whether this HTTP request goes through :meth:`handle` (every one unless narrowed)."""
+        return True
+
+    @abstractmethod
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer an HTTP request this middleware applies to (usually by calling the inner app)."""
+
+
+class AdmissionControl(_HttpMiddleware):
     """``overloaded`` (429 + Retry-After) for guarded requests past the in-flight limit,
     answered from the headers alone: the body is never read. The slot is released when the
     inner app returns or raises, whatever the outcome (answer, error, client gone)."""
 
     def __init__(self, app: ASGIApp, admission: Admission, routes: frozenset[tuple[str, str]]) -> None:
-        self.app = app
+        super().__init__(app)
         self.admission = admission
         self.routes = routes  # (method, path) pairs, e.g. ("POST", "/v1/pose")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope.get("method", ""), scope.get("path", "")) not in self.routes:
-            await self.app(scope, receive, send)
-            return
+    def applies_to(self, scope: Scope) -> bool:
+        return (scope.get("method", ""), scope.get("path", "")) in self.routes
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.admission.try_acquire("rest"):
             scope[ROUTE_KEY] = scope["path"]  # no routing happened; label the metrics by the guarded path
             error = self.admission.overloaded()
@@ -54,17 +77,14 @@ class AdmissionControl:
             self.admission.release()
 
 
-class BodySizeLimit:
+class BodySizeLimit(_HttpMiddleware):
     """Answer 413 ``too_large`` for bodies over ``max_bytes``."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -100,17 +120,14 @@ class BodySizeLimit:
             await _send_error(send, exc.code, exc.message)
 
 
-class RequestMetrics:
+class RequestMetrics(_HttpMiddleware):
     """Count requests and time them by route template and status."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500
 

@@ -84,6 +84,11 @@ def expect_clean(response: httpx.Response, kind: str, codes: set[str] | None = N
     return error
 
 
+def post_json_text(client: httpx.Client, path: str, text: str) -> httpx.Response:
+    """POST fuzzed text as a JSON body, byte for byte (lone surrogates included)."""
+    return client.post(path, content=text.encode("utf-8", "surrogatepass"), headers={"content-type": "application/json"})
+
+
 @given(body=multipart_bodies(IMAGE), render=st.sampled_from(["json", "png"]) | st.text(max_size=8))
 @FUZZ
 def test_multipart_bodies(live: tuple, body: bytes, render: str) -> None:
@@ -131,8 +136,7 @@ JSON_BODIES = st.one_of(
 @FUZZ
 def test_pose_json_bodies(live: tuple, text: str) -> None:
     client, _ = live
-    response = client.post("/v1/pose", content=text.encode("utf-8", "surrogatepass"),
-                           headers={"content-type": "application/json"})
+    response = post_json_text(client, "/v1/pose", text)
     expect_clean(response, "pose JSON bodies")
 
 
@@ -157,7 +161,6 @@ EVALUATE_BODIES = st.one_of(
 @FUZZ
 def test_evaluate_json_bodies(live: tuple, text: str) -> None:
     client, _ = live
-    response = client.post("/v1/evaluate", content=text.encode("utf-8", "surrogatepass"),
-                           headers={"content-type": "application/json"})
+    response = post_json_text(client, "/v1/evaluate", text)
     assert response.status_code != 202, text  # no fuzzed body names a catalogue dataset
     expect_clean(response, "evaluate JSON bodies", {"invalid_request", "unknown_dataset", "unknown_model"})

@@ -9,14 +9,7 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from ditepose.service.batching.batcher import (
-    BatcherClosed,
-    BatcherError,
-    DeadlineExceeded,
-    InferenceFailed,
-    OutOfMemory,
-    Overloaded,
-)
+from ditepose.service.batching import batcher
 from ditepose.service.batching.interface import InferencePool
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.core.errors import from_batcher_error
@@ -34,11 +27,11 @@ from ditepose.service.server import refuse_for_processes
 
 
 @pytest.mark.parametrize(("error", "code"), [
-    (Overloaded("full"), "overloaded"), (DeadlineExceeded("late"), "timeout"),
-    (InferenceFailed("boom"), "inference_failed"), (BatcherClosed("closed"), "unavailable"),
-    (OutOfMemory("oom"), "out_of_memory"),  # a subclass of InferenceFailed: the table keeps it apart
+    (batcher.Overloaded("full"), "overloaded"), (batcher.DeadlineExceeded("late"), "timeout"),
+    (batcher.InferenceFailed("boom"), "inference_failed"), (batcher.BatcherClosed("closed"), "unavailable"),
+    (batcher.OutOfMemory("oom"), "out_of_memory"),  # a subclass of InferenceFailed: the table keeps it apart
 ])
-def test_a_host_error_is_the_same_error_on_the_front_end(error: BatcherError, code: str) -> None:
+def test_a_host_error_is_the_same_error_on_the_front_end(error: batcher.BatcherError, code: str) -> None:
     again = make_error(error_kind(error), str(error))
     assert type(again) is type(error) and str(again) == str(error)
     assert from_batcher_error(again).code == code
@@ -46,7 +39,7 @@ def test_a_host_error_is_the_same_error_on_the_front_end(error: BatcherError, co
 
 def test_an_unexpected_host_error_is_an_internal_error() -> None:
     again = make_error(error_kind(KeyError("x")), "KeyError: 'x'")
-    assert type(again) is BatcherError
+    assert type(again) is batcher.BatcherError
     assert from_batcher_error(again).code == "internal"
 
 
