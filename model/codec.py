@@ -107,14 +107,27 @@ def _gaussian_blur(heatmaps: np.ndarray, kernel: int) -> np.ndarray:
     return out.reshape(n, k, h, w)
 
 
-def _quarter_offset(heatmaps: np.ndarray, preds: np.ndarray) -> np.ndarray:
-    """The 'default' refinement: +-0.25 px toward the higher neighbour, away from borders."""
-    n, k, h, w = heatmaps.shape
+def _peak_neighbourhood(
+    shape: tuple[int, ...], preds: np.ndarray, reach: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where a refinement that reads ``reach`` pixels around each integer peak may step.
+
+    Returns ``ok`` (the peaks mmpose refines: column and row above 1 and below size - reach), the
+    peaks' columns and rows clipped so every read stays inside the map, and the sample and joint
+    index grids [N, K] for fancy indexing. One place for both offsets' border rules.
+    """
+    n, k, h, w = shape
     px = preds[..., 0].astype(np.int64)
     py = preds[..., 1].astype(np.int64)
-    ok = (px > 1) & (px < w - 1) & (py > 1) & (py < h - 1)
-    pxc, pyc = np.clip(px, 1, w - 2), np.clip(py, 1, h - 2)
+    ok = (px > 1) & (px < w - reach) & (py > 1) & (py < h - reach)
+    x, y = np.clip(px, reach, w - 1 - reach), np.clip(py, reach, h - 1 - reach)
     ni, ki = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+    return ok, x, y, ni, ki
+
+
+def _quarter_offset(heatmaps: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    """The 'default' refinement: +-0.25 px toward the higher neighbour, away from borders."""
+    ok, pxc, pyc, ni, ki = _peak_neighbourhood(heatmaps.shape, preds, reach=1)
     dx = heatmaps[ni, ki, pyc, pxc + 1] - heatmaps[ni, ki, pyc, pxc - 1]
     dy = heatmaps[ni, ki, pyc + 1, pxc] - heatmaps[ni, ki, pyc - 1, pxc]
     shift = (np.sign(np.stack([dx, dy], axis=-1)) * np.float32(0.25)).astype(np.float32)
@@ -123,12 +136,7 @@ def _quarter_offset(heatmaps: np.ndarray, preds: np.ndarray) -> np.ndarray:
 
 def _taylor_offset(log_maps: np.ndarray, preds: np.ndarray) -> np.ndarray:
     """DARK's second-order Taylor step on the log of the modulated heatmap."""
-    n, k, h, w = log_maps.shape
-    px = preds[..., 0].astype(np.int64)
-    py = preds[..., 1].astype(np.int64)
-    ok = (px > 1) & (px < w - 2) & (py > 1) & (py < h - 2)
-    x, y = np.clip(px, 2, w - 3), np.clip(py, 2, h - 3)
-    ni, ki = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+    ok, x, y, ni, ki = _peak_neighbourhood(log_maps.shape, preds, reach=2)
 
     def at(dy_: int, dx_: int) -> np.ndarray:
         return log_maps[ni, ki, y + dy_, x + dx_]

@@ -55,18 +55,31 @@ class ManifestError(ValueError):
     """A manifest (or a pin in it) that cannot be served; the message names the file and the key."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServingOptions:
+    """A model's own serving options, declared once for its manifest and for the model the pool serves
+    (:class:`~ditepose.service.batching.loaded_model.LoadedModel`); ``None`` leaves one to the service."""
+
+    flip_test: bool | None = None
+    decoder: str | None = None
+    max_batch_size: int | None = None
+    precision: PrecisionSetting | None = None
+
+    def serving_options(self) -> dict[str, Any]:
+        """The options that are set, by name (the ones left to the service are absent)."""
+        options = {"flip_test": self.flip_test, "decoder": self.decoder, "max_batch_size": self.max_batch_size,
+                   "precision": self.precision}
+        return {key: value for key, value in options.items() if value is not None}
+
+
 @dataclass(frozen=True)
-class ModelManifest:
+class ModelManifest(ServingOptions):
     """A model's manifest.json; every serving option is ``None`` when the file leaves it to the service."""
 
     version: Literal["latest"] | int = "latest"
     arch: str | None = None
     dataset: str | None = None
     input_size: tuple[int, int] | None = None  # (W, H); the file writes "HxW" like every CLI flag
-    flip_test: bool | None = None
-    decoder: str | None = None
-    max_batch_size: int | None = None
-    precision: PrecisionSetting | None = None
 
     @property
     def pinned(self) -> bool:
@@ -124,8 +137,8 @@ class ModelManifest:
         Keys a manifest leaves out are absent, so the service's own defaults (or a checkpoint's
         metadata) apply to them.
         """
-        keys = ("arch", "dataset", "input_size", "flip_test", "decoder", "max_batch_size", "precision")
-        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+        model = {"arch": self.arch, "dataset": self.dataset, "input_size": self.input_size}
+        return {**{key: value for key, value in model.items() if value is not None}, **self.serving_options()}
 
 
 def _check_value(key: str, raw: Any, source: str) -> Any:

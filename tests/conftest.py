@@ -118,6 +118,17 @@ def stop_process(proc, grace_s: float = 20.0) -> None:
 
 
 @pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    """The shipped demo checkpoint, for the tests that load or serve it (skipped where it is absent)."""
+    from ditepose.model.defaults import default_checkpoint_path
+
+    path = default_checkpoint_path()
+    if path is None:
+        pytest.skip("the shipped demo checkpoint model/weights/dite_hrnet_18_coco_demo.pth is not present")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
 def nanodet() -> NanoDetDetector:
     """The service's default person detector, built once for the tests that run it."""
     from ditepose.model.detectors import build_detector

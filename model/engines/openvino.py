@@ -250,7 +250,31 @@ class BucketedOpenVino:
         self._requests = threading.local()
 
 
-class OpenVinoEngine:
+class OpenVinoNetwork:
+    """What every network on :class:`BucketedOpenVino` shares: its CPU float32 copy, exported to ONNX
+    (input ``images``, one named output) at each bucket the runtime compiles, and the runtime itself.
+    Subclasses check their inputs and describe themselves."""
+
+    def __init__(self, net: nn.Module, fingerprint: str, output_name: str, **runtime_options: Any) -> None:
+        """``runtime_options``: :class:`BucketedOpenVino`'s keywords (precision, mode, threads, streams,
+        max_batch, batch_buckets, cache_dir); a bad one raises ValueError here."""
+        self._net = net.float().cpu().eval()
+        self._output_name = output_name
+        self.runtime = BucketedOpenVino(self._export, fingerprint, **runtime_options)
+        self.precision = self.runtime.precision
+
+    def _export(self, path: Path, batch: int, input_hw: tuple[int, int]) -> None:
+        export_onnx_fixed(self._net, path, torch.zeros(batch, 3, *input_hw), [self._output_name])
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return self.runtime.buckets
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+class OpenVinoEngine(OpenVinoNetwork):
     """A ``TopDownPoseNet`` on OpenVINO with the ``InferenceEngine`` call interface: CPU float32 NCHW
     crops of any batch size in, float32 heatmaps out (module docstring)."""
 
@@ -268,18 +292,9 @@ class OpenVinoEngine:
         self.input_hw = input_hw
         self._check_size = module.check_input_size
         # 'fast' dynamic convs: the graph that exports at a fixed batch and runs fastest (issue 26)
-        self._net = optimize_for_inference(module, dynamic="fast").float().cpu().eval()
-        self.runtime = BucketedOpenVino(
-            self._export, module_fingerprint(module, "dite-hrnet", "fast"), precision=precision, mode=mode,
-            threads=threads, streams=streams, max_batch=max_batch, batch_buckets=batch_buckets, cache_dir=cache_dir)
-        self.precision = precision
-
-    def _export(self, path: Path, batch: int, input_hw: tuple[int, int]) -> None:
-        export_onnx_fixed(self._net, path, torch.zeros(batch, 3, *input_hw), ["heatmaps"])
-
-    @property
-    def buckets(self) -> tuple[int, ...]:
-        return self.runtime.buckets
+        super().__init__(optimize_for_inference(module, dynamic="fast"), module_fingerprint(module, "dite-hrnet", "fast"),
+                         "heatmaps", precision=precision, mode=mode, threads=threads, streams=streams,
+                         max_batch=max_batch, batch_buckets=batch_buckets, cache_dir=cache_dir)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.dim() == 4:
@@ -296,6 +311,3 @@ class OpenVinoEngine:
     def describe(self) -> dict[str, Any]:
         return {**self.runtime.describe(), "optimized_module": True, "dynamic_kernels": "fast",
                 "num_joints": self.num_joints}
-
-    def close(self) -> None:
-        self.runtime.close()

@@ -19,26 +19,21 @@ from typing import Any
 import torch
 
 from ditepose.model.detectors import DeviceForward, NanoDetDetector
-from ditepose.model.engines.openvino import BucketedOpenVino, export_onnx_fixed, module_fingerprint
+from ditepose.model.engines.openvino import OpenVinoNetwork, module_fingerprint
 from ditepose.model.nanodet import INPUT_SIZE, NanoDet, PersonCandidatesNet
 
 DEFAULT_DETECTOR_MAX_BATCH = 8  # the service's det_max_batch_size default
 
 
-class OpenVinoNanoDet:
+class OpenVinoNanoDet(OpenVinoNetwork):
     """NanoDet + decode on OpenVINO: ``__call__(input [N, 3, 416, 416]) -> candidates [N, A, 5]``."""
 
     def __init__(self, net: NanoDet, precision: str = "fp32", mode: str = "latency", threads: int | None = None,
                  streams: int | None = None, max_batch: int = DEFAULT_DETECTOR_MAX_BATCH,
                  batch_buckets: tuple[int, ...] | None = None, cache_dir: str | Path | None = None) -> None:
-        self._net = PersonCandidatesNet(net).float().cpu().eval()
-        self.runtime = BucketedOpenVino(
-            self._export, module_fingerprint(net, "nanodet", "person-candidates"), precision=precision, mode=mode,
-            threads=threads, streams=streams, max_batch=max_batch, batch_buckets=batch_buckets, cache_dir=cache_dir)
-        self.precision = precision
-
-    def _export(self, path: Path, batch: int, input_hw: tuple[int, int]) -> None:
-        export_onnx_fixed(self._net, path, torch.zeros(batch, 3, *input_hw), ["candidates"])
+        super().__init__(PersonCandidatesNet(net), module_fingerprint(net, "nanodet", "person-candidates"),
+                         "candidates", precision=precision, mode=mode, threads=threads, streams=streams,
+                         max_batch=max_batch, batch_buckets=batch_buckets, cache_dir=cache_dir)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
@@ -51,9 +46,6 @@ class OpenVinoNanoDet:
 
     def describe(self) -> dict[str, Any]:
         return {**self.runtime.describe(), "network": "nanodet"}
-
-    def close(self) -> None:
-        self.runtime.close()
 
 
 class OpenVinoNanoDetDetector(NanoDetDetector):

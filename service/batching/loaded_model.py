@@ -11,11 +11,13 @@ from torch import nn
 
 from ditepose.model.keypoints import KeypointSpec, get_keypoint_spec
 from ditepose.model.quality import ModelQuality, recorded_quality
+from ditepose.model.repository import ServingOptions
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    """A model ready to serve: the module on the CPU plus what clients need to know."""
+class LoadedModel(ServingOptions):
+    """A model ready to serve: the module on the CPU plus what clients need to know, and its own
+    serving options (ModelSpec / the repository manifest; keyword-only, None: the service's defaults)."""
 
     name: str
     arch: str
@@ -29,11 +31,6 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
     version: str = "1"
     source: str = "flag"  # 'flag' (--model / DITEPOSE_MODELS) or 'repository'
-    # serving options (ModelSpec / the repository manifest); None: the service's defaults
-    flip_test: bool | None = None
-    decoder: str | None = None
-    max_batch_size: int | None = None
-    precision: str | None = None
 
     @property
     def spec(self) -> KeypointSpec:
@@ -59,9 +56,7 @@ class LoadedModel:
             "metadata": _jsonable(self.extra),
             "version": self.version,
             "source": self.source,
-            "options": {k: v for k, v in (("flip_test", self.flip_test), ("decoder", self.decoder),
-                                          ("max_batch_size", self.max_batch_size), ("precision", self.precision))
-                        if v is not None},
+            "options": self.serving_options(),
         }
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -42,3 +44,14 @@ def batch_leak(net: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor)
         together = net(batch)
         alone = torch.cat([net(batch[i : i + 1]) for i in range(len(batch))])
     return (together - alone).abs().max().item()
+
+
+# one refusal an engine must make: (what it is given, the error it raises, a pattern of the message or None)
+Refusal = tuple[object, type[Exception], str | None]
+
+
+def assert_refuses(call: Callable[[Any], object], refusals: Sequence[Refusal]) -> None:
+    """``call(given)`` raises each refusal's error with its message: the engines' shared contract for bad input."""
+    for given, error, match in refusals:
+        with pytest.raises(error, match=match):
+            call(given)

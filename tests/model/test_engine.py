@@ -13,7 +13,7 @@ from ditepose.model.engines.torch_engine import InferenceEngine
 from ditepose.model.fast_blocks import FastPoseNet
 from ditepose.model.optimize import optimize_for_inference
 from tests.model.support import REFERENCE_CASES as CASES
-from tests.model.support import batch_leak, load_reference, mirrored_golden_batch
+from tests.model.support import assert_refuses, batch_leak, load_reference, mirrored_golden_batch
 
 FP32_TOL = 2e-3
 
@@ -200,17 +200,13 @@ def test_engine_rejects_bad_arguments_and_inputs():
         InferenceEngine(model, device="tpu")
     with pytest.raises(ValueError, match="cuda_graphs"):
         InferenceEngine(model, cuda_graphs=True)
-    engine = InferenceEngine(model)
-    with pytest.raises(ValueError, match="NCHW"):
-        engine(torch.randn(3, 64, 64))
-    with pytest.raises(ValueError, match="3 channels"):
-        engine(torch.randn(1, 4, 64, 64))
-    with pytest.raises(ValueError, match="multiples of 32"):
-        engine(torch.randn(1, 3, 70, 64))
-    with pytest.raises(ValueError, match="empty"):
-        engine(torch.randn(0, 3, 64, 64))
-    with pytest.raises(TypeError):
-        engine([[1.0]])
+    assert_refuses(InferenceEngine(model), [
+        (torch.randn(3, 64, 64), ValueError, "NCHW"),
+        (torch.randn(1, 4, 64, 64), ValueError, "3 channels"),
+        (torch.randn(1, 3, 70, 64), ValueError, "multiples of 32"),
+        (torch.randn(0, 3, 64, 64), ValueError, "empty"),
+        ([[1.0]], TypeError, None),
+    ])
 
 
 @pytest.mark.cuda

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from ditepose.cli import main
-from ditepose.model import default_checkpoint_path
 from ditepose.model.keypoints import COCO
 
 GATE_IMAGES = 14  # the first 14 coco-mini train images with people
@@ -38,14 +37,6 @@ def bake_channel_permutation(path: Path, order: list[int]) -> None:
     model.graph.node.append(helper.make_node("Gather", [raw, "reorder"], [output], axis=1))
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-
-
-@pytest.fixture(scope="module")
-def demo_checkpoint() -> Path:
-    path = default_checkpoint_path()
-    if path is None:
-        pytest.skip("the shipped demo checkpoint model/weights/dite_hrnet_18_coco_demo.pth is not present")
-    return Path(path)
 
 
 @pytest.fixture(scope="module")

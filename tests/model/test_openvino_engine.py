@@ -25,7 +25,7 @@ from ditepose.model import build_model, load_checkpoint
 from ditepose.model.engines.agreement import AgreementBounds, compare_heatmaps, reference_crops
 from ditepose.model.engines.openvino import OpenVinoEngine, cpu_supports_bf16, module_fingerprint
 from ditepose.model.engines.torch_engine import InferenceEngine
-from tests.model.support import load_reference, mirrored_golden_batch
+from tests.model.support import assert_refuses, load_reference, mirrored_golden_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CHECKPOINT = REPO_ROOT / "model" / "weights" / "dite_hrnet_18_coco_demo.pth"
@@ -214,14 +214,12 @@ def test_bad_options_are_refused(demo18):
 
 
 def test_bad_inputs_are_refused(engine18):
-    with pytest.raises(ValueError, match="NCHW"):
-        engine18(torch.zeros(3, 256, 192))
-    with pytest.raises(ValueError, match="empty"):
-        engine18(torch.zeros(0, 3, 256, 192))
-    with pytest.raises(ValueError, match="channels"):
-        engine18(torch.zeros(1, 1, 256, 192))
-    with pytest.raises(ValueError, match="not supported"):
-        engine18(torch.zeros(1, 3, 250, 192))
+    assert_refuses(engine18, [
+        (torch.zeros(3, 256, 192), ValueError, "NCHW"),
+        (torch.zeros(0, 3, 256, 192), ValueError, "empty"),
+        (torch.zeros(1, 1, 256, 192), ValueError, "channels"),
+        (torch.zeros(1, 3, 250, 192), ValueError, "not supported"),
+    ])
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

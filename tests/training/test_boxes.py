@@ -23,13 +23,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def demo() -> tuple[Any, Any]:
+def demo(demo_checkpoint: Path) -> tuple[Any, Any]:
     from ditepose.model import load_pose_model
 
-    path = default_checkpoint_path()
-    if path is None:
-        pytest.skip("the demo checkpoint is not in this checkout")
-    return load_pose_model(path)
+    return load_pose_model(demo_checkpoint)
 
 
 def _ap(demo: tuple[Any, Any], dataset: Any) -> dict[str, float]:

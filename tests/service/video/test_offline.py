@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from ditepose.model.defaults import default_checkpoint_path
 from ditepose.model.detectors import NanoDetDetector
 from ditepose.service.video.decode import probe, read_index
 from ditepose.service.video.offline import (
@@ -42,11 +41,8 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def pose_model() -> PoseModel:
-    checkpoint = default_checkpoint_path()
-    if checkpoint is None:
-        pytest.skip("the shipped demo checkpoint is not present")
-    return load_video_model(checkpoint)
+def pose_model(demo_checkpoint: Path) -> PoseModel:
+    return load_video_model(demo_checkpoint)
 
 
 @pytest.fixture(scope="module")
