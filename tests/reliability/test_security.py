@@ -37,10 +37,14 @@ def services(tiny_ckpt: Path) -> Iterator[tuple]:
 
 
 def test_key_is_compared_in_constant_time() -> None:
-    for path in ("service/http/security.py", "service/grpc/server.py"):
+    """One check (core/security.py) compares in constant time; both transports call it and compare nothing."""
+    check = (REPO_ROOT / "service/core/security.py").read_text()
+    assert "hmac.compare_digest" in check
+    for path in ("service/core/security.py", "service/http/security.py", "service/grpc/server.py"):
         source = (REPO_ROOT / path).read_text()
-        assert "hmac.compare_digest" in source, path
-        assert not re.search(r"(key|api_key)\s*[!=]=\s*(self\.)?(expected|api_key)", source), path
+        assert not re.search(r"(key|api_key|presented)\s*[!=]=\s*(self\.)?(expected|api_key)", source), path
+    for path in ("service/http/security.py", "service/grpc/server.py"):
+        assert "api_key_accepted(" in (REPO_ROOT / path).read_text(), path
 
 
 def test_every_v1_route_and_grpc_method_needs_the_key(services: tuple) -> None:
