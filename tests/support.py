@@ -1,8 +1,13 @@
-"""Helpers every kind of test (and the benches) shares: a free loopback port and polling until
-something holds. Standard library only, so the deploy tests and the benches can import it too."""
+"""Helpers every kind of test (and the benches) shares: a free loopback port, polling until
+something holds, and this process's settled resident memory. Standard library only, so the deploy
+tests and the benches can import it too."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -42,3 +47,20 @@ def wait_until(
             extra = f"\n{on_timeout()}" if on_timeout else ""
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+def settled_rss_bytes() -> int:
+    """This process's resident set size after ``gc`` and glibc's ``malloc_trim`` return freed heap to
+    the kernel: what a leak test compares (raw RSS also counts the allocator's slack, which varies
+    with how threads happened to interleave)."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:  # glibc; musl has no malloc_trim (and little slack to trim)
+            trim(0)
+    with open(f"/proc/{os.getpid()}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")

@@ -15,10 +15,7 @@ batch. Two checks, one exact and one physical:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
-import os
 import weakref
 from pathlib import Path
 
@@ -29,23 +26,11 @@ from ditepose import model as models
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.model_loader import check_engine, load_model
 from ditepose.service.core.settings import ModelSpec
+from tests.support import settled_rss_bytes
 
 MIB = 1024 * 1024
 
 
-def _rss_bytes() -> int:
-    """Resident set size of this process, from /proc, after returning freed heap to the kernel."""
-    gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc:
-        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
-        if trim is not None:  # glibc; musl has no malloc_trim (and little slack to trim)
-            trim(0)
-    with open(f"/proc/{os.getpid()}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 def _checkpoint(path: Path, seed: int) -> Path:
@@ -86,7 +71,7 @@ def test_ten_swaps_free_every_old_version_and_rss_and_gpu_memory_stay_flat(tmp_p
             gc.collect()
             alive = [i + 2 for i, ref in enumerate(retired[:-1]) if ref() is not None]
             assert not alive, f"after swap {swap}: retired versions {alive} are still referenced"
-            rss[swap] = _rss_bytes()
+            rss[swap] = settled_rss_bytes()
             if device.startswith("cuda"):
                 gpu[swap] = torch.cuda.memory_allocated(0)
     growth = rss[10] - rss[2]
