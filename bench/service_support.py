@@ -42,11 +42,8 @@ class ProcCpu:
 
 def rss_mb(pid: int) -> float:
     """Resident memory of a process (VmRSS of ``/proc/<pid>/status``) in MiB; NaN without that line."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    kb = _status_kb(pid, "VmRSS")
+    return float("nan") if kb is None else kb / 1024
 
 
 def _status_kb(pid: int, field: str) -> int | None:

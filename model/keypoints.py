@@ -108,3 +108,12 @@ def spec_for_num_joints(num_joints: int) -> KeypointSpec:
         if spec.num_joints == num_joints:
             return spec
     raise KeyError(f"no keypoint layout with {num_joints} joints; known: {sorted(KEYPOINT_SPECS)}")
+
+
+def spec_for_checkpoint(dataset: str, num_joints: int) -> KeypointSpec:
+    """A checkpoint's layout: by its dataset name, else by its head's joint count (the authors'
+    checkpoints may name a dataset this project has no layout for)."""
+    try:
+        return get_keypoint_spec(dataset)
+    except KeyError:
+        return spec_for_num_joints(num_joints)

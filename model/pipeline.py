@@ -362,13 +362,10 @@ class PoseEstimator:
     ) -> PoseEstimator:
         """Load one of our (or the authors') checkpoints; input size and joints come from its metadata."""
         from ditepose.model.checkpoint import load_pose_model
-        from ditepose.model.keypoints import get_keypoint_spec, spec_for_num_joints
+        from ditepose.model.keypoints import spec_for_checkpoint
 
         module, meta = load_pose_model(path, map_location=device)
-        try:
-            spec = get_keypoint_spec(meta.dataset)
-        except KeyError:
-            spec = spec_for_num_joints(meta.num_joints)
+        spec = spec_for_checkpoint(meta.dataset, meta.num_joints)
         pipeline = TopDownPipeline(meta.input_size, spec, flip_test=flip_test, decoder=decoder)
         return cls(module, pipeline, detector=detector, batch_size=batch_size)
 

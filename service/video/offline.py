@@ -93,14 +93,11 @@ def load_video_model(checkpoint: str | Path, device: str = "cpu", precision: str
     (``precision="auto"``: fp16 on CUDA, fp32 on the CPU); version: the file's sha256, first 12 digits."""
     from ditepose.model.checkpoint import load_pose_model
     from ditepose.model.engines.build import build_engine
-    from ditepose.model.keypoints import get_keypoint_spec, spec_for_num_joints
+    from ditepose.model.keypoints import spec_for_checkpoint
     from ditepose.model.repository import file_sha256
 
     module, meta = load_pose_model(checkpoint, map_location="cpu")
-    try:
-        spec = get_keypoint_spec(meta.dataset)
-    except KeyError:
-        spec = spec_for_num_joints(meta.num_joints)
+    spec = spec_for_checkpoint(meta.dataset, meta.num_joints)
     engine = build_engine(module, device, precision)
     version = "sha256:" + file_sha256(checkpoint)[:12]
     return PoseModel(name or Path(checkpoint).stem, version, engine, meta.input_size, spec)
