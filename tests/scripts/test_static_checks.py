@@ -27,6 +27,7 @@ BROKEN_LAYERS = [
     ("service/video/_probe.py", "import grpc", "know no transport"),
     ("service/http/_probe.py", "import ditepose.service.grpc.server", "the transports import core"),
     ("service/batching/_probe.py", "import ditepose.service.core.pose_service", "service layers"),
+    ("client.py", "import ditepose.service.core.settings", "the REST client"),  # replaces the copy's client
 ]
 
 
