@@ -1,10 +1,11 @@
-"""Service-side sub-commands (serve, worker, stream)."""
+"""Service-side sub-commands (serve, worker, stream, video)."""
 
 from __future__ import annotations
 
 import argparse
 
 from ditepose.cli import whole_number
+from ditepose.service.cli.video import register_video
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.set_defaults(func=_serve)
     register_stream(subparsers)
+    register_video(subparsers)
 
 
 def parse_model_arg(text: str) -> dict:

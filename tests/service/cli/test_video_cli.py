@@ -1,0 +1,131 @@
+"""``ditepose video`` without a server: a short riders clip in, json/csv/coco files out that agree.
+
+The local run is a real subprocess (``python -m ditepose video``) with the shipped demo checkpoint
+and NanoDet; the bad-input cases run the parser in this process (no model is loaded for them).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ditepose.cli import main
+from ditepose.model.detectors import NanoDetDetector
+from ditepose.service.cli.video import ProgressBar
+from ditepose.service.video.results import CSV_COLUMNS
+from ditepose.service.video.synthetic import riders_camera, write_riders_clip
+from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
+
+FRAMES = 8
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("clip") / "riders8.mp4"
+    write_riders_clip(path, riders_camera(frames=FRAMES), gop=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_run(short_clip: Path, demo_checkpoint: Path, nanodet: NanoDetDetector,
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[dict], list[dict], str]:
+    """One local run writing all three files: (json result, csv rows, coco entries, stderr)."""
+    out = tmp_path_factory.mktemp("out")
+    proc = subprocess.run(
+        python_cmd("video", str(short_clip), "--out", str(out / "t.json"), "--csv", str(out / "t.csv"),
+                   "--coco", str(out / "t.coco.json"), "--no-flip", "--detect-interval", "4",
+                   "--checkpoint", str(demo_checkpoint)),
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    with (out / "t.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return (json.loads((out / "t.json").read_text()), rows, json.loads((out / "t.coco.json").read_text()),
+            proc.stderr)
+
+
+def test_local_run_finds_both_riders_with_one_track_each(local_run: tuple[dict, list[dict], list[dict], str]) -> None:
+    result, _, _, stderr = local_run
+    assert result["video"]["frames"] == FRAMES
+    assert (result["video"]["width"], result["video"]["height"]) == (640, 360)
+    long_tracks = [t for t in result["tracks"] if len(t["frames"]) == FRAMES]
+    assert len(long_tracks) == 2, [(t["track_id"], t["frames"]) for t in result["tracks"]]
+    assert f"{FRAMES}/{FRAMES} frames" in stderr  # the progress bar reached the end
+
+
+def test_csv_has_one_row_per_track_frame_and_joint_matching_the_json(
+        local_run: tuple[dict, list[dict], list[dict], str]) -> None:
+    result, rows, _, _ = local_run
+    joints = len(result["joints"])
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    assert len(rows) == sum(len(t["frames"]) for t in result["tracks"]) * joints
+    by_key = {(int(r["track_id"]), int(r["frame"]), int(r["joint"])): r for r in rows}
+    for track in result["tracks"]:
+        for row, frame in enumerate(track["frames"]):
+            for joint, (x, y, score) in enumerate(track["keypoints"][row]):
+                found = by_key[(track["track_id"], frame, joint)]
+                assert (float(found["x"]), float(found["y"]), float(found["score"])) == pytest.approx((x, y, score))
+                assert found["visible"] == str(int(track["visible"][row][joint]))
+                assert found["box_source"] == track["box_source"][row]
+
+
+def test_coco_has_one_entry_per_person_and_frame_matching_the_json(
+        local_run: tuple[dict, list[dict], list[dict], str]) -> None:
+    result, _, coco, _ = local_run
+    assert len(coco) == sum(len(t["frames"]) for t in result["tracks"])
+    tracks = {t["track_id"]: t for t in result["tracks"]}
+    for entry in coco:
+        track = tracks[entry["track_id"]]
+        row = track["frames"].index(entry["image_id"])
+        assert entry["category_id"] == 1
+        assert entry["bbox"] == pytest.approx(track["boxes"][row])
+        flat = entry["keypoints"]
+        for joint, (x, y, score) in enumerate(track["keypoints"][row]):
+            assert flat[3 * joint: 3 * joint + 2] == pytest.approx([x, y])
+            assert flat[3 * joint + 2] == (2 if score >= result["score_threshold"] else 1)  # marked, not zeroed
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["video", "/no/such/clip.mp4", "--out", "t.json"], "no such file"),
+    (["video", "{clip}"], "nothing to write"),
+    (["video", "{clip}", "--out", "/no/such/folder/t.json"], "does not exist"),
+    (["video", "{text}", "--out", "{tmp}/t.json"], "is not a video"),
+    (["video", "{clip}", "--out", "{tmp}/t.json", "--checkpoint", "x.pth", "--server", "http://127.0.0.1:9"],
+     "--checkpoint is for local runs"),
+    (["video", "{clip}", "--out", "{tmp}/t.json", "--model", "coco18"], "--model names a served model"),
+    (["video", "{clip}", "--out", "{tmp}/t.json", "--score-threshold", "2"], "score_threshold must be in [0, 1]"),
+], ids=["missing", "no-output", "no-folder", "text-file", "checkpoint-remote", "model-local", "bad-threshold"])
+def test_bad_input_exits_2_with_a_clear_message(argv: list[str], message: str, short_clip: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video at all\n")
+    args = [a.format(clip=short_clip, text=text, tmp=tmp_path) for a in argv]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_an_unreachable_server_exits_1(short_clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.support import free_port
+
+    code = main(["video", str(short_clip), "--out", str(tmp_path / "t.json"),
+                 "--server", f"http://127.0.0.1:{free_port()}"])
+    assert code == 1
+    assert "unreachable" in capsys.readouterr().err
+
+
+def test_the_progress_bar_writes_a_line_per_tenth_in_a_log() -> None:
+    pipe = io.StringIO()  # not a terminal, like a CI log
+    bar = ProgressBar(pipe, width=10)
+    bar.update(None, None, "queued")
+    for done in range(1, 101):
+        bar.update(done, 100, "running")
+    bar.close()
+    lines = pipe.getvalue().splitlines()
+    assert lines[0].endswith("queued") and lines[1].endswith("1/100 frames running")  # a new state: a line
+    assert lines[-1] == "[##########] 100.0% 100/100 frames running"
+    assert len(lines) == 2 + 10  # queued, running, then 10 %, 20 %, ... 100 %
