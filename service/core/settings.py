@@ -273,6 +273,32 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=2.0, gt=0, description="Socket timeout towards Redis.")
     recent_jobs: int = Field(default=50, ge=1, le=1000, description="Jobs GET /v1/jobs lists (newest first).")
 
+    # ---------------------------------------------------------------- video jobs
+    videos: dict[str, Path] = Field(
+        default_factory=dict,
+        description='Catalogue of server-side videos a POST /v1/videos JSON body may name: {"name": "/path/x.mp4"}.',
+    )
+    video_dir: Path | None = Field(
+        default=None, description="Folder whose video files POST /v1/videos may name by file name (as checkpoint_dir).",
+    )
+    video_max_upload_bytes: int = Field(
+        default=1 << 30, ge=1024, description="Largest video upload POST /v1/videos accepts (413 past it).",
+    )
+    video_segment_s: float = Field(
+        default=60.0, gt=0,
+        description="A video longer than this is cut at keyframes into segments of about this many seconds, one "
+        "task each (any worker may run it), stitched into one set of tracks at the end.",
+    )
+    video_overlap_frames: int = Field(
+        default=8, ge=0, le=300, description="Frames a segment runs before its start, where its tracks meet the "
+        "previous segment's (at least the job's detect_interval).",
+    )
+    video_result_ttl_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0,
+        description="Uploads and result files of finished video jobs are deleted this long after the job ended "
+        "(swept by the API on every POST /v1/videos, at most once a minute).",
+    )
+
     @model_validator(mode="after")
     def _check_job_limits(self) -> Settings:
         if self.hard_time_limit_s <= self.soft_time_limit_s:

@@ -24,7 +24,7 @@ from ditepose.service.http.deps import AppContext
 from ditepose.service.http.disconnects import install_disconnect_handler
 from ditepose.service.http.errors import install_error_handlers
 from ditepose.service.http.middleware import AdmissionControl, BodySizeLimit, RequestMetrics
-from ditepose.service.http.routes import demo, error_responses, health, jobs, models, pose
+from ditepose.service.http.routes import demo, error_responses, health, jobs, models, pose, videos
 from ditepose.service.http.security import require_api_key
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,15 @@ def create_app(
     install_disconnect_handler(app, context.metrics.registry)
     secured: list[params.Depends] = [Depends(require_api_key)]
     unauthorized = error_responses("unauthorized")
-    for router in (pose.router, models.router, jobs.router):
+    for router in (pose.router, models.router, jobs.router, videos.router):
         app.include_router(router, dependencies=secured, responses=unauthorized)
     app.include_router(health.router)
     app.include_router(demo.router)  # GET /: the browser demo (public page, not in OpenAPI)
 
     # Base64 JSON is 4/3 of the image, plus the other fields.
     # Outermost first: RequestMetrics -> AdmissionControl -> BodySizeLimit -> routes.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 64 * 1024)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 64 * 1024,
+                       path_limits={"/v1/videos": settings.video_max_upload_bytes + 64 * 1024})
     app.add_middleware(AdmissionControl, admission=context.admission, routes=frozenset({("POST", "/v1/pose")}))
     app.add_middleware(RequestMetrics, metrics=context.metrics)
     return app

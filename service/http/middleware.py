@@ -78,21 +78,24 @@ class AdmissionControl(_HttpMiddleware):
 
 
 class BodySizeLimit(_HttpMiddleware):
-    """Answer 413 ``too_large`` for bodies over ``max_bytes``."""
+    """Answer 413 ``too_large`` for bodies over ``max_bytes`` (``path_limits``: another limit for a path,
+    e.g. the video upload's)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
         super().__init__(app)
         self.max_bytes = max_bytes
+        self.path_limits = dict(path_limits or {})
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.path_limits.get(scope.get("path", ""), self.max_bytes)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     length = int(value)
                 except ValueError:
                     length = 0
-                if length > self.max_bytes:
-                    await _send_error(send, "too_large", f"body of {length} bytes; the limit is {self.max_bytes}")
+                if length > limit:
+                    await _send_error(send, "too_large", f"body of {length} bytes; the limit is {limit}")
                     return
         received = 0
         started = False
@@ -102,8 +105,8 @@ class BodySizeLimit(_HttpMiddleware):
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise ServiceError("too_large", f"body over the limit of {self.max_bytes} bytes")
+                if received > limit:
+                    raise ServiceError("too_large", f"body over the limit of {limit} bytes")
             return message
 
         async def tracking_send(message: Message) -> None:

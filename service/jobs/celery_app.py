@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 TASK_NAME = "ditepose.evaluate"
 SHARD_TASK_NAME = "ditepose.evaluate_shard"
+VIDEO_TASK_NAME = "ditepose.video_segment"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -121,7 +122,18 @@ def make_celery(settings: Settings) -> Celery:
             soft_time_limit_s=settings.soft_time_limit_s,
         ))
 
+    @app.task(name=VIDEO_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def video_segment(self: Any, segment_id: str) -> str:
+        from ditepose.service.jobs.video_run import run_video_segment
+
+        ctx = context()
+        return _deliver(self, settings, segment_id, lambda: run_video_segment(
+            segment_id, ctx.store, ctx.pool, lease_ttl_s=settings.lock_ttl_s,
+            soft_time_limit_s=settings.soft_time_limit_s,
+        ))
+
     app.evaluate_task = evaluate
+    app.video_segment_task = video_segment
     app.evaluate_shard_task = evaluate_shard
     if settings.torch_threads:
         _set_torch_threads_in_children(settings.torch_threads)

@@ -30,6 +30,8 @@ class Executor(Protocol):
 
     def submit(self, job_id: str) -> None: ...
 
+    def dispatch_video(self, segment_ids: list[str]) -> None: ...
+
     def cancel(self, job_id: str, shards: list[str] | None = None) -> None: ...
 
     def close(self) -> None: ...
@@ -83,6 +85,24 @@ class ThreadExecutor:
     def submit(self, job_id: str) -> None:
         self.futures[job_id] = self._pool.submit(self._run, job_id)
 
+    def _run_video_segment(self, segment_id: str) -> str:
+        from ditepose.service.jobs.video_run import run_video_segment
+
+        pool = self.pool()
+        if pool is None:
+            raise RuntimeError("the serving pool is not running")
+        try:
+            return run_video_segment(segment_id, self.store, pool, lease_ttl_s=self.settings.lock_ttl_s,
+                                     soft_time_limit_s=self.settings.soft_time_limit_s)
+        except Exception:
+            log.exception("embedded video segment %s crashed", segment_id)
+            raise
+
+    def dispatch_video(self, segment_ids: list[str]) -> None:
+        """A video job's segments, on the job threads (``embedded_workers`` of them run at once)."""
+        for segment_id in segment_ids:
+            self.futures[segment_id] = self._pool.submit(self._run_video_segment, segment_id)
+
     def cancel(self, job_id: str, shards: list[str] | None = None) -> None:
         """The store's flags do it: a queued job or shard is skipped, a running one stops at its next batch."""
 
@@ -115,6 +135,17 @@ class CeleryExecutor:
             self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=self.settings.job_queue, retry=False)
         except Exception as exc:  # kombu/redis connection errors
             raise BrokerUnavailable(f"could not queue the job: {type(exc).__name__}: {exc}") from exc
+
+    def dispatch_video(self, segment_ids: list[str]) -> None:
+        """One task per segment (task id = segment id, so a cancel can revoke them)."""
+        from ditepose.service.jobs.celery_app import VIDEO_TASK_NAME
+
+        try:
+            for segment_id in segment_ids:
+                self.app.send_task(VIDEO_TASK_NAME, args=[segment_id], task_id=segment_id,
+                                   queue=self.settings.job_queue, retry=False)
+        except Exception as exc:  # kombu/redis connection errors
+            raise BrokerUnavailable(f"could not queue the video job: {type(exc).__name__}: {exc}") from exc
 
     def cancel(self, job_id: str, shards: list[str] | None = None) -> None:
         """Revoke so workers drop the messages; a running task stops via the store's cancel flag."""

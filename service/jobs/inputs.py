@@ -13,6 +13,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,11 +21,22 @@ import torch
 from ditepose.model.detectors import PersonDetector, StagedDetector, detect_staged
 from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.core.model_loader import LoadedModel, load_model
+from ditepose.service.core.settings import ModelSpec
 from ditepose.service.jobs.plan import JobPlan
 from ditepose.training.boxes import BoxSource, EvalSet, evaluation_set, make_detector
 from ditepose.training.detection_eval import detector_score_thr
 
 # ---------------------------------------------------------------------------------------------- models
+
+
+class ModelPlan(Protocol):
+    """What lending a model needs of a job's plan (an evaluation's :class:`JobPlan`, a video's plan)."""
+
+    @property
+    def model(self) -> ModelSpec: ...
+
+    @property
+    def served(self) -> bool: ...
 
 
 class JobModels:
@@ -37,7 +49,7 @@ class JobModels:
         self._entries: dict[tuple[int, str], tuple[LoadedModel, list[int]]] = {}  # (pool, job) -> model, [users]
 
     @contextmanager
-    def use(self, pool: WorkerPool, plan: JobPlan, job_id: str) -> Iterator[LoadedModel]:
+    def use(self, pool: WorkerPool, plan: ModelPlan, job_id: str) -> Iterator[LoadedModel]:
         """The plan's model in ``pool``: a served model the pool already has, else loaded (by the
         service's own loader) and added for this job only."""
         if plan.served and plan.model.name in pool.models:  # the pool's own (embedded mode): nothing to load
@@ -120,12 +132,20 @@ def job_detector(plan: JobPlan, pool: WorkerPool, timeout_s: float) -> PersonDet
     """The plan's live detector (a detector object; the plan names it), built once per process
     and threshold (weights load once); a staged one runs on ``pool`` (:class:`PoolDetector`)."""
     opts = plan.options
-    source = BoxSource("detector", score_thr=opts.det_score_thr, detector=opts.detector or "nanodet")
-    key = json.dumps([source.detector, source.score_thr, opts.detector_options], sort_keys=True)
+    return pool_detector(opts.detector or "nanodet", opts.det_score_thr, opts.detector_options, pool, timeout_s)
+
+
+def pool_detector(name: str, score_thr: float | None, options: dict[str, Any] | None, pool: WorkerPool,
+                  timeout_s: float) -> PersonDetector:
+    """Detector ``name`` with ``score_thr`` (None: its own) and constructor ``options`` (the server's,
+    :func:`~ditepose.service.core.detection.detector_options`), built once per process; a staged one
+    runs its device stage on ``pool`` (:class:`PoolDetector`). Evaluation and video jobs both use it."""
+    source = BoxSource("detector", score_thr=score_thr, detector=name)
+    key = json.dumps([source.detector, source.score_thr, options], sort_keys=True)
     with _detectors_lock:
         det = _detectors.get(key)
         if det is None:
-            det = _detectors[key] = make_detector(source, "cpu", **(opts.detector_options or {}))
+            det = _detectors[key] = make_detector(source, "cpu", **(options or {}))
     if isinstance(det, StagedDetector):
         return PoolDetector(det, pool, timeout_s)
     return det

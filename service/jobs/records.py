@@ -27,7 +27,7 @@ Claim = Literal["run", "done", "busy", "missing", "cancelled"]
 
 @dataclass
 class JobRecord:
-    """Everything known about one evaluation job; ``plan`` is the resolved, server-side request."""
+    """Everything known about one job (an evaluation or a video); ``plan`` is the resolved, server-side request."""
 
     id: str
     state: str = "queued"
@@ -46,6 +46,8 @@ class JobRecord:
     parent: str | None = None  # a shard's (or a merge's) job: such records are not listed
     shards: int = 0  # a sharded job: how many shards (their records: shard_id(id, i))
     shard_status: dict[str, int] | None = None  # filled on read by JobService.get (shard counts); not stored
+    frames_done: int | None = None  # a video job: filled on read by JobService.get; not stored
+    kind: str = "evaluation"  # or "video" (service/jobs/video.py): what ``plan`` and ``result`` hold
 
     @staticmethod
     def new_id() -> str:

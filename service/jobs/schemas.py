@@ -89,6 +89,8 @@ class JobTimings(BaseModel):
 
 class JobResponse(BaseModel):
     id: str
+    kind: Literal["evaluation", "video"] = Field(default="evaluation", description="What the job does: "
+                                                 "POST /v1/evaluate or POST /v1/videos.")
     state: JobState
     progress: float = Field(description="Percent of the persons processed (a sharded job: the shards done out "
                             "of the total, plus the persons done within the running ones).")
@@ -115,6 +117,10 @@ class JobResponse(BaseModel):
                                          "person box AP/AP50 and ms per image on the scored images.")
     demo_weights: bool | None = Field(default=None, description="True: the model had no checkpoint (random).")
     predictions_url: str | None = Field(description="Per-image predictions JSON, once the job succeeded.")
+    frames_done: int | None = Field(default=None, description="A video job: frames processed so far.")
+    frames_total: int | None = Field(default=None, description="A video job: frames in the video.")
+    result_url: str | None = Field(default=None, description="A video job that succeeded: its tracks "
+                                   "(GET ...?format=json|csv|coco|mp4).")
     error: str | None
     attempts: int = Field(description="Runs started (more than 1 when a worker died and another took over).")
     cancel_requested: bool
@@ -140,9 +146,11 @@ def job_response(rec: JobRecord, now: float) -> JobResponse:
     end = rec.finished_at if rec.finished_at is not None else now
     queued = (rec.started_at or end) - rec.created_at
     run = end - rec.started_at if rec.started_at is not None else None
-    stage = result.get("timings", {})
+    stage = {k: v for k, v in result.get("timings", {}).items() if k in JobTimings.model_fields}
+    video = rec.kind == "video"
     return JobResponse(
         id=rec.id,
+        kind="video" if video else "evaluation",
         state=rec.state,  # type: ignore[arg-type]
         progress=round(float(rec.progress), 2),
         shards=rec.shard_status,
@@ -159,6 +167,9 @@ def job_response(rec: JobRecord, now: float) -> JobResponse:
         detector_report=result.get("detector_report"),
         demo_weights=result.get("demo_weights"),
         predictions_url=f"/v1/jobs/{rec.id}/predictions" if rec.state == "succeeded" and rec.predictions else None,
+        frames_done=rec.frames_done if video else None,
+        frames_total=int(rec.plan["info"]["frames"]) if video else None,
+        result_url=f"/v1/jobs/{rec.id}/result" if video and rec.state == "succeeded" else None,
         error=rec.error,
         attempts=rec.attempts,
         cancel_requested=rec.cancel_requested,

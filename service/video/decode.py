@@ -86,8 +86,10 @@ def _open(path: str | Path) -> av.container.InputContainer:
         return av.open(str(path), mode="r")
     except av.error.EOFError:  # a container header (e.g. Matroska's) and then nothing
         raise NoDecodableFrames(f"{Path(path).name}: the file ends before its first frame") from None
-    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
-        raise NotAVideo(f"{Path(path).name}: not a video FFmpeg can open ({exc})") from None
+    except av.error.FFmpegError as exc:  # its str() names the server-side path: say only why
+        raise NotAVideo(f"{Path(path).name}: not a video FFmpeg can open ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise NotAVideo(f"{Path(path).name}: not a video FFmpeg can open") from None
 
 
 def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:

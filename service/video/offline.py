@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -58,6 +58,19 @@ class PoseModel:
     infer: InferFn
     input_size: tuple[int, int]  # (W, H)
     spec: KeypointSpec
+
+
+class ResultModel(Protocol):
+    """What a result says of its model: a :class:`PoseModel`, or the merge's record of one (no weights)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def spec(self) -> KeypointSpec: ...
 
 
 @dataclass(frozen=True)
@@ -198,7 +211,7 @@ def smooth_track(track: TrackSeries, options: VideoOptions) -> TrackSeries:
                        track.scores)
 
 
-def finish_result(info: VideoInfo, segments: list[SegmentResult], model: PoseModel,
+def finish_result(info: VideoInfo, segments: list[SegmentResult], model: ResultModel,
                   options: VideoOptions) -> VideoResult:
     """The job's result from its segments: tracks stitched (ids by first appearance), then smoothed."""
     tracks = stitch_segments(segments, options.tracker, model.spec.sigmas)

@@ -1,4 +1,5 @@
-"""Offline evaluation jobs: ``POST /v1/evaluate``, ``GET/DELETE /v1/jobs/{id}``, ``GET /v1/jobs``.
+"""Offline jobs: ``POST /v1/evaluate``, ``GET/DELETE /v1/jobs/{id}``, ``GET /v1/jobs``, a video job's
+``GET /v1/jobs/{id}/result`` (``POST /v1/videos`` is :mod:`.videos`).
 
 The :class:`~ditepose.service.jobs.manager.JobService` comes as a dependency (built on first
 use from the app's settings); with Redis down these routes answer 503 while ``/v1/pose`` is
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, JSONResponse
@@ -22,6 +23,7 @@ from ditepose.service.jobs.catalogue import BadName, UnknownName
 from ditepose.service.jobs.executor import BrokerUnavailable
 from ditepose.service.jobs.manager import InvalidRequest, JobService, UnknownModel
 from ditepose.service.jobs.schemas import EvaluateRequest, JobAccepted, JobList, JobResponse, job_response
+from ditepose.service.jobs.video import MEDIA_TYPES
 
 # The JSON body of /v1/evaluate goes through the service's untrusted-JSON reader before FastAPI validates it.
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=UntrustedJsonRoute)
@@ -112,3 +114,28 @@ async def job_predictions(jobs: JobServiceDep, job_id: str) -> FileResponse:
     if path is None:
         raise ServiceError("not_ready", f"job {job_id} is {rec.state}; predictions exist once it succeeded")
     return FileResponse(path, media_type="application/json", filename=f"predictions-{job_id}.json")
+
+
+@router.get("/jobs/{job_id}/result", summary="Tracks of a succeeded video job (json, csv, coco) or its video (mp4)",
+            response_class=FileResponse,
+            responses=error_responses("unknown_job", "not_ready", "not_rendered", "result_expired",
+                                      "invalid_request", "unavailable"))
+async def job_result(
+    jobs: JobServiceDep, job_id: str,
+    format: Literal["json", "csv", "coco", "mp4"] = Query("json", description="json: tracks per person; csv: one "
+                                                          "row per (track, frame, joint); coco: COCO keypoint "
+                                                          "results per frame; mp4: the annotated video (render)."),
+) -> FileResponse:
+    rec = await _record(jobs, job_id)
+    if rec.kind != "video":
+        raise ServiceError("unknown_job", f"job {job_id} is an evaluation job; see /v1/jobs/{job_id}/predictions")
+    if rec.state != "succeeded":
+        raise ServiceError("not_ready", f"job {job_id} is {rec.state}; its result exists once it succeeded")
+    path = jobs.video_result_file(rec, format)
+    if path is None:
+        if format == "mp4" and not rec.request.get("render"):
+            raise ServiceError("not_rendered", f"job {job_id} was submitted without render=true")
+        raise ServiceError("result_expired", f"the result files of job {job_id} were deleted "
+                           "(DITEPOSE_VIDEO_RESULT_TTL_S after the job ended)")
+    suffix = {"json": "json", "csv": "csv", "coco": "coco.json", "mp4": "mp4"}[format]
+    return FileResponse(path, media_type=MEDIA_TYPES[format], filename=f"tracks-{job_id}.{suffix}")
