@@ -1,7 +1,9 @@
-"""``ditepose video`` without a server: a short riders clip in, json/csv/coco files out that agree.
+"""``ditepose video``: a short riders clip in, json/csv/coco files out that agree; locally and with --server.
 
-The local run is a real subprocess (``python -m ditepose video``) with the shipped demo checkpoint
-and NanoDet; the bad-input cases run the parser in this process (no model is loaded for them).
+The runs are real subprocesses (``python -m ditepose video``): locally with the shipped demo
+checkpoint and NanoDet, and against a real ``ditepose serve`` (tests/serve_support.py), whose
+files must equal a local run's with the same checkpoint and detector. The bad-input cases run the
+parser in this process (no model is loaded for them).
 """
 
 from __future__ import annotations
@@ -10,16 +12,20 @@ import csv
 import io
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ditepose.cli import main
 from ditepose.model.detectors import NanoDetDetector
 from ditepose.service.cli.video import ProgressBar
+from ditepose.service.video.decode import probe
 from ditepose.service.video.results import CSV_COLUMNS
 from ditepose.service.video.synthetic import riders_camera, write_riders_clip
 from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
+from tests.serve_support import API_KEY, VIDEO_ROUTES_MISSING, has_video_routes, tiny_server
 
 FRAMES = 8
 
@@ -116,6 +122,56 @@ def test_an_unreachable_server_exits_1(short_clip: Path, tmp_path: Path, capsys:
                  "--server", f"http://127.0.0.1:{free_port()}"])
     assert code == 1
     assert "unreachable" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- --server
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A real ``ditepose serve`` (tiny checkpoint, whole-image detector): (URL, its checkpoint)."""
+    folder = tmp_path_factory.mktemp("serve")
+    with tiny_server(folder) as url:
+        if not has_video_routes(url):
+            pytest.skip(VIDEO_ROUTES_MISSING)
+        yield url, folder / "tiny.pth"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(python_cmd("video", *args), cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_server_mode_writes_the_same_tracks_as_a_local_run(server: tuple[str, Path], short_clip: Path,
+                                                           tmp_path: Path) -> None:
+    url, checkpoint = server
+    options = ("--no-flip", "--detect-interval", "3", "--detector", "whole", "--smoothing", "savgol")
+    remote = _run(str(short_clip), "--server", url, "--api-key", API_KEY, "--out", str(tmp_path / "r.json"),
+                  "--csv", str(tmp_path / "r.csv"), "--coco", str(tmp_path / "r.coco.json"),
+                  "--render", str(tmp_path / "r.mp4"), "--poll", "0.1", *options)
+    assert remote.returncode == 0, remote.stderr
+    assert "accepted" in remote.stderr and f"{FRAMES}/{FRAMES} frames" in remote.stderr
+    local = _run(str(short_clip), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "l.json"), *options)
+    assert local.returncode == 0, local.stderr
+    remote_json, local_json = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("r", "l"))
+    assert remote_json["video"] == local_json["video"]
+    assert len(remote_json["tracks"]) == len(local_json["tracks"]) == 1  # the whole image: one person
+    for r, lt in zip(remote_json["tracks"], local_json["tracks"], strict=True):
+        assert (r["track_id"], r["frames"], r["box_source"]) == (lt["track_id"], lt["frames"], lt["box_source"])
+        np.testing.assert_allclose(r["boxes"], lt["boxes"], atol=1e-3)
+        np.testing.assert_allclose(r["keypoints"], lt["keypoints"], atol=1e-3)
+    with (tmp_path / "r.csv").open(newline="") as fh:
+        assert sum(1 for _ in csv.DictReader(fh)) == FRAMES * len(remote_json["joints"])
+    assert len(json.loads((tmp_path / "r.coco.json").read_text())) == FRAMES
+    assert probe(tmp_path / "r.mp4").frames == FRAMES
+
+
+def test_server_mode_refusals_exit_2_with_the_servers_code(server: tuple[str, Path], tmp_path: Path) -> None:
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video at all\n")
+    refused = _run(str(text), "--server", server[0], "--api-key", API_KEY, "--out", str(tmp_path / "t.json"))
+    assert refused.returncode == 2 and "unsupported_media" in refused.stderr, refused.stderr
+    no_key = _run(str(text), "--server", server[0], "--out", str(tmp_path / "t.json"))
+    assert no_key.returncode == 2 and "unauthorized" in no_key.stderr, no_key.stderr
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_the_progress_bar_writes_a_line_per_tenth_in_a_log() -> None:
