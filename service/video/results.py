@@ -69,7 +69,7 @@ class TrackSeries:
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, np.float64).reshape(-1, 4)
         self.keypoints = np.asarray(self.keypoints, np.float64)
-        if self.keypoints.size == 0:
+        if self.keypoints.size == 0 and self.keypoints.ndim != 3:  # [] -> [0, 0, 3]; [0, K, 3] keeps its K
             self.keypoints = self.keypoints.reshape(len(self.frames), 0, 3)
         lengths = {len(self.frames), len(self.timestamps), len(self.boxes), len(self.keypoints),
                    len(self.box_source), len(self.scores)}

@@ -115,6 +115,15 @@ def test_columns_must_agree() -> None:
         TrackSeries(1, [1, 0], [0.0, 0.1], np.zeros((2, 4)), np.zeros((2, JOINTS, 3)), ["detected"] * 2, [1.0] * 2)
 
 
+def test_a_track_selected_down_to_no_frames_keeps_its_joints() -> None:
+    """The stitch appends a matched track's owned part, which may be empty (the track ended in the
+    overlap); it must still concatenate with the track it continues (bench/video.py hit this)."""
+    track = TrackSeries(1, [0, 1], [0.0, 0.1], np.zeros((2, 4)), np.zeros((2, JOINTS, 3)), ["detected"] * 2, [1.0] * 2)
+    empty = track.select([False, False])
+    assert empty.keypoints.shape == (0, JOINTS, 3)
+    assert np.concatenate([track.keypoints, empty.keypoints]).shape == (2, JOINTS, 3)
+
+
 def test_render_draws_on_every_frame(riders_clip: tuple[Path, CameraPath], tmp_path: Path) -> None:
     path = riders_clip[0]
     track = make_track(1, list(range(90)), 100.0)
