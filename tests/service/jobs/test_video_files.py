@@ -109,3 +109,25 @@ def test_the_plan_cuts_at_keyframes_with_overlap(tmp_path: Path) -> None:
     assert plan.frames_total == 60 and plan.video_options().detect_interval == 6
     assert plan.detector == "nanodet" and plan.options["max_persons"] is None
     assert plan.video_options().max_persons == 20
+
+
+def test_redis_down_refuses_the_video_and_keeps_no_file(tmp_path: Path) -> None:
+    """Nothing listens on the Redis port: the probed upload is not turned into a job (503 at the
+    route: BrokerUnavailable) and its folder is gone."""
+    from ditepose.service.jobs.executor import BrokerUnavailable
+    from ditepose.service.jobs.manager import JobService
+    from tests.support import free_port
+
+    clip = tmp_path / "r.mp4"
+    write_riders_clip(clip, riders_camera(frames=8), gop=8)
+    upload = tmp_path / "jobs" / "videos" / ".upload-x.part"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(clip.read_bytes())
+    service = JobService(Settings(_env_file=None, jobs_dir=tmp_path / "jobs", redis_timeout_s=0.5,
+                                  redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        with pytest.raises(BrokerUnavailable):
+            service.submit_video(VideoJobOptions(), upload, ".mp4")
+    finally:
+        service.close()
+    assert [p.name for p in (tmp_path / "jobs" / "videos").iterdir()] == []
