@@ -25,7 +25,9 @@ from ditepose.service.core.settings import ModelSpec
 from ditepose.service.video.decode import probe
 from ditepose.service.video.results import CSV_COLUMNS, result_from_json
 from ditepose.service.video.synthetic import RIDER_BOXES, CameraPath, riders_camera, write_riders_clip
+from tests.reliability.support import sample_delta, scrape
 from tests.service.conftest import LiveServer, assert_error, start_server
+from tests.service.http.raw_http import BOUNDARY, start_upload
 from tests.service.video.test_offline import follows
 from tests.support import wait_until
 
@@ -213,3 +215,25 @@ def test_mp4_of_a_job_without_render_is_not_rendered(live: LiveServer, riders: t
         assert job["request"]["smoothing"] == "savgol"
         assert_error(client.get(f"/v1/jobs/{job_id}/result", params={"format": "mp4"}), 404, "not_rendered")
         assert client.get(f"/v1/jobs/{job_id}/result", params={"format": "json"}).json()["video"]["frames"] == 12
+
+
+def test_a_client_gone_mid_upload_leaves_no_file_and_no_job(live: LiveServer,
+                                                            riders: tuple[Path, CameraPath]) -> None:
+    """Headers declare the whole clip, a third of it is sent, the socket closes: the partial file
+    is deleted, no job appears, the next upload is served."""
+    clip = riders[0].read_bytes()
+    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"r.mp4\"\r\n"
+            "Content-Type: video/mp4\r\n\r\n").encode()
+    with live.client() as client:
+        before = [j["id"] for j in client.get("/v1/jobs").json()["jobs"]]
+        folders = _video_folders(live)
+        metrics = scrape(live.url)
+        start_upload(live.url, declared_bytes=len(head) + len(clip) + 64, sent=head + clip[: len(clip) // 3],
+                     path="/v1/videos").close()
+        wait_until(lambda: sample_delta(metrics, scrape(live.url), "ditepose_client_disconnects_total",
+                                        route="/v1/videos") == 1, timeout=30, what="the server to see the hang-up")
+        root = Path(live.app.state.context.settings.jobs_dir) / "videos"
+        assert not list(root.glob(".upload-*"))  # the partial upload was written, then deleted
+        assert _video_folders(live) == folders
+        assert [j["id"] for j in client.get("/v1/jobs").json()["jobs"]] == before
+        assert client.get("/readyz").status_code == 200
