@@ -34,7 +34,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
                       "(fewer persons per request need less)."),
     "unavailable": (503, "The service is starting or shutting down, or a part it needs (a model, Redis) is missing."),
     "unknown_dataset": (404, "No dataset of that name in the server's evaluation catalogue."),
-    "unknown_job": (404, "No evaluation job with that id."),
+    "unknown_job": (404, "No job with that id (of that kind, for /predictions and /result)."),
     "job_finished": (409, "The job already finished; there is nothing to cancel."),
     "not_ready": (409, "The job has no predictions (yet): it did not succeed."),
     "unsupported_media": (415, "The upload is not a video container the service reads (MP4/MOV, MKV/WebM, AVI)."),

@@ -93,7 +93,8 @@ class JobResponse(BaseModel):
                                                  "POST /v1/evaluate or POST /v1/videos.")
     state: JobState
     progress: float = Field(description="Percent of the persons processed (a sharded job: the shards done out "
-                            "of the total, plus the persons done within the running ones).")
+                            "of the total, plus the persons done within the running ones); a video job: frames "
+                            "done out of the total.")
     shards: dict | None = Field(default=None, description="A sharded job: {\"total\", \"succeeded\", "
                                 "\"running\", \"queued\", \"cancelled\", \"failed\", \"attempts\"} of its "
                                 "shards (runs started, more than total when a worker died mid-shard).")

@@ -113,9 +113,9 @@ def videos_root(settings: Settings) -> Path:
     return Path(settings.jobs_dir) / "videos"
 
 
-def job_folder(settings_or_dir: Settings | Path, job_id: str) -> Path:
-    root = videos_root(settings_or_dir) if isinstance(settings_or_dir, Settings) else settings_or_dir / "videos"
-    return root / job_id
+def job_folder(settings: Settings, job_id: str) -> Path:
+    """Where a video job's upload, segment files and results live."""
+    return videos_root(settings) / job_id
 
 
 def catalogue_video(settings: Settings, name: str) -> Path:
@@ -164,14 +164,18 @@ class VideoPlan:
         return SegmentPlan(*self.segments[index])
 
     def video_options(self) -> VideoOptions:
-        opts = self.options
-        return VideoOptions(detect_interval=int(opts["detect_interval"]), flip_test=bool(opts["flip_test"]),
-                            score_threshold=float(opts["score_threshold"]), smoothing=opts["smoothing"],
-                            max_persons=int(opts["max_persons"] or 20))
+        return runner_options(self.options)
 
     @property
     def frames_total(self) -> int:
         return int(self.info["frames"])
+
+
+def runner_options(options: dict[str, Any]) -> VideoOptions:
+    """The offline runner's options from a job's (:class:`VideoJobOptions` as a dict; None: the runner's default)."""
+    return VideoOptions(detect_interval=int(options["detect_interval"]), flip_test=bool(options["flip_test"]),
+                        score_threshold=float(options["score_threshold"]), smoothing=options["smoothing"],
+                        max_persons=int(options["max_persons"] or VideoOptions.max_persons))
 
 
 def plan_video_job(settings: Settings, model: ModelSpec, video: Path, folder: Path,
@@ -181,9 +185,7 @@ def plan_video_job(settings: Settings, model: ModelSpec, video: Path, folder: Pa
     info = probe(video)
     index = read_index(video)
     opts = options.model_dump()
-    video_options = VideoOptions(detect_interval=options.detect_interval, flip_test=options.flip_test,
-                                 score_threshold=options.score_threshold, smoothing=options.smoothing,
-                                 max_persons=options.max_persons or 20)
+    video_options = runner_options(opts)
     segment_frames = max(1, round(settings.video_segment_s * info.fps)) if info.fps > 0 else len(index.pts)
     overlap = segment_overlap(video_options, settings.video_overlap_frames)
     plans = plan_segments(len(index.pts), index.keyframes, segment_frames, overlap)

@@ -43,6 +43,10 @@ class NotAVideo(VideoError):
     """No container FFmpeg can open, or a container without a video stream."""
 
 
+class NoVideoStream(NotAVideo):
+    """A container FFmpeg opens that holds no video stream (audio only, subtitles)."""
+
+
 class NoDecodableFrames(VideoError):
     """A video stream from which not one frame decodes."""
 
@@ -94,7 +98,7 @@ def _open(path: str | Path) -> av.container.InputContainer:
 
 def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
     if not container.streams.video:
-        raise NotAVideo(f"{Path(path).name}: the file has no video stream")
+        raise NoVideoStream(f"{Path(path).name}: the file has no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame threads: several times faster on long H.264 files
     return stream

@@ -38,7 +38,7 @@ from tests.deploy.compose_support import (
 EXPECTED_SERVICES = {"redis", "api", "worker", "prometheus", "grafana"}
 OUR_SERVICES = ("api", "worker")
 # Host folders an operator fills (checkpoints, datasets); Docker creates them when missing.
-OPERATOR_FOLDERS = {"./models", "./data"}
+OPERATOR_FOLDERS = {"./models", "./data", "./videos"}
 
 
 def subcommands() -> dict[str, object]:
@@ -156,6 +156,14 @@ def test_api_and_workers_share_the_jobs_volume():
     assert environment(services()["worker"])["DITEPOSE_JOBS_DIR"] == jobs_dir
     for name in OUR_SERVICES:
         assert f"jobs:{jobs_dir}" in services()[name]["volumes"]
+
+
+def test_api_and_workers_read_the_same_video_catalogue_folder():
+    """Video jobs: the api checks a named video and the workers decode it, so both mount the folder
+    DITEPOSE_VIDEO_DIR names (read-only); uploads and results are in the shared jobs volume (above)."""
+    for name in OUR_SERVICES:
+        video_dir = environment(services()[name])["DITEPOSE_VIDEO_DIR"]
+        assert f"./videos:{video_dir}:ro" in services()[name]["volumes"], name
 
 
 def test_base_file_runs_anywhere_and_the_gpu_override_adds_cuda_and_gpus():

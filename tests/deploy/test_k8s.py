@@ -518,6 +518,23 @@ def test_claims_exist_and_the_shared_ones_are_read_write_many(gpu):
         if len(users) > 1 or any(u in (API, WORKER) for u in users):
             assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"], claim  # pods on many nodes
     assert used["ditepose-jobs"] == {API, WORKER}
+    assert used["ditepose-videos"] == {API, WORKER}
+
+
+def test_api_and_workers_mount_the_video_claims(gpu):
+    """Video jobs: the api writes uploads into the jobs claim and a worker reads them and writes the
+    results the api serves (read-write in both); the catalogue folder (DITEPOSE_VIDEO_DIR) is the
+    ditepose-videos claim, read-only in both."""
+    for workload in (API, WORKER):
+        deployment = get(gpu, "Deployment", workload)
+        env = env_of(gpu, container(deployment))
+        mounted = mounts(deployment)
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod_spec(deployment)["volumes"]
+                  if "persistentVolumeClaim" in v}
+        jobs, videos = mounted[env["DITEPOSE_JOBS_DIR"]], mounted[env["DITEPOSE_VIDEO_DIR"]]
+        assert not jobs["readOnly"] and jobs["persistentVolumeClaim"]["claimName"] == "ditepose-jobs", workload
+        assert videos["readOnly"] and videos["persistentVolumeClaim"]["claimName"] == "ditepose-videos", workload
+        assert set(claims.values()) >= {"ditepose-jobs", "ditepose-videos"}
 
 
 def test_api_key_comes_from_a_secret_file(gpu):

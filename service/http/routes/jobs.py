@@ -110,6 +110,8 @@ async def cancel_job(jobs: JobServiceDep, job_id: str) -> JobResponse:
             responses=error_responses("unknown_job", "not_ready", "invalid_request", "unavailable"))
 async def job_predictions(jobs: JobServiceDep, job_id: str) -> FileResponse:
     rec = await _record(jobs, job_id)
+    if rec.kind == "video":
+        raise ServiceError("unknown_job", f"job {job_id} is a video job; see /v1/jobs/{job_id}/result")
     path = jobs.predictions_file(rec)
     if path is None:
         raise ServiceError("not_ready", f"job {job_id} is {rec.state}; predictions exist once it succeeded")

@@ -40,7 +40,7 @@ from ditepose.service.jobs.video_schemas import (
     options_from_fields,
     options_from_json_part,
 )
-from ditepose.service.video.decode import NoDecodableFrames, NotAVideo
+from ditepose.service.video.decode import NoDecodableFrames, NotAVideo, NoVideoStream
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -186,9 +186,10 @@ async def _submit(jobs: JobService, options: VideoJobOptions, upload: UploadSink
         raise ServiceError("unknown_video", str(exc)) from exc
     except BadName as exc:
         raise ServiceError("invalid_request", str(exc)) from exc
-    except NotAVideo as exc:
+    except NoVideoStream as exc:
         raise ServiceError("unsupported_media", str(exc)) from exc
-    except NoDecodableFrames as exc:
+    except (NotAVideo, NoDecodableFrames) as exc:
+        # past the signature check: a video container FFmpeg cannot read (truncated, damaged) or no frame
         raise ServiceError("invalid_video", str(exc)) from exc
     except BrokerUnavailable as exc:
         raise ServiceError("unavailable", f"video jobs are unavailable: {exc}") from exc
