@@ -201,7 +201,7 @@ def test_a_catalogue_video_by_name(video_server: str) -> None:
 
 @pytest.mark.parametrize(("make", "status", "code"), [
     (lambda folder: _write(folder / "notes.mp4", b"plain text, not a video\n" * 10), 415, "unsupported_media"),
-    (lambda folder: _half_of(folder, "riders12.mp4"), 415, "unsupported_media"),
+    (lambda folder: _half_of(folder, "riders12.mp4"), 422, "invalid_video"),  # an MP4 signature, no index
     (lambda folder: _frames_cut_off(folder), 422, "invalid_video"),
 ], ids=["text-file", "truncated-mp4", "no-decodable-frame"])
 def test_a_bad_upload_is_refused_with_its_code(video_server: str, tmp_path: Path, make, status: int,
