@@ -11,7 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 
 from ditepose.cli import main
+from ditepose.client import DitePoseClient
 from ditepose.model.detectors import NanoDetDetector
 from ditepose.service.cli.video import ProgressBar
 from ditepose.service.video.decode import probe
@@ -26,6 +30,7 @@ from ditepose.service.video.results import CSV_COLUMNS
 from ditepose.service.video.synthetic import riders_camera, write_riders_clip
 from tests.conftest import REPO_ROOT, python_cmd, subprocess_env
 from tests.serve_support import API_KEY, VIDEO_ROUTES_MISSING, has_video_routes, tiny_server
+from tests.support import wait_until
 
 FRAMES = 8
 
@@ -171,6 +176,35 @@ def test_server_mode_refusals_exit_2_with_the_servers_code(server: tuple[str, Pa
     assert refused.returncode == 2 and "unsupported_media" in refused.stderr, refused.stderr
     no_key = _run(str(text), "--server", server[0], "--out", str(tmp_path / "t.json"))
     assert no_key.returncode == 2 and "unauthorized" in no_key.stderr, no_key.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_ctrl_c_cancels_the_job_on_the_server(server: tuple[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while waiting (SIGINT to this process once the job has done frames) cancels the server's job and
+    exits 130. The clip is long (300 frames, seconds of work) so the job is still running when the signal lands."""
+    long_clip = tmp_path / "long.mp4"
+    write_riders_clip(long_clip, riders_camera(frames=300), gop=30)
+    url = server[0]
+    with DitePoseClient(url, api_key=API_KEY) as api:
+        known = {j.id for j in api.jobs(limit=1000)}
+        found: list[str] = []
+
+        def interrupt_once_submitted() -> None:
+            new = wait_until(lambda: [j.id for j in api.jobs(limit=1000)  # frames done: the 202 is long sent
+                                      if j.id not in known and (j.frames_done or 0) > 0],
+                             timeout=120, what="the CLI's job to make progress", interval=0.05)
+            found.extend(new)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        watcher = threading.Thread(target=interrupt_once_submitted, daemon=True)
+        watcher.start()
+        code = main(["video", str(long_clip), "--server", url, "--api-key", API_KEY, "--out",
+                     str(tmp_path / "t.json"), "--poll", "0.2"])
+        watcher.join(30)
+        assert code == 130
+        assert f"job {found[0]} cancelled" in capsys.readouterr().err
+        assert api.wait(found[0], poll_s=0.1, timeout=120).state == "cancelled"
     assert not (tmp_path / "t.json").exists()
 
 
