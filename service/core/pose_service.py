@@ -44,7 +44,7 @@ from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.core.admission import Admission
 from ditepose.service.core.detection import detector_options
 from ditepose.service.core.errors import ServiceError, from_batcher_error
-from ditepose.service.core.images import decode_image, encode_png
+from ditepose.service.core.images import DecodeSlots, decode_image, encode_png
 from ditepose.service.core.repository_watcher import ModelRepositoryWatcher
 from ditepose.service.core.settings import Settings
 
@@ -103,6 +103,7 @@ class PoseService:
         # Checked once (a sha256 over 7.6 MB): fetching the weights later takes a restart to be seen.
         self._weight_issues = problems(NANODET, settings.weights_dir)
         self._lock = threading.Lock()
+        self._decodes = DecodeSlots(settings.max_concurrent_decodes)
         # Per-request OpenCV work is one small warp per person: cv2's own thread pool only adds
         # hand-offs and competes with the inference threads for the cores (process-wide setting).
         cv2.setNumThreads(1)
@@ -152,8 +153,10 @@ class PoseService:
                 if len(self._pipelines) > 256:  # versions come and go; pipelines are cheap to rebuild
                     self._pipelines.clear()
                 try:
+                    # uint8 crops: a quarter of float32's memory while they wait in the queue; the
+                    # batch normalises them when it is assembled (service/batching/assembly.py)
                     pipe = TopDownPipeline(model.input_size, model.spec, bool(flip_test), decoder,
-                                           crop_backend=self.settings.crop_backend)
+                                           normalize_on_cpu=False, crop_backend=self.settings.crop_backend)
                 except ValueError as exc:
                     raise ServiceError("invalid_request", str(exc)) from exc
                 self._pipelines[key] = pipe
@@ -222,7 +225,9 @@ class PoseService:
         return out
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.settings.max_upload_bytes, self.settings.max_image_pixels)
+        """The upload as RGB pixels, decoded in one of ``max_concurrent_decodes`` slots (see DecodeSlots)."""
+        with self._decodes.slot():
+            return decode_image(data, self.settings.max_upload_bytes, self.settings.max_image_pixels)
 
     def crops(
         self, request: PoseRequest, model: LoadedModel, image: np.ndarray,
@@ -262,7 +267,9 @@ class PoseService:
                 self._detector_batcher(detector).check_admission()
             except BatcherError as exc:
                 raise from_batcher_error(exc, self.settings.retry_after_s) from exc
-            return image, decoded, detector, detector.preprocess(image), None
+            with self._decodes.slot():  # the detector's input is the decode's last step (a resized copy)
+                detector_input = detector.preprocess(image)
+            return image, decoded, detector, detector_input, None
         return image, decoded, None, None, detector.detect(image)
 
     def _detector_batcher(self, detector: StagedDetector) -> AnyBatcher:
