@@ -38,7 +38,7 @@ from ditepose.model.detectors import DETECTORS, DetectorName, PersonDetector, St
 from ditepose.model.keypoints import KeypointSpec
 from ditepose.model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
 from ditepose.model.weight_store import FETCH_COMMAND, NANODET, problems
-from ditepose.service.batching.batcher import BatcherError
+from ditepose.service.batching.batcher import BatcherError, DeadlineExceeded
 from ditepose.service.batching.interface import AnyBatcher, InferencePool
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.core.admission import Admission
@@ -47,6 +47,7 @@ from ditepose.service.core.errors import ServiceError, from_batcher_error
 from ditepose.service.core.images import DecodeSlots, decode_image, encode_png
 from ditepose.service.core.repository_watcher import ModelRepositoryWatcher
 from ditepose.service.core.settings import Settings
+from ditepose.service.core.slots import SharedSlots
 
 
 @dataclass
@@ -104,6 +105,9 @@ class PoseService:
         self._weight_issues = problems(NANODET, settings.weights_dir)
         self._lock = threading.Lock()
         self._decodes = DecodeSlots(settings.max_concurrent_decodes)
+        # detector inputs alive at once: two full detector batches per worker (see _detect_on_pool)
+        workers = settings.resolved_workers_per_device() * len(settings.resolved_devices())
+        self._detector_inputs = SharedSlots(2 * workers * settings.det_max_batch_size)
         # Per-request OpenCV work is one small warp per person: cv2's own thread pool only adds
         # hand-offs and competes with the inference threads for the cores (process-wide setting).
         cv2.setNumThreads(1)
@@ -251,26 +255,25 @@ class PoseService:
     # ------------------------------------------------------------ whole requests
     def _decode_detect_input(
         self, request: PoseRequest
-    ) -> tuple[np.ndarray, float, StagedDetector | None, torch.Tensor | None, tuple[np.ndarray, np.ndarray | None] | None]:
+    ) -> tuple[np.ndarray, float, StagedDetector | None, tuple[np.ndarray, np.ndarray | None] | None]:
         """Decode (one thread hop), then the boxes if they need no pool: the caller's, or an
-        in-thread detector's (whole image, HOG). For a staged detector, it and its input come back
-        instead. The float is when decoding ended. The detector is resolved (and built, the first
-        time) only after the image decoded: a bad upload is a 4xx whatever detector it names."""
+        in-thread detector's (whole image, HOG). For a staged detector, it comes back instead
+        (its input is made later, see :meth:`_detect_on_pool`). The float is when decoding ended.
+        The detector is resolved (and built, the first time) only after the image decoded: a bad
+        upload is a 4xx whatever detector it names."""
         image = self.decode(request.image_bytes)
         decoded = time.perf_counter()
         height, width = image.shape[:2]
         if request.boxes is not None:
-            return image, decoded, None, None, (self.check_boxes(request.boxes, width, height), None)
+            return image, decoded, None, (self.check_boxes(request.boxes, width, height), None)
         detector = self.detector(request.detector)
         if isinstance(detector, StagedDetector):
             try:
                 self._detector_batcher(detector).check_admission()
             except BatcherError as exc:
                 raise from_batcher_error(exc, self.settings.retry_after_s) from exc
-            with self._decodes.slot():  # the detector's input is the decode's last step (a resized copy)
-                detector_input = detector.preprocess(image)
-            return image, decoded, detector, detector_input, None
-        return image, decoded, None, None, detector.detect(image)
+            return image, decoded, detector, None
+        return image, decoded, None, detector.detect(image)
 
     def _detector_batcher(self, detector: StagedDetector) -> AnyBatcher:
         """The pool's batcher of ``detector``, added again if the pool was rebuilt since it was cached."""
@@ -284,12 +287,27 @@ class PoseService:
         det = self._detectors.get(request.detector or self.default_detector)
         return det is None or isinstance(det, StagedDetector)
 
+    def _preprocess(self, detector: StagedDetector, image: np.ndarray) -> torch.Tensor:
+        with self._decodes.slot():  # CPU work on the pixels like decoding, and a resized copy of them
+            return detector.preprocess(image)
+
     async def _detect_on_pool(
-        self, detector: StagedDetector, image: np.ndarray, detector_input: torch.Tensor
+        self, detector: StagedDetector, image: np.ndarray, deadline: float
     ) -> tuple[np.ndarray, np.ndarray]:
+        """The detector's input is made only once one of ``detector_inputs`` slots is free, and the
+        slot is held until its batch ran. Why: a detector input is float32 (NanoDet: 416x416x3, 2 MiB,
+        4x its uint8 pixels and not exactly storable as uint8), and made at decode time each request
+        of a burst held one in the queue: 288 at the admission limit, 576 MiB. The slots are enough
+        for every worker's next batch and the one after, so batches stay full."""
         batcher = self._detector_batcher(detector)
         try:
-            candidates = await batcher.submit(detector_input, self.settings.request_timeout_s)
+            async with self._detector_inputs.slot(deadline - time.perf_counter()):
+                detector_input = await asyncio.to_thread(self._preprocess, detector, image)
+                candidates = await batcher.submit(detector_input, max(deadline - time.perf_counter(), 1e-3))
+                del detector_input
+        except TimeoutError as exc:
+            raise from_batcher_error(DeadlineExceeded(f"no detector slot within the deadline: {exc}"),
+                                     self.settings.retry_after_s) from exc
         except BatcherError as exc:
             raise from_batcher_error(exc, self.settings.retry_after_s) from exc
         return await asyncio.to_thread(detector.postprocess, candidates[0], image.shape[:2])
@@ -319,9 +337,9 @@ class PoseService:
         # the detector's queue first announces its crops only once its boxes are known.
         arrival = None if self._goes_through_detector_queue(request) else batcher.announce()
         try:
-            image, t1, detector, detector_input, found = await asyncio.to_thread(self._decode_detect_input, request)
+            image, t1, detector, found = await asyncio.to_thread(self._decode_detect_input, request)
             if found is None:
-                found = await self._detect_on_pool(detector, image, detector_input)  # type: ignore[arg-type]
+                found = await self._detect_on_pool(detector, image, deadline)  # type: ignore[arg-type]
             if arrival is None:
                 arrival = batcher.announce()
             timeout_s = max(deadline - time.perf_counter(), 1e-3)  # one deadline for detection and pose
