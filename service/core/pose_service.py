@@ -291,17 +291,28 @@ class PoseService:
         with self._decodes.slot():  # CPU work on the pixels like decoding, and a resized copy of them
             return detector.preprocess(image)
 
-    async def _detect_on_pool(
-        self, detector: StagedDetector, image: np.ndarray, deadline: float
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The detector's input is made only once one of ``detector_inputs`` slots is free, and the
-        slot is held until its batch ran. Why: a detector input is float32 (NanoDet: 416x416x3, 2 MiB,
-        4x its uint8 pixels and not exactly storable as uint8), and made at decode time each request
-        of a burst held one in the queue: 288 at the admission limit, 576 MiB. The slots are enough
-        for every worker's next batch and the one after, so batches stay full."""
-        batcher = self._detector_batcher(detector)
+    async def _decode_and_detect(
+        self, request: PoseRequest, deadline: float
+    ) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray | None]]:
+        """The image, when decoding ended, and the boxes (with their scores, None for the caller's).
+
+        A request whose boxes come from a staged detector is decoded, turned into the detector's
+        input and run only once one of the ``detector_inputs`` slots is free, and holds the slot
+        until its detector batch ran. Why: made at once, every request of a burst held its decoded
+        image (riders.jpg: 0.8 MiB) and its float32 detector input (NanoDet 416x416x3: 2 MiB, not
+        exactly storable as uint8) while it waited its turn: at the admission limit (288) ~800 MiB.
+        Waiting, a request holds only its encoded bytes. The slots are every worker's next two
+        detector batches, so batches stay full."""
+        if not self._goes_through_detector_queue(request):
+            image, decoded, _, found = await asyncio.to_thread(self._decode_detect_input, request)
+            return image, decoded, found  # type: ignore[return-value]
         try:
             async with self._detector_inputs.slot(deadline - time.perf_counter()):
+                image, decoded, detector, found = await asyncio.to_thread(self._decode_detect_input, request)
+                if found is not None:  # the detector turned out to run in-thread (built just now)
+                    return image, decoded, found
+                assert detector is not None
+                batcher = self._detector_batcher(detector)
                 detector_input = await asyncio.to_thread(self._preprocess, detector, image)
                 candidates = await batcher.submit(detector_input, max(deadline - time.perf_counter(), 1e-3))
                 del detector_input
@@ -310,7 +321,7 @@ class PoseService:
                                      self.settings.retry_after_s) from exc
         except BatcherError as exc:
             raise from_batcher_error(exc, self.settings.retry_after_s) from exc
-        return await asyncio.to_thread(detector.postprocess, candidates[0], image.shape[:2])
+        return image, decoded, await asyncio.to_thread(detector.postprocess, candidates[0], image.shape[:2])
 
     async def estimate(self, request: PoseRequest) -> PoseResult:
         """Run one request without blocking the event loop: decoding, cropping and decoding the
@@ -337,9 +348,7 @@ class PoseService:
         # the detector's queue first announces its crops only once its boxes are known.
         arrival = None if self._goes_through_detector_queue(request) else batcher.announce()
         try:
-            image, t1, detector, found = await asyncio.to_thread(self._decode_detect_input, request)
-            if found is None:
-                found = await self._detect_on_pool(detector, image, deadline)  # type: ignore[arg-type]
+            image, t1, found = await self._decode_and_detect(request, deadline)
             if arrival is None:
                 arrival = batcher.announce()
             timeout_s = max(deadline - time.perf_counter(), 1e-3)  # one deadline for detection and pose
