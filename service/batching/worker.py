@@ -28,6 +28,10 @@ from ditepose.service.batching.infer import InferFn
 log = logging.getLogger(__name__)
 
 WORKER_STATES = ("starting", "idle", "busy", "stopped", "dead")
+# A worker trims the heap once no batch has run for this long and the queues are empty: a burst's
+# short lulls (a batch being assembled, requests between the detector and the pose queue) do not
+# count, so a trim never hands back pages the next batch faults in again at once.
+TRIM_AFTER_IDLE_S = 1.0
 
 
 class BatchObserver(Protocol):
@@ -225,7 +229,7 @@ class Worker:
                     self.state = "idle"
                     free_since = time.monotonic()
                     ran_since_trim = True
-                elif ran_since_trim and all_idle(batchers):  # a poll with nothing due, and the queues drained
+                elif ran_since_trim and time.monotonic() - free_since >= TRIM_AFTER_IDLE_S and all_idle(batchers):
                     heap_trimmer.trim()
                     ran_since_trim = False
             self.state = "stopped"
