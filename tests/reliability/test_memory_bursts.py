@@ -2,7 +2,8 @@
 
 A real ``ditepose serve`` on the embedded defaults (``make run``: the demo model, the default
 detector) gets bursts of as many simultaneous ``POST /v1/pose`` without boxes on docs/riders.jpg
-as it admits (``max_in_flight``). Every answer is 200, 429 or 503 with the JSON error body, the
+as it admits (``max_in_flight``). Every answer is 200 or an error with the JSON body: 429 or 503
+(shed), or 504 (its deadline passed in the queues: on 2 cores most of a burst of 288 does), the
 service stays ready, and once the queues drain its resident memory settles back to at most
 :data:`GROWTH_BOUND_MIB` over its idle RSS. No timing is asserted: the wait for the settled RSS is
 a bound on how long to look, and a memory figure that never settles fails with what it read.
@@ -59,7 +60,7 @@ async def _burst(base: str, image: bytes, concurrency: int) -> Counter[int]:
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
         async def one() -> int:
             response = await client.post("/v1/pose", files={"image": ("riders.jpg", image, "image/jpeg")})
-            assert response.status_code in (200, 429, 503), response.text
+            assert response.status_code in (200, 429, 503, 504), response.text
             if response.status_code == 200:
                 assert isinstance(response.json()["persons"], list)
             else:
