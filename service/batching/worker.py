@@ -119,9 +119,9 @@ class HeapTrimmer:
     """Hands the C heap's free pages back to the kernel (glibc ``malloc_trim(0)``) when the pool goes idle.
 
     Why: a burst frees hundreds of MiB (crops, forward buffers, detector inputs, decoded images)
-    into glibc's arenas, which keep them: RSS stayed at the burst's level, +1,263 MiB over idle
-    after bursts of 64 requests (2-core Xeon), and each later burst landed elsewhere in the heap.
-    Trimmed when the queues drain, growth fell to +273 MiB with the same req/s. Not per batch:
+    into glibc's arenas, which keep them: RSS stayed near the bursts' level, +1,284 MiB over idle
+    after three bursts at the admission limit (bench/bursts.py, 2-core Xeon). Trimmed when the
+    queues drain, growth was +279 MiB with the same answers per second. Not per batch:
     trimming walks every arena and holds its lock, so only once per busy spell, by one worker
     at a time. One per process (the heap is the process's): ``enabled`` is the setting
     ``trim_memory_when_idle``."""

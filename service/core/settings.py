@@ -235,8 +235,8 @@ class Settings(BaseSettings):
     trim_memory_when_idle: bool = Field(
         default=True,
         description="Return the C heap's free pages to the kernel (glibc malloc_trim) once the worker pool's "
-        "queues drain after a busy spell: without it RSS stays near a burst's peak (measured +1.1 GiB over idle "
-        "after bursts of 64 requests, bench/bursts.py). No effect where the C library has no malloc_trim.",
+        "queues drain after a busy spell: without it RSS stays near the bursts' level (measured +1.3 GiB over idle "
+        "after bursts at the admission limit, +0.3 GiB with it: bench/bursts.py). No effect where the C library has no malloc_trim.",
     )
 
     # ---------------------------------------------------------------- evaluation jobs
