@@ -76,19 +76,31 @@ class PersonPose:
         }
 
 
-def normalize_crops(crops: torch.Tensor) -> torch.Tensor:
+# The ImageNet normalisation as one multiply-add per channel on 0..255 values, float32. Every path
+# that normalises (the CPU crops, :func:`normalize_crops` at batch time or on a device) uses these
+# same constants and ops, so a crop normalised late equals one normalised early bit for bit.
+NORM_SCALE = torch.from_numpy(np.array([1 / (255.0 * s) for s in IMAGENET_STD], np.float32)).view(1, 3, 1, 1)
+NORM_SHIFT = torch.from_numpy(
+    np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)], np.float32)).view(1, 3, 1, 1)
+
+
+def normalize_crops(crops: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 RGB crops [N, H, W, 3] -> ImageNet-normalised float32 [N, 3, H, W], on the crops' device.
 
-    Lets an engine ship 4x smaller uint8 crops to an accelerator and normalise there.
+    Lets an engine ship 4x smaller uint8 crops to an accelerator and normalise there, and lets the
+    service keep crops uint8 while they wait in a queue (a float32 crop is 4x the memory) and
+    normalise them when their batch is assembled, into ``out`` (a float32 [N, 3, H, W] slice of
+    the batch) when given.
     """
     if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
         raise ValueError(f"expected uint8 crops [N, H, W, 3], got {crops.dtype} {tuple(crops.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, device=crops.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=crops.device).view(1, 3, 1, 1)
-    scale = 1.0 / (255.0 * std)
-    out = torch.empty((crops.shape[0], 3, *crops.shape[1:3]), dtype=torch.float32, device=crops.device)
+    shape = (crops.shape[0], 3, *crops.shape[1:3])
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=crops.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != shape:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {tuple(out.shape)}")
     out.copy_(crops.permute(0, 3, 1, 2))
-    return out.mul_(scale).sub_(mean / std)
+    return out.mul_(NORM_SCALE.to(out.device)).add_(NORM_SHIFT.to(out.device))
 
 
 def _check_image(image_rgb: np.ndarray) -> np.ndarray:
@@ -178,11 +190,6 @@ class TopDownPipeline:
         self.dark_kernel = dark_kernel
         self.normalize_on_cpu = normalize_on_cpu
         self._aspect = self.input_size_wh[0] / self.input_size_wh[1]
-        scale = np.array([1 / (255.0 * s) for s in IMAGENET_STD], dtype=np.float32)
-        self._norm_scale = torch.from_numpy(scale).view(1, 3, 1, 1)
-        self._norm_shift = torch.from_numpy(
-            np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)], np.float32)
-        ).view(1, 3, 1, 1)
 
     @property
     def heatmap_shape(self) -> tuple[int, int, int]:
@@ -237,10 +244,7 @@ class TopDownPipeline:
         if not self.normalize_on_cpu:
             return PreparedBatch(torch.from_numpy(raw), centers, scales, boxes, scores, self.flip_test)
         # one pass HWC uint8 -> CHW float32, then the ImageNet normalisation in place
-        crops = torch.empty((copies * n, 3, in_h, in_w), dtype=torch.float32)
-        crops.copy_(torch.from_numpy(raw).permute(0, 3, 1, 2))
-        crops.mul_(self._norm_scale).add_(self._norm_shift)
-        return PreparedBatch(crops, centers, scales, boxes, scores, self.flip_test)
+        return PreparedBatch(normalize_crops(torch.from_numpy(raw)), centers, scales, boxes, scores, self.flip_test)
 
     def _torch_crops(self, img: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> torch.Tensor:
         """The crops of :meth:`_crop` cut on ``crop_device``: [P or 2P, 3, H, W] float32 normalised, or
@@ -249,7 +253,7 @@ class TopDownPipeline:
         grey = warp_crops(image_to_device(img, device), crop_matrices(centers, scales, self.input_size_wh),
                           self.input_size_wh, flip=self.flip_test)  # whole grey levels, float32 NCHW
         if self.normalize_on_cpu:
-            crops = grey.mul_(self._norm_scale.to(device)).add_(self._norm_shift.to(device))
+            crops = grey.mul_(NORM_SCALE.to(device)).add_(NORM_SHIFT.to(device))
         else:
             crops = grey.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         return crops if self.crops_on_device else crops.to("cpu")

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ditepose.service.batching.assembly import assemble_batch, concat_outputs
+
 if TYPE_CHECKING:
     from ditepose.service.batching.interface import Announcement
 
@@ -121,7 +123,8 @@ class Batch:
         return sum(item.size for item in self.items if item.background)
 
     def tensor(self) -> torch.Tensor:
-        return _concat([item.crops for item in self.items])
+        """The network input of the batch (see :func:`assemble_batch`)."""
+        return assemble_batch([item.crops for item in self.items])
 
     def complete(self, heatmaps: torch.Tensor) -> None:
         """Hand each submission its slice of the output."""
@@ -246,7 +249,7 @@ class DynamicBatcher:
         self, crops: torch.Tensor, timeout_s: float | None, arrival: Arrival | None = None, background: bool = False
     ) -> list[_Item]:
         if crops.ndim != 4:
-            raise ValueError(f"crops must be [P,C,H,W], got shape {tuple(crops.shape)}")
+            raise ValueError(f"crops must be [P,C,H,W] (or uint8 [P,H,W,3]), got shape {tuple(crops.shape)}")
         count = int(crops.shape[0])
         now = time.monotonic()
         deadline = now + (self.default_timeout_s if timeout_s is None else timeout_s)
@@ -314,7 +317,7 @@ class DynamicBatcher:
         except BaseException:
             self._cancel(items)
             raise
-        return _concat(outputs)
+        return concat_outputs(outputs)
 
     async def submit(
         self, crops: torch.Tensor, timeout_s: float | None = None, arrival: Arrival | None = None
@@ -336,7 +339,7 @@ class DynamicBatcher:
             self._cancel(items)
             gathered.add_done_callback(_retrieve_exception)
             raise
-        return _concat(outputs)
+        return concat_outputs(outputs)
 
     def close(self, reason: str | None = None) -> None:
         """Refuse new submissions and fail the queued ones; ``reason`` is added to their errors."""
@@ -433,11 +436,6 @@ def answer_if_empty(crops: torch.Tensor, arrival: Announcement | None) -> torch.
     if arrival is not None:
         arrival.settle()
     return crops.new_zeros((0,))
-
-
-def _concat(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One submission's outputs, from its chunks in order."""
-    return outputs[0] if len(outputs) == 1 else torch.cat(list(outputs), dim=0)
 
 
 _rotation = itertools.count()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import threading
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -11,6 +15,26 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ditepose.service.core.errors import ServiceError
 
 FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+class DecodeSlots:
+    """At most ``limit`` images decoded at once (``Settings.max_concurrent_decodes``; None: one per core).
+
+    Why: decoding is CPU work, so more decodes than cores at once are no faster, and each one holds
+    the decoder's working copies (PIL's image, the EXIF-rotated and RGB copies, the array: a 12 MP
+    photo is ~36 MB per copy). Without a cap, a burst of large uploads decoded in as many threads
+    as the executor has (cores + 4) held all their copies at once. Waiting callers hold only
+    their encoded bytes. A thread primitive: decoding runs in worker threads, and a slot is held
+    only while pixels are being made (never across an await), so waiting cannot deadlock."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit or os.cpu_count() or 1
+        self._slots = threading.BoundedSemaphore(self.limit)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._slots:
+            yield
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:

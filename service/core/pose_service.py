@@ -38,15 +38,16 @@ from ditepose.model.detectors import DETECTORS, DetectorName, PersonDetector, St
 from ditepose.model.keypoints import KeypointSpec
 from ditepose.model.pipeline import PersonPose, PreparedBatch, TopDownPipeline
 from ditepose.model.weight_store import FETCH_COMMAND, NANODET, problems
-from ditepose.service.batching.batcher import BatcherError
+from ditepose.service.batching.batcher import BatcherError, DeadlineExceeded
 from ditepose.service.batching.interface import AnyBatcher, InferencePool
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.core.admission import Admission
 from ditepose.service.core.detection import detector_options
 from ditepose.service.core.errors import ServiceError, from_batcher_error
-from ditepose.service.core.images import decode_image, encode_png
+from ditepose.service.core.images import DecodeSlots, decode_image, encode_png
 from ditepose.service.core.repository_watcher import ModelRepositoryWatcher
 from ditepose.service.core.settings import Settings
+from ditepose.service.core.slots import SharedSlots
 
 
 @dataclass
@@ -103,6 +104,10 @@ class PoseService:
         # Checked once (a sha256 over 7.6 MB): fetching the weights later takes a restart to be seen.
         self._weight_issues = problems(NANODET, settings.weights_dir)
         self._lock = threading.Lock()
+        self._decodes = DecodeSlots(settings.max_concurrent_decodes)
+        # detector inputs alive at once: two full detector batches per worker (see _detect_on_pool)
+        workers = settings.resolved_workers_per_device() * len(settings.resolved_devices())
+        self._detector_inputs = SharedSlots(2 * workers * settings.det_max_batch_size)
         # Per-request OpenCV work is one small warp per person: cv2's own thread pool only adds
         # hand-offs and competes with the inference threads for the cores (process-wide setting).
         cv2.setNumThreads(1)
@@ -152,8 +157,10 @@ class PoseService:
                 if len(self._pipelines) > 256:  # versions come and go; pipelines are cheap to rebuild
                     self._pipelines.clear()
                 try:
+                    # uint8 crops: a quarter of float32's memory while they wait in the queue; the
+                    # batch normalises them when it is assembled (service/batching/assembly.py)
                     pipe = TopDownPipeline(model.input_size, model.spec, bool(flip_test), decoder,
-                                           crop_backend=self.settings.crop_backend)
+                                           normalize_on_cpu=False, crop_backend=self.settings.crop_backend)
                 except ValueError as exc:
                     raise ServiceError("invalid_request", str(exc)) from exc
                 self._pipelines[key] = pipe
@@ -222,7 +229,9 @@ class PoseService:
         return out
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.settings.max_upload_bytes, self.settings.max_image_pixels)
+        """The upload as RGB pixels, decoded in one of ``max_concurrent_decodes`` slots (see DecodeSlots)."""
+        with self._decodes.slot():
+            return decode_image(data, self.settings.max_upload_bytes, self.settings.max_image_pixels)
 
     def crops(
         self, request: PoseRequest, model: LoadedModel, image: np.ndarray,
@@ -246,24 +255,25 @@ class PoseService:
     # ------------------------------------------------------------ whole requests
     def _decode_detect_input(
         self, request: PoseRequest
-    ) -> tuple[np.ndarray, float, StagedDetector | None, torch.Tensor | None, tuple[np.ndarray, np.ndarray | None] | None]:
+    ) -> tuple[np.ndarray, float, StagedDetector | None, tuple[np.ndarray, np.ndarray | None] | None]:
         """Decode (one thread hop), then the boxes if they need no pool: the caller's, or an
-        in-thread detector's (whole image, HOG). For a staged detector, it and its input come back
-        instead. The float is when decoding ended. The detector is resolved (and built, the first
-        time) only after the image decoded: a bad upload is a 4xx whatever detector it names."""
+        in-thread detector's (whole image, HOG). For a staged detector, it comes back instead
+        (its input is made later, see :meth:`_detect_on_pool`). The float is when decoding ended.
+        The detector is resolved (and built, the first time) only after the image decoded: a bad
+        upload is a 4xx whatever detector it names."""
         image = self.decode(request.image_bytes)
         decoded = time.perf_counter()
         height, width = image.shape[:2]
         if request.boxes is not None:
-            return image, decoded, None, None, (self.check_boxes(request.boxes, width, height), None)
+            return image, decoded, None, (self.check_boxes(request.boxes, width, height), None)
         detector = self.detector(request.detector)
         if isinstance(detector, StagedDetector):
             try:
                 self._detector_batcher(detector).check_admission()
             except BatcherError as exc:
                 raise from_batcher_error(exc, self.settings.retry_after_s) from exc
-            return image, decoded, detector, detector.preprocess(image), None
-        return image, decoded, None, None, detector.detect(image)
+            return image, decoded, detector, None
+        return image, decoded, None, detector.detect(image)
 
     def _detector_batcher(self, detector: StagedDetector) -> AnyBatcher:
         """The pool's batcher of ``detector``, added again if the pool was rebuilt since it was cached."""
@@ -277,15 +287,41 @@ class PoseService:
         det = self._detectors.get(request.detector or self.default_detector)
         return det is None or isinstance(det, StagedDetector)
 
-    async def _detect_on_pool(
-        self, detector: StagedDetector, image: np.ndarray, detector_input: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray]:
-        batcher = self._detector_batcher(detector)
+    def _preprocess(self, detector: StagedDetector, image: np.ndarray) -> torch.Tensor:
+        with self._decodes.slot():  # CPU work on the pixels like decoding, and a resized copy of them
+            return detector.preprocess(image)
+
+    async def _decode_and_detect(
+        self, request: PoseRequest, deadline: float
+    ) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray | None]]:
+        """The image, when decoding ended, and the boxes (with their scores, None for the caller's).
+
+        A request whose boxes come from a staged detector is decoded, turned into the detector's
+        input and run only once one of the ``detector_inputs`` slots is free, and holds the slot
+        until its detector batch ran. Why: made at once, every request of a burst held its decoded
+        image (riders.jpg: 0.8 MiB) and its float32 detector input (NanoDet 416x416x3: 2 MiB, not
+        exactly storable as uint8) while it waited its turn: at the admission limit (288) ~800 MiB.
+        Waiting, a request holds only its encoded bytes. The slots are every worker's next two
+        detector batches, so batches stay full."""
+        if not self._goes_through_detector_queue(request):
+            image, decoded, _, found = await asyncio.to_thread(self._decode_detect_input, request)
+            return image, decoded, found  # type: ignore[return-value]
         try:
-            candidates = await batcher.submit(detector_input, self.settings.request_timeout_s)
+            async with self._detector_inputs.slot(deadline - time.perf_counter()):
+                image, decoded, detector, found = await asyncio.to_thread(self._decode_detect_input, request)
+                if found is not None:  # the detector turned out to run in-thread (built just now)
+                    return image, decoded, found
+                assert detector is not None
+                batcher = self._detector_batcher(detector)
+                detector_input = await asyncio.to_thread(self._preprocess, detector, image)
+                candidates = await batcher.submit(detector_input, max(deadline - time.perf_counter(), 1e-3))
+                del detector_input
+        except TimeoutError as exc:
+            raise from_batcher_error(DeadlineExceeded(f"no detector slot within the deadline: {exc}"),
+                                     self.settings.retry_after_s) from exc
         except BatcherError as exc:
             raise from_batcher_error(exc, self.settings.retry_after_s) from exc
-        return await asyncio.to_thread(detector.postprocess, candidates[0], image.shape[:2])
+        return image, decoded, await asyncio.to_thread(detector.postprocess, candidates[0], image.shape[:2])
 
     async def estimate(self, request: PoseRequest) -> PoseResult:
         """Run one request without blocking the event loop: decoding, cropping and decoding the
@@ -312,9 +348,7 @@ class PoseService:
         # the detector's queue first announces its crops only once its boxes are known.
         arrival = None if self._goes_through_detector_queue(request) else batcher.announce()
         try:
-            image, t1, detector, detector_input, found = await asyncio.to_thread(self._decode_detect_input, request)
-            if found is None:
-                found = await self._detect_on_pool(detector, image, detector_input)  # type: ignore[arg-type]
+            image, t1, found = await self._decode_and_detect(request, deadline)
             if arrival is None:
                 arrival = batcher.announce()
             timeout_s = max(deadline - time.perf_counter(), 1e-3)  # one deadline for detection and pose

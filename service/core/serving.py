@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ditepose.service.batching.interface import InferencePool
 from ditepose.service.batching.pool import WorkerPool
-from ditepose.service.batching.worker import BatchObserver
+from ditepose.service.batching.worker import BatchObserver, heap_trimmer
 from ditepose.service.core.admission import Admission
 from ditepose.service.core.metrics import ServiceMetrics
 from ditepose.service.core.model_loader import load_models_isolated
@@ -49,6 +49,7 @@ class ServingPool:
 def build_pool(settings: Settings, observer: BatchObserver | None = None) -> ServingPool:
     """Load the configured models (``--model`` flags and the model repository), lay out workers on
     the configured devices and attach the repository watcher; nothing is started yet."""
+    heap_trimmer.enabled = settings.trim_memory_when_idle  # process-wide, like the heap it trims
     watcher = ModelRepositoryWatcher(settings)
     specs = watcher.flag_specs()
     loaded, failed = load_models_isolated(specs, allow_none=watcher.repository is not None)
