@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ditepose.model.detectors import StagedDetector
 from ditepose.service.batching.batcher import DynamicBatcher
-from ditepose.service.batching.infer import InferFn, make_infer
+from ditepose.service.batching.infer import InferFn, make_served_engine
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.batching.versions import EngineCheck, ModelVersions, ServedModel
 from ditepose.service.batching.worker import (
@@ -63,6 +63,7 @@ class WorkerPool:
         workers_per_device: int = 1,
         infer_factory: InferFactory | None = None,
         precision: str = "auto",
+        engine: str = "auto",
         observer: BatchObserver | None = None,
         torch_threads: int | None = None,
         worker_processes: bool = False,
@@ -76,15 +77,12 @@ class WorkerPool:
         self.devices = list(devices)
         self.workers_per_device = workers_per_device
         self.precision = precision
+        self.engine = engine
         self.torch_threads = torch_threads
         self.worker_processes = worker_processes
         self.observers: list[BatchObserver] = [observer] if observer is not None else []
-        self._infer_factory = infer_factory or (
-            lambda m, device: make_infer(m.module, device, m.precision or precision, process=worker_processes,
-                                         threads=torch_threads, cuda_graphs=cuda_graphs,
-                                         max_batch_size=m.max_batch_size or max_batch_size,
-                                         input_hw=(m.input_size[1], m.input_size[0]))
-        )
+        self.cuda_graphs = cuda_graphs
+        self._infer_factory = infer_factory or self._served_engine
         self.extra_models: dict[str, LoadedModel] = {}  # in the pool but not served (evaluation jobs)
         self.detectors: dict[str, StagedDetector] = {}  # detector name -> detector (batcher "detect:<name>")
         self.max_batch_size = max_batch_size
@@ -247,13 +245,28 @@ class WorkerPool:
         return self.batchers.get(detector_batcher_name(name))
 
     # ------------------------------------------------------------------ engines and batchers
+    def _served_engine(self, model: LoadedModel, device: str) -> InferFn:
+        """The default engine factory: :func:`make_served_engine` with the model's own options over
+        the pool's; the choice (backend, precision, why, agreement) is recorded on the model."""
+        shared_by = 1 if self._per_worker_engines(device) else self.workers_per_device
+        infer, choice = make_served_engine(
+            model.module, device, model.precision or self.precision, process=self.worker_processes,
+            threads=self.torch_threads, cuda_graphs=self.cuda_graphs,
+            max_batch_size=model.max_batch_size or self.max_batch_size,
+            input_hw=(model.input_size[1], model.input_size[0]), engine=model.engine or self.engine,
+            shared_by=shared_by)
+        model.engines[device] = choice.to_dict()
+        return infer
+
     def _engine_key(self, worker: Worker) -> str:
         """Workers of a device share one engine, except where each needs its own (engine processes)."""
         return worker.device if not self._per_worker_engines(worker.device) else worker.name
 
     def _per_worker_engines(self, device: str) -> bool:
-        """Engine processes run one batch at a time: each worker has its own; others share the device's."""
-        return self.worker_processes and device.startswith("cpu")
+        """On a CPU each worker has its own engine where one runs one batch at a time (an engine
+        process) or where the pool may serve OpenVINO (latency mode: one engine per worker thread, its
+        own threads); otherwise the workers of a device share one engine."""
+        return device.startswith("cpu") and (self.worker_processes or self.engine != "torch")
 
     def build_infers(self, model: LoadedModel, check: EngineCheck | None = None) -> dict[str, InferFn]:
         """One engine of ``model`` per device (or per worker), each checked by ``check``; on any

@@ -97,6 +97,7 @@ def load_model(spec: ModelSpec, version: str | None = None, source: str = "flag"
         decoder=spec.decoder,
         max_batch_size=spec.max_batch_size,
         precision=spec.precision,
+        engine=spec.engine,
     )
 
 
