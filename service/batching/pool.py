@@ -130,8 +130,13 @@ class WorkerPool:
     def _add_workers(self, device: str) -> None:
         """``workers_per_device`` workers on ``device``, sharing its engines unless each needs its own."""
         def build() -> dict[str, InferFn]:
-            return {self.batchers[name].key: self._infer_factory(m, device)
-                    for name, m in {**self.models, **self.extra_models}.items()}
+            infers = {}
+            for name, m in list({**self.models, **self.extra_models}.items()):
+                try:
+                    infers[self.batchers[name].key] = self._infer_factory(m, device)
+                except Exception as exc:  # this model's engine is refused here: the others still serve
+                    self._not_served(name, exc)
+            return infers
 
         detect = {detector_batcher_name(name): det.device_forward(device) for name, det in self.detectors.items()}
         shared = None if self._per_worker_engines(device) else build()
@@ -140,6 +145,21 @@ class WorkerPool:
         for index in range(first, first + self.workers_per_device):
             infers = shared if shared is not None else build()
             self.workers.append(self._new_worker(f"{device}/{index}", device, {**infers, **detect}))
+
+    def _not_served(self, name: str, exc: Exception) -> None:
+        """Take ``name`` out at start-up because its engine cannot be built (e.g. a precision the
+        agreement gate refuses, an engine that is not installed): reported like a model that failed to
+        load (``failed_models``, /v1/models ``failed``). Raises when no model would be left."""
+        reason = f"{type(exc).__name__}: {exc}"
+        self.failed_models[name] = reason[:500] + "..." if len(reason) > 500 else reason
+        log.error("model %r is not served: its engine was refused: %s", name, reason)
+        self.batchers.pop(name).close()
+        for batcher in self.versions.forget(name):
+            batcher.close()
+        self.models.pop(name, None)
+        self.extra_models.pop(name, None)
+        if not self.models:
+            raise RuntimeError("no model could be served: " + "; ".join(f"{n}: {r}" for n, r in self.failed_models.items()))
 
     def _new_worker(self, name: str, device: str, infers: dict[str, InferFn]) -> Worker:
         batchers = [*self.batchers.values(), *(entry.batcher for entry in self.versions.draining())]
