@@ -25,7 +25,14 @@ from ditepose.model.repository import ModelManifest, publish_version, write_mani
 from ditepose.proto.ditepose.v1 import pose_pb2, pose_pb2_grpc
 from ditepose.service.core.settings import ModelSpec, Settings
 from tests.service.conftest import post_pose
-from tests.service.core.swap_support import HEADERS, METADATA, figure_jpeg, model_entry, repository_settings, serving
+from tests.service.core.swap_support import (
+    HEADERS,
+    METADATA,
+    figure_jpeg,
+    model_entry,
+    repository_settings,
+    serving,
+)
 
 pytestmark = pytest.mark.skipif(openvino_missing() is not None, reason="openvino is not installed")
 
