@@ -243,3 +243,17 @@ def choose_engine(module: nn.Module, device: str, precision: str, requested: str
         else "engine 'openvino' was asked for"
     return engine, EngineChoice("openvino", resolved, reason, report)
 
+
+
+def build_chosen_engine(module: nn.Module, device: str = "cpu", precision: str = "auto", engine: str = "auto",
+                        input_hw: tuple[int, int] = (256, 192)) -> tuple[Engine, EngineChoice]:
+    """:func:`choose_engine` with each backend's default build (the CLIs' engine: ``ditepose predict``,
+    ``evaluate``, ``export check``); the choice is logged."""
+    from ditepose.model.engines.build import build_engine
+
+    def build(backend: Backend, resolved: Precision) -> Engine:
+        return build_engine(module, device, resolved, backend)
+
+    served, choice = choose_engine(module, device, precision, engine, build, input_hw=input_hw)
+    log.info("engine on %s: %s %s (%s)", device, choice.backend, choice.precision, choice.reason)
+    return served, choice
