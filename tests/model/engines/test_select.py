@@ -108,7 +108,14 @@ ABSENT = textwrap.dedent("""
         refused = None
     except EngineRefused as exc:
         refused = str(exc)
-    print(json.dumps({"choice": choice.to_dict(), "backend": engine.describe()["backend"], "refused": refused}))
+    from ditepose.model.detectors import nanodet_backend
+    try:
+        nanodet_backend("openvino")
+        detector_refused = None
+    except EngineRefused as exc:
+        detector_refused = str(exc)
+    print(json.dumps({"choice": choice.to_dict(), "backend": engine.describe()["backend"], "refused": refused,
+                      "detector_auto": nanodet_backend("auto"), "detector_refused": detector_refused}))
 """)
 
 
@@ -120,3 +127,16 @@ def test_auto_falls_back_to_torch_when_openvino_is_absent():
     assert answer["backend"] == "torch" and answer["choice"]["backend"] == "torch"
     assert answer["choice"]["reason"].startswith("auto: OpenVINO is not installed")
     assert "engine 'openvino' was asked for, but OpenVINO is not installed" in answer["refused"]
+    assert answer["detector_auto"] == "torch"
+    assert "asked for the NanoDet detector, but OpenVINO is not installed" in answer["detector_refused"]
+
+
+@needs_openvino
+def test_the_detector_follows_the_engine_setting(nanodet):
+    from ditepose.model.detectors import NanoDetDetector, build_detector
+    from ditepose.model.engines.openvino_nanodet import OpenVinoNanoDetDetector
+
+    assert isinstance(build_detector("nanodet", engine="auto"), OpenVinoNanoDetDetector)
+    assert isinstance(build_detector("nanodet", engine="openvino"), OpenVinoNanoDetDetector)
+    plain = build_detector("nanodet", engine="torch")
+    assert isinstance(plain, NanoDetDetector) and not isinstance(plain, OpenVinoNanoDetDetector)
