@@ -214,6 +214,14 @@ def build_paths(arch: str, device: str, input_hw: tuple[int, int], with_onnx: bo
         factories["onnxruntime (stacked)"] = onnx
     if openvino_batches and device == "cpu":
         factories.update(openvino_factories(model_cpu, openvino_batches, input_hw))
+        if streams > 1 and any(name.startswith("openvino") for name in factories):
+            # the service's CPU layout with OpenVINO: one latency-mode engine of 1 thread per worker thread
+            # (DITEPOSE_WORKERS_PER_DEVICE=N, DITEPOSE_TORCH_THREADS=1), vs. the one engine of N threads above
+            from ditepose.model.engines.openvino import OpenVinoEngine
+
+            factories[f"openvino f32, {streams} streams x 1 thread"] = lambda: Streams(
+                [OpenVinoEngine(model_cpu, threads=1, batch_buckets=tuple(openvino_batches), input_hw=input_hw)
+                 for _ in range(streams)], streams, 1)
     if device == "cpu":
         factories[DEFAULT_PATH] = lambda: default_engine(arch, model_cpu, input_hw)
     return {name: make() for name, make in factories.items()
