@@ -12,6 +12,7 @@ for the cores.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -53,7 +54,12 @@ def make_served_engine(
             warmup_hw=input_hw if graphed else None,
         )
 
-    served, choice = choose_engine(module, device, precision, engine, build, input_hw=input_hw)
+    if process and on_cpu and engine == "auto":  # DITEPOSE_WORKER_PROCESSES asks for torch engine processes
+        served, choice = choose_engine(module, device, precision, "torch", build, input_hw=input_hw)
+        choice = replace(choice, reason="auto: worker processes run the torch engine in child processes "
+                                        "(OpenVINO runs in the worker's own process: set engine 'openvino')")
+    else:
+        served, choice = choose_engine(module, device, precision, engine, build, input_hw=input_hw)
     log.info("engine on %s: %s %s (%s)", device, choice.backend, choice.precision, choice.reason)
     return served, choice
 

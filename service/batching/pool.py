@@ -83,6 +83,7 @@ class WorkerPool:
         self.observers: list[BatchObserver] = [observer] if observer is not None else []
         self.cuda_graphs = cuda_graphs
         self._infer_factory = infer_factory or self._served_engine
+        self._may_serve_openvino = infer_factory is None and engine != "torch"  # an own engine per CPU worker
         self.extra_models: dict[str, LoadedModel] = {}  # in the pool but not served (evaluation jobs)
         self.detectors: dict[str, StagedDetector] = {}  # detector name -> detector (batcher "detect:<name>")
         self.max_batch_size = max_batch_size
@@ -284,9 +285,10 @@ class WorkerPool:
 
     def _per_worker_engines(self, device: str) -> bool:
         """On a CPU each worker has its own engine where one runs one batch at a time (an engine
-        process) or where the pool may serve OpenVINO (latency mode: one engine per worker thread, its
-        own threads); otherwise the workers of a device share one engine."""
-        return device.startswith("cpu") and (self.worker_processes or self.engine != "torch")
+        process) or where the pool's own factory may serve OpenVINO (latency mode: one engine per worker
+        thread, its own threads); otherwise (a caller's ``infer_factory`` included) the workers of a device
+        share one engine."""
+        return device.startswith("cpu") and (self.worker_processes or self._may_serve_openvino)
 
     def build_infers(self, model: LoadedModel, check: EngineCheck | None = None) -> dict[str, InferFn]:
         """One engine of ``model`` per device (or per worker), each checked by ``check``; on any
