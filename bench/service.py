@@ -183,12 +183,12 @@ def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: boo
 
 def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, requests: int,
            engine: _Engine | None, batch: int, rounds: int, engine_s: float, settle_s: float = 0.0,
-           server_pid: int | None = None) -> dict:
+           server_pid: int | None = None, persons: int = 1) -> dict:
     """One concurrency level in ``rounds`` load chunks, each preceded (and the last one followed)
     by an engine chunk: on a shared machine, interleaving makes both sides see the same load.
     ``settle_s``: wait before reading /metrics after a chunk (behind --api-processes a front-end
     learns the host's batch observations every 0.25 s)."""
-    asyncio.run(run_level("127.0.0.1", port, request, concurrency, 2 * concurrency))  # warm-up, not counted
+    asyncio.run(run_level("127.0.0.1", port, request, concurrency, 2 * concurrency, persons))  # warm-up, not counted
     engine_runs: list[tuple[float, float, float]] = []  # (crops, seconds, cpu seconds), service layout
     single_runs: list[tuple[float, float, float]] = []  # one stream, torch's default threads
     run, delta, server_cpu, loop_cpu = LevelResult(), dict.fromkeys(_metric_sums(""), 0.0), 0.0, 0.0
@@ -198,7 +198,7 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
             single_runs.append(engine.run(batch, engine_s / 2, 1, engine.default_threads))
         chunk = requests // rounds + (1 if index < requests % rounds else 0)
         before, cpu_before = _metric_sums(_get(f"http://127.0.0.1:{port}/metrics")), proc_cpu.read()
-        run.merge(asyncio.run(run_level("127.0.0.1", port, request, concurrency, chunk)))
+        run.merge(asyncio.run(run_level("127.0.0.1", port, request, concurrency, chunk, persons)))
         time.sleep(settle_s)
         cpu_after, after = proc_cpu.read(), _metric_sums(_get(f"http://127.0.0.1:{port}/metrics"))
         for key in delta:
@@ -246,6 +246,7 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
 
 
 RIDERS = REPO_ROOT / "docs" / "riders.jpg"
+RIDERS_PERSONS = 3  # NanoDet's people on it at the default 0.3, torch and OpenVINO (tests/model/test_openvino_engine.py)
 
 
 def bench_checkpoint(checkpoint: Path, args: argparse.Namespace, serve_engine: str | None = None) -> dict:
@@ -265,13 +266,14 @@ def bench_checkpoint(checkpoint: Path, args: argparse.Namespace, serve_engine: s
     try:
         proc_cpu = ProcCpu(proc.pid)
         idle_memory = tree_memory_mb(proc.pid)
-        asyncio.run(run_level("127.0.0.1", port, request, 2, 4))  # warm-up
+        persons = RIDERS_PERSONS if serve_engine is not None else 1
+        asyncio.run(run_level("127.0.0.1", port, request, 2, 4, persons))  # warm-up
         for c in args.concurrency:
             n = args.requests or (max(16, 4 * c) if args.quick else max(160, 16 * c))
             rounds, engine_s = (2, 0.5) if args.quick else (4, 1.5)
             settle_s = 0.6 if "--api-processes" in args.serve_arg else 0.0
             level = _level(port, proc_cpu, request, c, n, engine, min(c, args.max_batch_size), rounds, engine_s,
-                           settle_s, server_pid=proc.pid)
+                           settle_s, server_pid=proc.pid, persons=persons)
             levels.append(level)
             print(f"  concurrency {c}: {level['req_per_s']} req/s; engine {level.get('engine_req_per_s')}/s", flush=True)
     finally:
