@@ -185,11 +185,15 @@ def _gated(module: nn.Module, build: CandidateBuilder, backend: Backend, precisi
            input_hw: tuple[int, int], bounds: AgreementBounds | None) -> tuple[Engine, AgreementReport | None]:
     """The engine of ``backend``/``precision``; gated unless it is the fp32 torch reference itself.
     Raises :class:`AgreementRefused` (engine closed) when the gate refuses it."""
-    engine = build(backend, precision)
     if backend == "torch" and precision == "fp32":
-        return engine, None
+        return build(backend, precision), None
+    known = _read_verdict(_verdict_key(module, backend, precision, input_hw, bounds or AgreementBounds()),
+                          bounds or AgreementBounds())
+    if known is not None and not known.passed:
+        raise AgreementRefused(known)  # judged before (this process or a previous start): nothing to build
+    engine = build(backend, precision)
     try:
-        report = gate(module, engine, backend, precision, input_hw, bounds)
+        report = known or gate(module, engine, backend, precision, input_hw, bounds)
     except BaseException:
         _close(engine)
         raise

@@ -130,21 +130,23 @@ class WorkerPool:
 
     def _add_workers(self, device: str) -> None:
         """``workers_per_device`` workers on ``device``, sharing its engines unless each needs its own."""
-        def build() -> dict[str, InferFn]:
+        def build(previous: dict[str, InferFn]) -> dict[str, InferFn]:
             infers = {}
             for name, m in list({**self.models, **self.extra_models}.items()):
+                key = self.batchers[name].key
                 try:
-                    infers[self.batchers[name].key] = self._infer_factory(m, device)
+                    infers[key] = self._worker_engine(m, device, previous.get(key))
                 except Exception as exc:  # this model's engine is refused here: the others still serve
                     self._not_served(name, exc)
             return infers
 
         detect = {detector_batcher_name(name): det.device_forward(device) for name, det in self.detectors.items()}
-        shared = None if self._per_worker_engines(device) else build()
+        shared = None if self._per_worker_engines(device) else build({})
         # a device listed twice (two workers on one GPU) numbers on: names stay unique in metrics
         first = sum(1 for w in self.workers if w.device == device)
+        infers: dict[str, InferFn] = {}
         for index in range(first, first + self.workers_per_device):
-            infers = shared if shared is not None else build()
+            infers = shared if shared is not None else build(infers)
             self.workers.append(self._new_worker(f"{device}/{index}", device, {**infers, **detect}))
 
     def _not_served(self, name: str, exc: Exception) -> None:
@@ -279,6 +281,15 @@ class WorkerPool:
         model.engines[device] = choice.to_dict()
         return infer
 
+    def _worker_engine(self, model: LoadedModel, device: str, sibling: InferFn | None) -> InferFn:
+        """A new engine for one more worker (or device), or ``sibling`` (the engine another worker of the
+        device got) where a per-worker engine buys nothing: the pool's own factory chose a torch engine
+        (OpenVINO absent or refused) outside engine processes, so the device's workers share it."""
+        from ditepose.model.engines.openvino import OpenVinoEngine
+
+        shareable = self._may_serve_openvino and not self.worker_processes and not isinstance(sibling, OpenVinoEngine)
+        return sibling if sibling is not None and shareable else self._infer_factory(model, device)
+
     def _engine_key(self, worker: Worker) -> str:
         """Workers of a device share one engine, except where each needs its own (engine processes)."""
         return worker.device if not self._per_worker_engines(worker.device) else worker.name
@@ -294,11 +305,13 @@ class WorkerPool:
         """One engine of ``model`` per device (or per worker), each checked by ``check``; on any
         failure the engines built so far are closed and the error propagates."""
         infers: dict[str, InferFn] = {}
+        on_device: dict[str, InferFn] = {}  # the last engine built per device
         try:
             for worker in self.workers:
                 key = self._engine_key(worker)
                 if key not in infers:
-                    infers[key] = self._infer_factory(model, worker.device)
+                    infers[key] = on_device[worker.device] = self._worker_engine(model, worker.device,
+                                                                                 on_device.get(worker.device))
                     if check is not None:
                         check(model, infers[key], worker.device)
         except BaseException:
