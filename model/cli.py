@@ -82,6 +82,8 @@ def _build_estimator(args: argparse.Namespace):  # -> PoseEstimator (heavy impor
         detector_kw["score_thr"] = args.detector_thr
     if args.detector == "torchvision":
         detector_kw["weights_path"] = args.detector_weights
+    if args.detector == "nanodet":  # NanoDet on the same engine setting as the pose network
+        detector_kw["engine"] = args.engine
     detector = build_detector(args.detector, **detector_kw)
     flip = not args.no_flip
     if args.random_weights:
