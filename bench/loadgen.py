@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 STAGES = ("decode_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms")
 
 
-def pose_request(host: str, port: int, jpeg: bytes, boxes: list[list[float]], flip: bool) -> bytes:
-    """The whole ``POST /v1/pose`` multipart request, ready to write to a socket."""
+def pose_request(host: str, port: int, jpeg: bytes, boxes: list[list[float]] | None, flip: bool) -> bytes:
+    """The whole ``POST /v1/pose`` multipart request, ready to write to a socket (``boxes`` None: none
+    sent, the server's detector finds the people)."""
     boundary = uuid.uuid4().hex
     parts = [
         (b'Content-Disposition: form-data; name="image"; filename="p.jpg"\r\nContent-Type: image/jpeg', jpeg),
-        (b'Content-Disposition: form-data; name="boxes"', json.dumps(boxes).encode()),
+        *([(b'Content-Disposition: form-data; name="boxes"', json.dumps(boxes).encode())] if boxes is not None else []),
         (b'Content-Disposition: form-data; name="flip_test"', b"true" if flip else b"false"),
     ]
     body = b"".join(b"--%s\r\n%s\r\n\r\n%s\r\n" % (boundary.encode(), head, data) for head, data in parts)

@@ -108,11 +108,13 @@ class _Engine:
         self.default_threads = torch.get_num_threads()
         loaded = load_model(ModelSpec(name="bench", checkpoint=checkpoint))
         self.input_size = loaded.input_size
-        self.infer = make_infer(loaded.module, "cuda:0" if torch.cuda.is_available() else "cpu")
+        self.infer = make_infer(loaded.module, "cuda:0" if torch.cuda.is_available() else "cpu",
+                                engine=settings.engine)
         # DITEPOSE_WORKER_PROCESSES: the workers' engines run in child processes, one per worker
         self.processes = settings.worker_processes and not torch.cuda.is_available()
         self.stream_infers = (
-            [make_infer(loaded.module, "cpu", process=True, threads=self.threads) for _ in range(self.streams)]
+            [make_infer(loaded.module, "cpu", process=True, threads=self.threads, engine="torch")
+             for _ in range(self.streams)]
             if self.processes else [self.infer] * self.streams
         )
         jpeg, box = test_jpeg()
@@ -152,8 +154,10 @@ class _Engine:
 
 
 def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: bool,
-                  serve_args: list[str] | None = None) -> subprocess.Popen:
+                  serve_args: list[str] | None = None, engine: str | None = None) -> subprocess.Popen:
     env = dict(os.environ)
+    if engine is not None:
+        env["DITEPOSE_ENGINE"] = engine
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env["DITEPOSE_MODELS"] = json.dumps([{"name": "bench", "checkpoint": str(checkpoint)}])
     env["DITEPOSE_MAX_BATCH_SIZE"] = str(max_batch)
@@ -163,7 +167,7 @@ def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: boo
     else:
         cmd = [sys.executable, "-m", "ditepose", "serve", "--port", str(port), "--no-grpc", *(serve_args or [])]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a first start exports and compiles OpenVINO's models (cached after)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
@@ -179,12 +183,12 @@ def _start_server(checkpoint: Path, port: int, max_batch: int, null_network: boo
 
 def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, requests: int,
            engine: _Engine | None, batch: int, rounds: int, engine_s: float, settle_s: float = 0.0,
-           server_pid: int | None = None) -> dict:
+           server_pid: int | None = None, persons: int = 1) -> dict:
     """One concurrency level in ``rounds`` load chunks, each preceded (and the last one followed)
     by an engine chunk: on a shared machine, interleaving makes both sides see the same load.
     ``settle_s``: wait before reading /metrics after a chunk (behind --api-processes a front-end
     learns the host's batch observations every 0.25 s)."""
-    asyncio.run(run_level("127.0.0.1", port, request, concurrency, 2 * concurrency))  # warm-up, not counted
+    asyncio.run(run_level("127.0.0.1", port, request, concurrency, 2 * concurrency, persons))  # warm-up, not counted
     engine_runs: list[tuple[float, float, float]] = []  # (crops, seconds, cpu seconds), service layout
     single_runs: list[tuple[float, float, float]] = []  # one stream, torch's default threads
     run, delta, server_cpu, loop_cpu = LevelResult(), dict.fromkeys(_metric_sums(""), 0.0), 0.0, 0.0
@@ -194,7 +198,7 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
             single_runs.append(engine.run(batch, engine_s / 2, 1, engine.default_threads))
         chunk = requests // rounds + (1 if index < requests % rounds else 0)
         before, cpu_before = _metric_sums(_get(f"http://127.0.0.1:{port}/metrics")), proc_cpu.read()
-        run.merge(asyncio.run(run_level("127.0.0.1", port, request, concurrency, chunk)))
+        run.merge(asyncio.run(run_level("127.0.0.1", port, request, concurrency, chunk, persons)))
         time.sleep(settle_s)
         cpu_after, after = proc_cpu.read(), _metric_sums(_get(f"http://127.0.0.1:{port}/metrics"))
         for key in delta:
@@ -241,24 +245,35 @@ def _level(port: int, proc_cpu: ProcCpu, request: bytes, concurrency: int, reque
     return level
 
 
-def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
-    """Every concurrency level against one model, interleaved with the engine at that batch."""
+RIDERS = REPO_ROOT / "docs" / "riders.jpg"
+RIDERS_PERSONS = 3  # NanoDet's people on it at the default 0.3, torch and OpenVINO (tests/model/test_openvino_engine.py)
+
+
+def bench_checkpoint(checkpoint: Path, args: argparse.Namespace, serve_engine: str | None = None) -> dict:
+    """Every concurrency level against one model, interleaved with the engine at that batch.
+
+    ``serve_engine`` (``--engines``): the server runs with ``DITEPOSE_ENGINE`` set to it and is sent
+    docs/riders.jpg without boxes (its detector and the pose network on that engine, end to end); the
+    bare-engine comparison is left out (its crops are the one-person test image's)."""
     jpeg, box = test_jpeg()
     port = free_port()
-    request = pose_request("127.0.0.1", port, jpeg, [box], args.flip)
-    engine = None if args.null_network else _Engine(checkpoint, args.flip)
-    proc = _start_server(checkpoint, port, args.max_batch_size, args.null_network, args.serve_arg)
+    request = (pose_request("127.0.0.1", port, RIDERS.read_bytes(), None, args.flip) if serve_engine is not None
+               else pose_request("127.0.0.1", port, jpeg, [box], args.flip))
+    engine = None if args.null_network or serve_engine is not None else _Engine(checkpoint, args.flip)
+    proc = _start_server(checkpoint, port, args.max_batch_size, args.null_network, args.serve_arg, serve_engine)
+    served = json.loads(_get(f"http://127.0.0.1:{port}/v1/models"))["models"][0].get("engines", {})
     levels = []
     try:
         proc_cpu = ProcCpu(proc.pid)
         idle_memory = tree_memory_mb(proc.pid)
-        asyncio.run(run_level("127.0.0.1", port, request, 2, 4))  # warm-up
+        persons = RIDERS_PERSONS if serve_engine is not None else 1
+        asyncio.run(run_level("127.0.0.1", port, request, 2, 4, persons))  # warm-up
         for c in args.concurrency:
             n = args.requests or (max(16, 4 * c) if args.quick else max(160, 16 * c))
             rounds, engine_s = (2, 0.5) if args.quick else (4, 1.5)
             settle_s = 0.6 if "--api-processes" in args.serve_arg else 0.0
             level = _level(port, proc_cpu, request, c, n, engine, min(c, args.max_batch_size), rounds, engine_s,
-                           settle_s, server_pid=proc.pid)
+                           settle_s, server_pid=proc.pid, persons=persons)
             levels.append(level)
             print(f"  concurrency {c}: {level['req_per_s']} req/s; engine {level.get('engine_req_per_s')}/s", flush=True)
     finally:
@@ -267,13 +282,17 @@ def bench_checkpoint(checkpoint: Path, args: argparse.Namespace) -> dict:
     from ditepose import model
     meta = model.load_pose_model(checkpoint)[1]
     return {"checkpoint": str(checkpoint), "arch": meta.arch, "input_wh": list(meta.input_size),
+            "engine_setting": serve_engine, "served_engines": served,
+            "request": "docs/riders.jpg, no boxes (detector + pose)" if serve_engine else "one person, box given",
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "server_memory_idle_mb": idle_memory,
             "levels": levels}
 
 
 def _print(run: dict) -> None:
     w, h = run["input_wh"]
-    print(f"{run['arch']} {h}x{w} ({run['checkpoint']})")
+    chosen = ", ".join(f"{d}: {e['backend']} {e['precision']}" for d, e in (run.get("served_engines") or {}).items())
+    print(f"{run['arch']} {h}x{w} ({run['checkpoint']}); engine {run.get('engine_setting') or 'default'}"
+          + (f" -> {chosen}" if chosen else "") + f"; {run.get('request')}")
     print(f"{'conc':>5} {'reqs':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'batch':>6} "
           f"{'busy':>5} {'srv cpu':>8} {'loop':>6} {'client':>7} {'engine/s':>9} {'ratio':>6} {'1-str/s':>8} {'ratio':>6}"
           f" {'peak MiB':>9}")
@@ -312,12 +331,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve a zero-cost network: the service's own per-request cost")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default bench/results/service.json; service_null.json with --null-network)")
+    parser.add_argument("--engines", default=None,
+                        help="comma-separated DITEPOSE_ENGINE values to compare in one run (e.g. torch,auto), each "
+                             "served docs/riders.jpg without boxes; default: the server's setting, boxes given")
     args = parser.parse_args(argv)
     out = args.out or REPO_ROOT / "bench" / "results" / ("service_null.json" if args.null_network else "service.json")
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = args.checkpoint or _default_checkpoints(Path(tmp))
-        runs = [bench_checkpoint(ckpt, args) for ckpt in checkpoints]
+        engines = args.engines.split(",") if args.engines else [None]
+        runs = [bench_checkpoint(ckpt, args, engine) for ckpt in checkpoints for engine in engines]
     for run in runs:
         _print(run)
         if run["checkpoint"].startswith(tmp):

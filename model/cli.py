@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ditepose.model.arguments import parse_size
 from ditepose.model.detectors import DETECTORS
+from ditepose.model.engines.setting import ENGINE_SETTINGS
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -81,31 +82,44 @@ def _build_estimator(args: argparse.Namespace):  # -> PoseEstimator (heavy impor
         detector_kw["score_thr"] = args.detector_thr
     if args.detector == "torchvision":
         detector_kw["weights_path"] = args.detector_weights
+    if args.detector == "nanodet":  # NanoDet on the same engine setting as the pose network
+        detector_kw["engine"] = args.engine
     detector = build_detector(args.detector, **detector_kw)
     flip = not args.no_flip
     if args.random_weights:
         from ditepose.model.registry import build_model
 
         torch.manual_seed(0)
-        module = build_model(args.arch, num_joints=COCO.num_joints)
+        module = build_model(args.arch, num_joints=COCO.num_joints).eval()
         pipeline = TopDownPipeline((192, 256), COCO, flip_test=flip, decoder=args.decoder)
-        return PoseEstimator(module, pipeline, detector=detector, nms_thr=args.nms)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        from ditepose.model.defaults import default_checkpoint_path
+    else:
+        from ditepose.model.checkpoint import load_pose_model
+        from ditepose.model.keypoints import spec_for_checkpoint
 
-        default = default_checkpoint_path()
-        if default is None:
-            raise FileNotFoundError(
-                "no checkpoint: pass --checkpoint PATH (ours or the authors' mmpose .pth), "
-                "or --random-weights to try the pipeline with an untrained network"
-            )
-        checkpoint = default
-    estimator = PoseEstimator.from_checkpoint(
-        checkpoint, device=args.device, flip_test=flip, decoder=args.decoder, detector=detector
-    )
-    estimator.nms_thr = args.nms
-    return estimator
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            from ditepose.model.defaults import default_checkpoint_path
+
+            default = default_checkpoint_path()
+            if default is None:
+                raise FileNotFoundError(
+                    "no checkpoint: pass --checkpoint PATH (ours or the authors' mmpose .pth), "
+                    "or --random-weights to try the pipeline with an untrained network"
+                )
+            checkpoint = default
+        module, meta = load_pose_model(checkpoint, map_location="cpu")
+        spec = spec_for_checkpoint(meta.dataset, meta.num_joints)
+        pipeline = TopDownPipeline(meta.input_size, spec, flip_test=flip, decoder=args.decoder)
+    width, height = pipeline.input_size_wh
+    return PoseEstimator(_engine_for(module.eval(), args, (height, width)), pipeline, detector=detector,
+                         nms_thr=args.nms)
+
+
+def _engine_for(module, args: argparse.Namespace, input_hw: tuple[int, int]):  # -> Engine (lazy import)
+    """``--engine`` on ``--device``: auto = OpenVINO on a CPU where installed and agreeing, else torch."""
+    from ditepose.model.engines.select import build_chosen_engine
+
+    return build_chosen_engine(module, args.device, "auto", args.engine, input_hw)[0]
 
 
 def _out_path(out: str, image_path: str, multiple: bool) -> str:
@@ -215,6 +229,9 @@ def _register_predict(subparsers: argparse._SubParsersAction, archs: list[str]) 
     pred.add_argument("--decoder", default="default", choices=("default", "dark", "argmax"))
     pred.add_argument("--nms", type=float, default=None, metavar="OKS_THR", help="OKS-NMS threshold (e.g. 0.9)")
     pred.add_argument("--device", default="cpu", help="torch device for the network")
+    pred.add_argument("--engine", default="auto", choices=ENGINE_SETTINGS,
+                      help="auto (default): OpenVINO on a CPU where installed and agreeing with the torch engine, "
+                      "else the torch engine; openvino (or an error); torch")
     pred.add_argument("--score-thr", type=float, default=0.3, help="joints below are not drawn")
     pred.add_argument("--out", help="write the drawn picture here (several images: name_IMAGE.jpg)")
     pred.add_argument("--json", action="store_true", help="print one JSON object per image")

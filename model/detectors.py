@@ -272,14 +272,38 @@ DetectorName = Literal["nanodet", "whole", "hog", "torchvision"]
 DETECTORS: tuple[str, ...] = get_args(DetectorName)
 
 
+def nanodet_backend(engine: str) -> str:
+    """Where NanoDet's CPU forward runs for an engine setting: ``auto`` is OpenVINO where it is
+    installed (CUDA devices keep the torch network either way), ``openvino`` is OpenVINO or
+    :class:`~ditepose.model.engines.select.EngineRefused`, ``torch`` the torch network. NanoDet runs
+    fp32 only, so no agreement gate applies (tests/model hold its boxes to the torch network's)."""
+    from ditepose.model.engines.select import EngineRefused, openvino_missing
+    from ditepose.model.engines.setting import parse_engine_setting
+
+    if parse_engine_setting(engine) == "torch":
+        return "torch"
+    missing = openvino_missing()
+    if missing is None:
+        return "openvino"
+    if engine == "openvino":
+        raise EngineRefused(f"engine 'openvino' was asked for the NanoDet detector, but {missing}")
+    return "torch"
+
+
 def build_detector(name: str, **kwargs: object) -> PersonDetector:
     """'nanodet' | 'whole' | 'hog' | 'torchvision' (``arch=``, and ``weights=`` or ``weights_path=``);
-    kwargs go to the constructor.
+    kwargs go to the constructor; 'nanodet' also takes ``engine=`` (auto | torch | openvino,
+    :func:`nanodet_backend`; default torch).
 
     'nanodet' raises :class:`~ditepose.model.weight_store.WeightsMissing` (naming the fetch command)
     when its weights are not cached."""
     key = name.lower()
     if key == "nanodet":
+        engine = str(kwargs.pop("engine", "torch"))
+        if nanodet_backend(engine) == "openvino":
+            from ditepose.model.engines.openvino_nanodet import OpenVinoNanoDetDetector
+
+            return OpenVinoNanoDetDetector(**kwargs)  # type: ignore[arg-type]
         return NanoDetDetector(**kwargs)  # type: ignore[arg-type]
     if key in ("whole", "none", "whole_image"):
         if kwargs:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from ditepose.model.arguments import parse_size
 from ditepose.model.codec import DECODER_NAMES
 from ditepose.model.engines.precision import PRECISION_SETTINGS, PrecisionSetting, parse_precision_setting
+from ditepose.model.engines.setting import ENGINE_SETTINGS, EngineSetting, parse_engine_setting
 from ditepose.model.keypoints import COCO, MPII
 from ditepose.model.registry import list_models
 
@@ -64,11 +65,12 @@ class ServingOptions:
     decoder: str | None = None
     max_batch_size: int | None = None
     precision: PrecisionSetting | None = None
+    engine: EngineSetting | None = None
 
     def serving_options(self) -> dict[str, Any]:
         """The options that are set, by name (the ones left to the service are absent)."""
         options = {"flip_test": self.flip_test, "decoder": self.decoder, "max_batch_size": self.max_batch_size,
-                   "precision": self.precision}
+                   "precision": self.precision, "engine": self.engine}
         return {key: value for key, value in options.items() if value is not None}
 
 
@@ -186,6 +188,11 @@ def _check_value(key: str, raw: Any, source: str) -> Any:
             return parse_precision_setting(raw)
         except ValueError:
             raise bad(f"one of {list(PRECISION_SETTINGS)}") from None
+    if key == "engine":
+        try:
+            return parse_engine_setting(raw)
+        except ValueError:
+            raise bad(f"one of {list(ENGINE_SETTINGS)}") from None
     raise ManifestError(f"{source}: unknown key {key!r}")  # from_dict filters these first
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ditepose.model.arguments import parse_size, whole_number
+from ditepose.model.engines.setting import ENGINE_SETTINGS
 
 BOX_CHOICES = ("gt", "detections", "detector")  # ditepose.training.boxes.BOX_SOURCES (not imported: --help stays fast)
 
@@ -132,7 +133,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     eval_set = evaluation_set(meta.dataset, files.ann_file, files.img_dir, meta.input_size, boxes, gt_file=gt,
                               max_images=args.max_images, device=device, detector_batch=args.detector_batch)
     ds = eval_set.dataset
-    preds = predict(module_infer(model), ds, pipeline_for(ds, not args.no_flip, args.decoder), args.batch_size)
+    if args.engine == "eager":
+        infer = module_infer(model)
+    else:  # the service's resolver: OpenVINO on a CPU where installed and agreeing, else the torch engine
+        from ditepose.model.engines.select import build_chosen_engine
+
+        width, height = meta.input_size
+        infer = build_chosen_engine(model.eval(), device, "auto", args.engine, (height, width))[0]
+    preds = predict(infer, ds, pipeline_for(ds, not args.no_flip, args.decoder), args.batch_size)
     table = score(ds, preds, eval_set.gt_file)
     plots: list[str] = []
     if args.plots:
@@ -307,6 +315,9 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--decoder", default="default", choices=["default", "dark", "argmax"])
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--device", default=None)
+    ev.add_argument("--engine", choices=("eager", *ENGINE_SETTINGS), default="eager",
+                    help="eager (default): the network as trained, the authors' protocol; auto, openvino or torch: "
+                    "the engine the service serves (auto: OpenVINO on a CPU where installed and agreeing)")
     ev.add_argument("--plots", metavar="DIR", help="write per-joint accuracy and OKS histogram PNGs here")
     ev.set_defaults(func=_evaluate)
 

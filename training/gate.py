@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from ditepose.model.checkpoint import CheckpointMeta
+from ditepose.model.engines.agreement import AgreementReport, compare_heatmaps, per_joint_table
 from ditepose.training.boxes import BoxSource, EvalSet, evaluation_set
 from ditepose.training.data_layout import find_split
 from ditepose.training.evaluate import pipeline_for, predict, primary_metric, score
@@ -67,6 +68,10 @@ class GateReport:
     flip: bool
     variant: dict[str, Any] = field(default_factory=dict)
     max_heatmap_diff: float = float("nan")  # max |variant - PyTorch| over the first crops of the set
+    # per-joint keypoint agreement on those first crops (decoded, input pixels): what AP cannot judge on an
+    # untrained checkpoint. Reported beside AP; the AP margin alone decides ``passed``.
+    agreement: AgreementReport | None = None
+    joint_names: tuple[str, ...] = ()
 
     @property
     def drop(self) -> float:
@@ -100,6 +105,10 @@ class GateReport:
             ref, got = self.reference[k], self.candidate.get(k, float("nan"))
             lines.append(f"{k:<{width}}{ref:>10.4f}  {got:>{max(10, len(label))}.4f}  {ref - got:>+8.4f}")
         lines.append(f"max |heatmap difference| on the first crops: {self.max_heatmap_diff:.3g}")
+        if self.agreement is not None:
+            lines.append(f"keypoint agreement on the first {self.agreement.crops} crops (pixels of the network input):")
+            lines.append(per_joint_table(self.agreement, self.joint_names or None))
+            lines.append(f"agreement {self.agreement.verdict()}")
         lines.append(self.verdict())
         return "\n".join(lines)
 
@@ -120,6 +129,7 @@ class GateReport:
             "drop": self.drop, "pytorch": self.reference, "candidate": self.candidate,
             "candidate_label": self.candidate_label, "samples": self.samples, "flip": self.flip,
             "max_heatmap_diff": self.max_heatmap_diff, "variant": self.variant,
+            "agreement": self.agreement.to_dict() if self.agreement is not None else None,
         })
 
 
@@ -185,10 +195,16 @@ def gate(
     reference_table = score(dataset, predict(reference_infer, dataset, pipeline, batch_size), eval_set.gt_file)
     candidate_table = score(dataset, predict(candidate, dataset, pipeline, batch_size), eval_set.gt_file)
     with torch.inference_mode():
-        diffs = [float((torch.as_tensor(candidate(crops)).to("cpu", torch.float32) - out).abs().max())
-                 for crops, out in probes]
+        answers = [torch.as_tensor(candidate(crops)).to("cpu", torch.float32) for crops, _ in probes]
+    diffs = [float((got - out).abs().max()) for got, (_, out) in zip(answers, probes, strict=True)]
+    agreement = None
+    if probes:
+        crops_hw = (int(probes[0][0].shape[-2]), int(probes[0][0].shape[-1]))
+        agreement = compare_heatmaps(torch.cat([out for _, out in probes]), torch.cat(answers), crops_hw,
+                                     candidate_label)
     return GateReport(
         dataset=dataset_name, metric=metric, margin=margin, reference=dict(reference_table),
         candidate=dict(candidate_table), candidate_label=candidate_label, samples=len(dataset.records),
         flip=flip, variant=dict(variant or {}), max_heatmap_diff=max(diffs) if diffs else float("nan"),
+        agreement=agreement, joint_names=tuple(dataset.spec.joint_names),
     )

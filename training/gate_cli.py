@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ditepose.model.arguments import parse_size, whole_number
 from ditepose.model.engines.precision import PRECISIONS
+from ditepose.model.engines.setting import ENGINE_SETTINGS
 
 if TYPE_CHECKING:
     from ditepose.model.checkpoint import CheckpointMeta
@@ -67,6 +68,8 @@ def _variant(engine: Engine) -> dict[str, Any]:
     info = engine.describe()
     if info["backend"] == "onnxruntime":
         return {**info, "label": "onnxruntime"}
+    if info["backend"] == "openvino":
+        return {**info, "label": f"openvino {info['precision']}"}
     switches = [info["precision"]] + [name for name, on in (("compiled", info["compile"]),
                                                              ("cuda-graphs", info["cuda_graphs"])) if on]
     return {**info, "label": f"engine {'+'.join(switches)} on {info['device']}"}
@@ -151,6 +154,9 @@ def _export_check(args: argparse.Namespace, find_dataset: DatasetLookup | None) 
     from ditepose.training.gate import gate
 
     engine_flags = args.precision != "fp32" or args.compile or args.cuda_graphs or args.no_fuse_bn
+    if args.engine != "torch" and (args.onnx or args.compile or args.cuda_graphs or args.no_fuse_bn):
+        raise ValueError(f"--engine {args.engine} picks the served engine; --onnx/--compile/--cuda-graphs/"
+                         "--no-fuse-bn configure the PyTorch engine (use --engine torch)")
     if args.onnx and engine_flags:
         raise ValueError("--onnx checks an ONNX file; --precision/--compile/--cuda-graphs/--no-fuse-bn "
                          "configure the PyTorch engine instead (pick one)")
@@ -163,6 +169,11 @@ def _export_check(args: argparse.Namespace, find_dataset: DatasetLookup | None) 
     # the variant is built first: what the device cannot run (CUDA graphs on a CPU) fails before any scoring
     if args.onnx:
         engine = build_engine(args.onnx, "cpu", "fp32", backend="onnxruntime")
+    elif args.engine != "torch":  # the service's resolver: OpenVINO (or torch) behind the agreement gate
+        from ditepose.model.engines.select import build_chosen_engine
+
+        width, height = meta.input_size
+        engine = build_chosen_engine(module, device, args.precision, args.engine, (height, width))[0]
     else:
         engine = build_engine(module, device, args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
                               fuse_bn=not args.no_fuse_bn)
@@ -224,6 +235,9 @@ def _register_check(formats: argparse._SubParsersAction, find_dataset: DatasetLo
     check.add_argument("--compile", action="store_true", help="engine with torch.compile")
     check.add_argument("--cuda-graphs", action="store_true", help="engine replaying CUDA graphs (CUDA only)")
     check.add_argument("--no-fuse-bn", action="store_true", help="engine without BN folding / fast kernels")
+    check.add_argument("--engine", choices=ENGINE_SETTINGS, default="torch",
+                       help="torch (default): the PyTorch engine these flags configure; openvino or auto: the "
+                       "engine the service would serve at --precision, after its agreement gate")
     _add_gate_options(check, required=True)
     check.set_defaults(func=partial(_export_check, find_dataset=find_dataset))
 

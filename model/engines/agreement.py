@@ -174,8 +174,9 @@ class AgreementReport:
                    f"heatmap max-abs error {self.heatmap_max_abs:.3g} of peak {self.heatmap_peak:.3g})")
         if self.passed:
             return f"accepted: {self.label}: {summary}"
-        return (f"refused: {self.label}: {summary}; the limit is {self.bounds.max_moved_share:.1%}. "
-                "Serve it in fp32 (precision='fp32').")
+        remedy = ("Serve the torch engine (engine='torch')." if self.label.endswith("fp32")
+                  else "Serve it in fp32 (precision='fp32').")
+        return f"refused: {self.label}: {summary}; the limit is {self.bounds.max_moved_share:.1%}. {remedy}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN/inf become null)."""

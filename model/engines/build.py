@@ -9,8 +9,8 @@ benches) asks here, so a backend is added in one place: write a builder with the
     onnxruntime  an ONNX file on onnxruntime's CPU provider (:class:`OnnxEngine`)
     openvino     the network exported per batch bucket and compiled by OpenVINO's CPU plugin, fp32 or
                  bf16 (:class:`~ditepose.model.engines.openvino.OpenVinoEngine`; compiled models are
-                 cached on disk). Which backend the *service* runs is a later choice (issue 26):
-                 today the pool builds torch engines.
+                 cached on disk). Which backend *serves* is :mod:`~ditepose.model.engines.select`'s
+                 choice (``engine = auto | torch | openvino``, behind the agreement gate).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class EngineOptions:
     channels_last: bool | str = "auto"  # torch: the memory format ("auto": what measured fastest)
     batch_buckets: tuple[int, ...] | None = None  # fixed batch sizes (default: the engine's own)
     warmup_hw: tuple[int, int] | None = None  # warm up now at this input size (compiles, captures graphs)
+    shared_by: int = 1  # openvino: threads calling one engine at once (> 1: throughput mode, a stream each)
 
 
 EngineBuilder = Callable[[ModelSource, str, Precision, EngineOptions], Engine]
@@ -105,11 +106,14 @@ def _openvino_engine(model: ModelSource, device: str, precision: Precision, opti
     if device != "cpu":
         raise ValueError(f"the openvino backend runs on OpenVINO's CPU plugin; device {device!r} does not apply")
     refused = ([f"precision {precision}"] if precision == "fp16" else []) + [
-        name for name in _changed(options) if name not in ("threads", "batch_buckets", "warmup_hw")]
+        name for name in _changed(options) if name not in ("threads", "batch_buckets", "warmup_hw", "shared_by")]
     if refused:
         raise ValueError(f"the openvino backend compiles the exported graph; not applicable: {', '.join(refused)}")
-    engine = OpenVinoEngine(model, precision=precision, threads=options.threads, batch_buckets=options.batch_buckets,
-                            input_hw=options.warmup_hw or (256, 192))
+    # latency: one stream for one calling thread; throughput: one stream per thread sharing the engine
+    shared = options.shared_by > 1
+    engine = OpenVinoEngine(model, precision=precision, mode="throughput" if shared else "latency",
+                            threads=options.threads, streams=options.shared_by if shared else None,
+                            batch_buckets=options.batch_buckets, input_hw=options.warmup_hw or (256, 192))
     if options.warmup_hw is not None:
         engine.warmup(input_hw=options.warmup_hw)
     return engine
@@ -138,6 +142,7 @@ def build_engine(
     channels_last: bool | str = "auto",
     batch_buckets: tuple[int, ...] | None = None,
     warmup_hw: tuple[int, int] | None = None,
+    shared_by: int = 1,
 ) -> Engine:
     """An engine for ``model`` on ``device`` in ``precision`` (``"auto"``: fp16 on CUDA, fp32 elsewhere).
 
@@ -147,5 +152,5 @@ def build_engine(
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     options = EngineOptions(process=process, threads=threads, compile=compile, cuda_graphs=cuda_graphs,
                             fuse_bn=fuse_bn, dynamic=dynamic, channels_last=channels_last,
-                            batch_buckets=batch_buckets, warmup_hw=warmup_hw)
+                            batch_buckets=batch_buckets, warmup_hw=warmup_hw, shared_by=shared_by)
     return BACKENDS[backend](model, str(device), resolve_precision(precision, str(device)), options)

@@ -99,9 +99,14 @@ def module_fingerprint(module: nn.Module, *extra: object) -> str:
     return digest.hexdigest()[:16]
 
 
+# torch.onnx.export keeps process-global state (GLOBALS.in_onnx_export): two exports at once in two
+# threads (a worker compiling a new bucket while a hot swap builds the next version) break each other
+_export_lock = threading.Lock()
+
+
 def export_onnx_fixed(net: nn.Module, path: Path, example: torch.Tensor, output_names: list[str]) -> None:
-    """``torch.onnx.export`` of ``net`` at ``example``'s fixed shape (input ``images``)."""
-    with torch.no_grad(), warnings.catch_warnings():
+    """``torch.onnx.export`` of ``net`` at ``example``'s fixed shape (input ``images``), one at a time."""
+    with _export_lock, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings on shape checks: the export fixes the shape
         torch.onnx.export(net, (example,), str(path), input_names=["images"], output_names=output_names,
                           opset_version=OPSET, dynamo=False)

@@ -31,6 +31,9 @@ class LoadedModel(ServingOptions):
     extra: dict = field(default_factory=dict)
     version: str = "1"
     source: str = "flag"  # 'flag' (--model / DITEPOSE_MODELS) or 'repository'
+    # device -> the engine serving this version there (backend, precision, why, agreement summary):
+    # filled by the pool as it builds the version's engines (EngineChoice.to_dict), shown by /v1/models
+    engines: dict[str, dict] = field(default_factory=dict, compare=False)
 
     @property
     def spec(self) -> KeypointSpec:
@@ -57,6 +60,7 @@ class LoadedModel(ServingOptions):
             "version": self.version,
             "source": self.source,
             "options": self.serving_options(),
+            "engines": _jsonable(self.engines),
         }
 
 

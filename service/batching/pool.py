@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ditepose.model.detectors import StagedDetector
 from ditepose.service.batching.batcher import DynamicBatcher
-from ditepose.service.batching.infer import InferFn, make_infer
+from ditepose.service.batching.infer import InferFn, make_served_engine
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.batching.versions import EngineCheck, ModelVersions, ServedModel
 from ditepose.service.batching.worker import (
@@ -63,6 +63,7 @@ class WorkerPool:
         workers_per_device: int = 1,
         infer_factory: InferFactory | None = None,
         precision: str = "auto",
+        engine: str = "auto",
         observer: BatchObserver | None = None,
         torch_threads: int | None = None,
         worker_processes: bool = False,
@@ -76,15 +77,13 @@ class WorkerPool:
         self.devices = list(devices)
         self.workers_per_device = workers_per_device
         self.precision = precision
+        self.engine = engine
         self.torch_threads = torch_threads
         self.worker_processes = worker_processes
         self.observers: list[BatchObserver] = [observer] if observer is not None else []
-        self._infer_factory = infer_factory or (
-            lambda m, device: make_infer(m.module, device, m.precision or precision, process=worker_processes,
-                                         threads=torch_threads, cuda_graphs=cuda_graphs,
-                                         max_batch_size=m.max_batch_size or max_batch_size,
-                                         input_hw=(m.input_size[1], m.input_size[0]))
-        )
+        self.cuda_graphs = cuda_graphs
+        self._infer_factory = infer_factory or self._served_engine
+        self._may_serve_openvino = infer_factory is None and engine != "torch"  # an own engine per CPU worker
         self.extra_models: dict[str, LoadedModel] = {}  # in the pool but not served (evaluation jobs)
         self.detectors: dict[str, StagedDetector] = {}  # detector name -> detector (batcher "detect:<name>")
         self.max_batch_size = max_batch_size
@@ -131,17 +130,39 @@ class WorkerPool:
 
     def _add_workers(self, device: str) -> None:
         """``workers_per_device`` workers on ``device``, sharing its engines unless each needs its own."""
-        def build() -> dict[str, InferFn]:
-            return {self.batchers[name].key: self._infer_factory(m, device)
-                    for name, m in {**self.models, **self.extra_models}.items()}
+        def build(previous: dict[str, InferFn]) -> dict[str, InferFn]:
+            infers = {}
+            for name, m in list({**self.models, **self.extra_models}.items()):
+                key = self.batchers[name].key
+                try:
+                    infers[key] = self._worker_engine(m, device, previous.get(key))
+                except Exception as exc:  # this model's engine is refused here: the others still serve
+                    self._not_served(name, exc)
+            return infers
 
         detect = {detector_batcher_name(name): det.device_forward(device) for name, det in self.detectors.items()}
-        shared = None if self._per_worker_engines(device) else build()
+        shared = None if self._per_worker_engines(device) else build({})
         # a device listed twice (two workers on one GPU) numbers on: names stay unique in metrics
         first = sum(1 for w in self.workers if w.device == device)
+        infers: dict[str, InferFn] = {}
         for index in range(first, first + self.workers_per_device):
-            infers = shared if shared is not None else build()
+            infers = shared if shared is not None else build(infers)
             self.workers.append(self._new_worker(f"{device}/{index}", device, {**infers, **detect}))
+
+    def _not_served(self, name: str, exc: Exception) -> None:
+        """Take ``name`` out at start-up because its engine cannot be built (e.g. a precision the
+        agreement gate refuses, an engine that is not installed): reported like a model that failed to
+        load (``failed_models``, /v1/models ``failed``). Raises when no model would be left."""
+        reason = f"{type(exc).__name__}: {exc}"
+        self.failed_models[name] = reason[:500] + "..." if len(reason) > 500 else reason
+        log.error("model %r is not served: its engine was refused: %s", name, reason)
+        self.batchers.pop(name).close()
+        for batcher in self.versions.forget(name):
+            batcher.close()
+        self.models.pop(name, None)
+        self.extra_models.pop(name, None)
+        if not self.models:
+            raise RuntimeError("no model could be served: " + "; ".join(f"{n}: {r}" for n, r in self.failed_models.items()))
 
     def _new_worker(self, name: str, device: str, infers: dict[str, InferFn]) -> Worker:
         batchers = [*self.batchers.values(), *(entry.batcher for entry in self.versions.draining())]
@@ -247,23 +268,50 @@ class WorkerPool:
         return self.batchers.get(detector_batcher_name(name))
 
     # ------------------------------------------------------------------ engines and batchers
+    def _served_engine(self, model: LoadedModel, device: str) -> InferFn:
+        """The default engine factory: :func:`make_served_engine` with the model's own options over
+        the pool's; the choice (backend, precision, why, agreement) is recorded on the model."""
+        shared_by = 1 if self._per_worker_engines(device) else self.workers_per_device
+        infer, choice = make_served_engine(
+            model.module, device, model.precision or self.precision, process=self.worker_processes,
+            threads=self.torch_threads, cuda_graphs=self.cuda_graphs,
+            max_batch_size=model.max_batch_size or self.max_batch_size,
+            input_hw=(model.input_size[1], model.input_size[0]), engine=model.engine or self.engine,
+            shared_by=shared_by)
+        model.engines[device] = choice.to_dict()
+        return infer
+
+    def _worker_engine(self, model: LoadedModel, device: str, sibling: InferFn | None) -> InferFn:
+        """A new engine for one more worker (or device), or ``sibling`` (the engine another worker of the
+        device got) where a per-worker engine buys nothing: the pool's own factory chose a torch engine
+        (OpenVINO absent or refused) outside engine processes, so the device's workers share it."""
+        from ditepose.model.engines.openvino import OpenVinoEngine
+
+        shareable = self._may_serve_openvino and not self.worker_processes and not isinstance(sibling, OpenVinoEngine)
+        return sibling if sibling is not None and shareable else self._infer_factory(model, device)
+
     def _engine_key(self, worker: Worker) -> str:
         """Workers of a device share one engine, except where each needs its own (engine processes)."""
         return worker.device if not self._per_worker_engines(worker.device) else worker.name
 
     def _per_worker_engines(self, device: str) -> bool:
-        """Engine processes run one batch at a time: each worker has its own; others share the device's."""
-        return self.worker_processes and device.startswith("cpu")
+        """On a CPU each worker has its own engine where one runs one batch at a time (an engine
+        process) or where the pool's own factory may serve OpenVINO (latency mode: one engine per worker
+        thread, its own threads); otherwise (a caller's ``infer_factory`` included) the workers of a device
+        share one engine."""
+        return device.startswith("cpu") and (self.worker_processes or self._may_serve_openvino)
 
     def build_infers(self, model: LoadedModel, check: EngineCheck | None = None) -> dict[str, InferFn]:
         """One engine of ``model`` per device (or per worker), each checked by ``check``; on any
         failure the engines built so far are closed and the error propagates."""
         infers: dict[str, InferFn] = {}
+        on_device: dict[str, InferFn] = {}  # the last engine built per device
         try:
             for worker in self.workers:
                 key = self._engine_key(worker)
                 if key not in infers:
-                    infers[key] = self._infer_factory(model, worker.device)
+                    infers[key] = on_device[worker.device] = self._worker_engine(model, worker.device,
+                                                                                 on_device.get(worker.device))
                     if check is not None:
                         check(model, infers[key], worker.device)
         except BaseException:

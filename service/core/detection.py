@@ -15,11 +15,11 @@ def detector_options(settings: Settings, name: str, *, for_job: bool = False) ->
     A served detector also gets the service's score threshold and person cap. ``for_job``: the
     options a job plan stores as JSON (paths as strings) and hands to
     :func:`~ditepose.training.boxes.make_detector`, which sets the job's own threshold."""
-    if name == "nanodet":
+    if name == "nanodet":  # served on the service's engine (auto: OpenVINO on CPUs where installed); jobs: torch
         if for_job:
             return {"weights_dir": str(settings.weights_dir)} if settings.weights_dir is not None else {}
         return {"score_thr": settings.det_score_threshold, "max_persons": settings.max_boxes,
-                "weights_dir": settings.weights_dir}
+                "weights_dir": settings.weights_dir, "engine": settings.engine}
     if name == "torchvision":
         weights = settings.torchvision_weights
         is_file = weights.endswith((".pth", ".pt")) or "/" in weights

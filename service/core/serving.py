@@ -66,6 +66,7 @@ def build_pool(settings: Settings, observer: BatchObserver | None = None) -> Ser
         timeout_s=settings.request_timeout_s,
         workers_per_device=settings.resolved_workers_per_device(),
         precision=settings.precision,
+        engine=settings.engine,
         observer=observer,
         torch_threads=settings.resolved_torch_threads(),
         worker_processes=settings.worker_processes,

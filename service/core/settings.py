@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ditepose.model.engines.precision import PrecisionSetting
+from ditepose.model.engines.setting import EngineSetting
 
 
 class ModelSpec(BaseModel):
@@ -48,6 +49,9 @@ class ModelSpec(BaseModel):
     )
     precision: PrecisionSetting | None = Field(
         default=None, description="Inference precision of this model (None: the service's `precision`)."
+    )
+    engine: EngineSetting | None = Field(
+        default=None, description="Inference engine of this model (None: the service's `engine`)."
     )
 
     @field_validator("decoder")
@@ -123,6 +127,11 @@ class Settings(BaseSettings):
     )
     precision: PrecisionSetting = Field(
         default="auto", description="Inference precision; 'auto' = fp16 on CUDA, fp32 on CPU."
+    )
+    engine: EngineSetting = Field(
+        default="auto", description="Inference engine on CPU devices: 'auto' = OpenVINO where it is installed and "
+        "agrees with the fp32 torch engine on the reference crops (else the torch engine, the reason logged and shown "
+        "in /v1/models); 'openvino' or an error; 'torch'. CUDA devices always run the torch engine."
     )
     max_batch_size: int = Field(default=32, ge=1, description="Most crops one forward pass takes.")
     cuda_graphs: bool = Field(

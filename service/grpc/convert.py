@@ -123,7 +123,25 @@ def model_info(model: LoadedModel, default: bool, state: dict | None = None) -> 
         demo_weights=model.demo_weights,
         default=default,
         quality=quality_message(model.quality),
+        engines={device: engine_message(choice) for device, choice in model.engines.items()},
     )
+
+
+def engine_message(choice: dict) -> pose_pb2.EngineInfo:
+    """One device's engine choice (``EngineChoice.to_dict()``) as the proto's ``EngineInfo``."""
+    agreement = choice.get("agreement")
+    message = pose_pb2.EngineInfo(backend=choice["backend"], precision=choice["precision"], reason=choice["reason"])
+    if agreement is not None:
+        message.agreement.CopyFrom(pose_pb2.Agreement(
+            passed=agreement["passed"], moved_share=agreement["moved_share"], moved=agreement["moved"],
+            joints=agreement["joints"], max_px=_or_minus_one(agreement["max_px"]),
+            p99_px=_or_minus_one(agreement["p99_px"]), shift_px=agreement["shift_px"],
+            max_moved_share=agreement["max_moved_share"], verdict=agreement["verdict"]))
+    return message
+
+
+def _or_minus_one(value: float | None) -> float:
+    return -1.0 if value is None else value
 
 
 def quality_message(quality: ModelQuality) -> pose_pb2.ModelQuality:

@@ -106,6 +106,27 @@ class ModelQualityInfo(BaseModel):
     demo_checkpoint: bool = Field(default=False, description="True: the project's shipped demo checkpoint.")
 
 
+class AgreementInfo(BaseModel):
+    passed: bool
+    moved_share: float = Field(description="Share of (crop, joint) pairs further than `shift_px` from the fp32 "
+                               "torch engine on the reference crops.")
+    moved: int
+    joints: int
+    max_px: float | None = Field(description="Largest keypoint distance, input pixels (null: a non-finite output).")
+    p99_px: float | None = Field(description="The worst joint's 99th-percentile distance, input pixels.")
+    shift_px: float = Field(description="A joint further than this moved.")
+    max_moved_share: float = Field(description="More moved joints than this share: the precision is refused.")
+    verdict: str
+
+
+class EngineInfo(BaseModel):
+    backend: str = Field(description="'openvino' or 'torch'.")
+    precision: str = Field(description="'fp32', 'bf16' or 'fp16' (CUDA).")
+    reason: str = Field(description="Why this engine serves (engine setting, OpenVINO absent or refused, device).")
+    agreement: AgreementInfo | None = Field(default=None, description="The agreement gate's summary; null for the "
+                                            "fp32 torch engine (the reference) and CUDA engines.")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -126,7 +147,9 @@ class ModelInfo(BaseModel):
                          "checkpoint the first 12 hex digits of its sha256 ('demo' for random weights).")
     source: str = Field(description="'repository' (DITEPOSE_MODEL_REPOSITORY) or 'flag' (--model / DITEPOSE_MODELS).")
     options: dict = Field(default_factory=dict, description="Serving options set for this model (manifest or "
-                          "ModelSpec): flip_test, decoder, max_batch_size, precision.")
+                          "ModelSpec): flip_test, decoder, max_batch_size, precision, engine.")
+    engines: dict[str, EngineInfo] = Field(default_factory=dict, description="Per device, the engine serving this "
+                                           "version: backend, precision, why it was chosen, agreement summary.")
     available_versions: list[int] = Field(default_factory=list, description="Complete versions in the repository.")
     pinned_version: int | None = Field(default=None, description="The version manifest.json pins; null: latest.")
     state: str = Field(default="serving", description="'serving', 'swapping' (a new version is being checked) "

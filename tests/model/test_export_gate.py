@@ -190,3 +190,18 @@ def test_gate_resolves_catalogue_names(demo_checkpoint: Path, tmp_path: Path, mo
         "gt_file": str(tmp_path / "gt.json")}}))
     with pytest.raises(ValueError, match="is a mpii set; the checkpoint predicts coco joints"):
         resolve_gate_set("mpii-val", meta, lookup=catalogue_dataset)
+
+
+@pytest.mark.slow  # two evaluations
+def test_the_openvino_engine_is_gated_with_per_joint_agreement(demo_checkpoint: Path, gate_args: list[str],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--engine openvino``: the engine the service would serve, scored beside PyTorch; the report carries
+    the per-joint keypoint agreement (p50/p99 px) that AP alone cannot give."""
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    assert main(["export", "check", str(demo_checkpoint), "--device", "cpu", "--engine", "openvino", *gate_args]) == 0
+    captured = capsys.readouterr()
+    report = _gate_json(captured.out)
+    assert report["passed"] is True and report["variant"]["backend"] == "openvino"
+    agreement = report["agreement"]
+    assert agreement["passed"] is True and len(agreement["joint_p99_px"]) == 17 and agreement["max_px"] < 1.0
+    assert "left_shoulder" in captured.out and "p99 px" in captured.out  # the per-joint table beside AP

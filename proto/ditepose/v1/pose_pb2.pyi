@@ -216,7 +216,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "arch", "dataset", "num_joints", "joints", "input_width", "input_height", "demo_weights", "default", "version", "source", "available_versions", "pinned_version", "state", "error", "failed_versions", "quality")
+    __slots__ = ("name", "arch", "dataset", "num_joints", "joints", "input_width", "input_height", "demo_weights", "default", "version", "source", "available_versions", "pinned_version", "state", "error", "failed_versions", "quality", "engines")
     class FailedVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,13 @@ class ModelInfo(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class EnginesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EngineInfo
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EngineInfo, _Mapping]] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +248,7 @@ class ModelInfo(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FAILED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
     name: str
     arch: str
     dataset: str
@@ -258,7 +266,42 @@ class ModelInfo(_message.Message):
     error: str
     failed_versions: _containers.ScalarMap[str, str]
     quality: ModelQuality
-    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., dataset: _Optional[str] = ..., num_joints: _Optional[int] = ..., joints: _Optional[_Iterable[str]] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., demo_weights: _Optional[bool] = ..., default: _Optional[bool] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., available_versions: _Optional[_Iterable[int]] = ..., pinned_version: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., failed_versions: _Optional[_Mapping[str, str]] = ..., quality: _Optional[_Union[ModelQuality, _Mapping]] = ...) -> None: ...
+    engines: _containers.MessageMap[str, EngineInfo]
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., dataset: _Optional[str] = ..., num_joints: _Optional[int] = ..., joints: _Optional[_Iterable[str]] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., demo_weights: _Optional[bool] = ..., default: _Optional[bool] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., available_versions: _Optional[_Iterable[int]] = ..., pinned_version: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., failed_versions: _Optional[_Mapping[str, str]] = ..., quality: _Optional[_Union[ModelQuality, _Mapping]] = ..., engines: _Optional[_Mapping[str, EngineInfo]] = ...) -> None: ...
+
+class EngineInfo(_message.Message):
+    __slots__ = ("backend", "precision", "reason", "agreement")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    precision: str
+    reason: str
+    agreement: Agreement
+    def __init__(self, backend: _Optional[str] = ..., precision: _Optional[str] = ..., reason: _Optional[str] = ..., agreement: _Optional[_Union[Agreement, _Mapping]] = ...) -> None: ...
+
+class Agreement(_message.Message):
+    __slots__ = ("passed", "moved_share", "moved", "joints", "max_px", "p99_px", "shift_px", "max_moved_share", "verdict")
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    MOVED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    JOINTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PX_FIELD_NUMBER: _ClassVar[int]
+    P99_PX_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_PX_FIELD_NUMBER: _ClassVar[int]
+    MAX_MOVED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    passed: bool
+    moved_share: float
+    moved: int
+    joints: int
+    max_px: float
+    p99_px: float
+    shift_px: float
+    max_moved_share: float
+    verdict: str
+    def __init__(self, passed: _Optional[bool] = ..., moved_share: _Optional[float] = ..., moved: _Optional[int] = ..., joints: _Optional[int] = ..., max_px: _Optional[float] = ..., p99_px: _Optional[float] = ..., shift_px: _Optional[float] = ..., max_moved_share: _Optional[float] = ..., verdict: _Optional[str] = ...) -> None: ...
 
 class ModelQuality(_message.Message):
     __slots__ = ("evaluated", "note", "dataset", "boxes", "metric", "value", "metrics", "demo_checkpoint")
