@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ditepose.model.detectors import DeviceForward, NanoDetDetector
-from ditepose.model.engines.openvino import OpenVinoNetwork, module_fingerprint
+from ditepose.model.engines.openvino import OpenVinoNetwork, module_fingerprint, serving_buckets
 from ditepose.model.nanodet import INPUT_SIZE, NanoDet, PersonCandidatesNet
 
 DEFAULT_DETECTOR_MAX_BATCH = 8  # the service's det_max_batch_size default
@@ -33,7 +33,8 @@ class OpenVinoNanoDet(OpenVinoNetwork):
                  batch_buckets: tuple[int, ...] | None = None, cache_dir: str | Path | None = None) -> None:
         super().__init__(PersonCandidatesNet(net), module_fingerprint(net, "nanodet", "person-candidates"),
                          "candidates", precision=precision, mode=mode, threads=threads, streams=streams,
-                         max_batch=max_batch, batch_buckets=batch_buckets, cache_dir=cache_dir)
+                         max_batch=max_batch, batch_buckets=batch_buckets or serving_buckets(max_batch),
+                         cache_dir=cache_dir)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
@@ -57,6 +58,9 @@ class OpenVinoNanoDetDetector(NanoDetDetector):
                  weights_dir: Path | None = None, device: str = "cpu", **openvino: Any) -> None:
         super().__init__(score_thr, nms_iou, max_persons, weights_dir, device)
         self.runner = OpenVinoNanoDet(self.model, **openvino)
+        # compile (or load) every bucket now: their memory belongs to the idle footprint, and no
+        # request waits for a compile
+        self.runner.warmup()
 
     def device_forward(self, device: str) -> DeviceForward:
         if torch.device(device).type != "cpu":

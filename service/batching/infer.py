@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ditepose.model.engines import Backend, Engine, InferFn, Precision, buckets_up_to, build_engine
+from ditepose.model.engines.openvino import serving_buckets
 from ditepose.model.engines.select import EngineChoice, choose_engine
 from ditepose.service.batching.batcher import DynamicBatcher
 
@@ -40,14 +41,16 @@ def make_served_engine(
     also OpenVINO's inference threads. ``shared_by``: worker threads calling this one engine (OpenVINO
     then runs a stream per thread). ``cuda_graphs``: on a CUDA device, one graph per batch bucket
     (powers of two up to ``max_batch_size``), all captured here at ``input_hw`` so that no request
-    pays for a capture; ignored on CPU devices. OpenVINO compiles its buckets (the same powers of
-    two) on first use, from its disk cache when it has them."""
+    pays for a capture; ignored on CPU devices. OpenVINO compiles its buckets (1 and 4:
+    :data:`~ditepose.model.engines.openvino.SERVING_BUCKETS`, each costs memory and larger ones gain no
+    speed on a CPU) here, from its disk cache when it has them, so their memory is part of the idle
+    footprint and no request waits for a compile."""
     on_cpu, graphed = device.startswith("cpu"), cuda_graphs and device.startswith("cuda")
 
     def build(backend: Backend, resolved: Precision) -> Engine:
         if backend == "openvino":
             return build_engine(module, device, resolved, "openvino", threads=threads, shared_by=shared_by,
-                                batch_buckets=buckets_up_to(max_batch_size), warmup_hw=None)
+                                batch_buckets=serving_buckets(max_batch_size), warmup_hw=input_hw)
         return build_engine(
             module, device, resolved, process=process and on_cpu, threads=threads,
             cuda_graphs=graphed, batch_buckets=buckets_up_to(max_batch_size) if graphed else None,
