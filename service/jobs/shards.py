@@ -201,36 +201,51 @@ def _predict_shard(rec: JobRecord, store: JobStore, pool: WorkerPool, jobs_dir: 
             "load_s": t1 - t0, "inference_s": t2 - t1}
 
 
+def run_part_under_lease(store: JobStore, rec: JobRecord, token: str, lease: Lease,
+                         work: Callable[[], dict[str, Any]], stopped: type[Exception], what: str,
+                         failure: Callable[[str], str], soft_time_limit_s: float) -> str:
+    """One claimed part of a job (an evaluation shard, a video segment) run under its lease, its record
+    following the outcome: 'succeeded' with ``work()``'s result; 'cancelled' when ``work`` raises
+    ``stopped``; 'failed' on any other error, failing the whole job with ``failure(error)`` (which part
+    broke); 'lost' when the lease went to another worker, whose run then counts. One function, so
+    shards and segments recover from a dead worker the same way."""
+    try:
+        with lease:
+            try:
+                result = work()
+                lease.check()
+            except DeadlineExceeded as exc:
+                raise runs.JobTimeLimit.after(soft_time_limit_s) from exc
+    except LeaseLost:
+        log.warning("%s: lease lost (another worker took it over); dropping this run", what)
+        return "lost"
+    except stopped:
+        store.transition(rec.id, ["running"], "cancelled", token, finished_at=time.time())
+        return "cancelled"
+    except Exception as exc:
+        log.exception("%s failed", what)
+        error = f"{type(exc).__name__}: {exc}"
+        store.transition(rec.id, ["running"], "failed", token, finished_at=time.time(), error=error)
+        fail_job(store, str(rec.parent), failure(error))
+        return "failed"
+    if not store.transition(rec.id, ["running"], "succeeded", token, finished_at=time.time(), progress=100.0,
+                            result=result):
+        log.warning("%s: lease expired before the result could be recorded; another run will", what)
+        return "lost"
+    return "succeeded"
+
+
 def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: WorkerPool, jobs_dir: Path,
                        lease_ttl_s: float, soft_time_limit_s: float) -> str:
     job_id, index = str(rec.parent), int(rec.plan["index"])
     lease = Lease(store, rec.id, token, lease_ttl_s)
     between_batches = _shard_checks(store, job_id, lease, soft_time_limit_s)
-    try:
-        with lease:
-            try:
-                result = _predict_shard(rec, store, pool, jobs_dir, between_batches, soft_time_limit_s)
-                lease.check()
-            except DeadlineExceeded as exc:
-                raise runs.JobTimeLimit.after(soft_time_limit_s) from exc
-    except LeaseLost:
-        log.warning("shard %s: lease lost (another worker took it over); dropping this run", rec.id)
-        return "lost"
-    except ShardStopped:
-        store.transition(rec.id, ["running"], "cancelled", token, finished_at=time.time())
-        return "cancelled"
-    except Exception as exc:
-        log.exception("shard %s failed", rec.id)
-        error = f"{type(exc).__name__}: {exc}"
-        store.transition(rec.id, ["running"], "failed", token, finished_at=time.time(), error=error)
-        start, stop = rec.plan["images"]
-        fail_job(store, job_id, f"shard {index} (images {start}-{stop}) failed: {error}")
-        return "failed"
-    if not store.transition(rec.id, ["running"], "succeeded", token, finished_at=time.time(), progress=100.0,
-                            result=result):
-        log.warning("shard %s: lease expired before the result could be recorded; another run will", rec.id)
-        return "lost"
-    return "succeeded"
+    start, stop = rec.plan["images"]
+    return run_part_under_lease(
+        store, rec, token, lease,
+        lambda: _predict_shard(rec, store, pool, jobs_dir, between_batches, soft_time_limit_s),
+        ShardStopped, f"shard {rec.id}", lambda error: f"shard {index} (images {start}-{stop}) failed: {error}",
+        soft_time_limit_s)
 
 
 def run_shard(sid: str, store: JobStore, pool: WorkerPool, jobs_dir: Path, lease_ttl_s: float = 30.0,

@@ -25,7 +25,6 @@ from typing import Any
 
 from ditepose.model.keypoints import KeypointSpec, get_keypoint_spec
 from ditepose.model.repository import file_sha256
-from ditepose.service.batching.batcher import DeadlineExceeded
 from ditepose.service.batching.infer import BatcherInfer
 from ditepose.service.batching.loaded_model import LoadedModel
 from ditepose.service.batching.pool import WorkerPool
@@ -33,7 +32,7 @@ from ditepose.service.jobs import runs
 from ditepose.service.jobs.inputs import job_models, pool_detector
 from ditepose.service.jobs.lease import Lease, LeaseLost
 from ditepose.service.jobs.records import TERMINAL, JobRecord, JobStore, atomic_write_text
-from ditepose.service.jobs.shards import fail_job, finish_cancel, merge_id, shard_ids
+from ditepose.service.jobs.shards import fail_job, finish_cancel, merge_id, run_part_under_lease, shard_ids
 from ditepose.service.jobs.video import RESULT_FILES, VideoPlan
 from ditepose.service.video.offline import PoseModel, SegmentRunner, VideoCancelled, finish_result
 from ditepose.service.video.render import render_video
@@ -126,33 +125,16 @@ def _run_claimed_segment(rec: JobRecord, store: JobStore, token: str, pool: Work
     plan = VideoPlan.from_dict(job.plan)
     lease = Lease(store, rec.id, token, lease_ttl_s)
     checks = _SegmentChecks(store, job_id, lease, plan, index, soft_time_limit_s)
-    try:
-        with lease:
-            if checks.should_stop():
-                raise VideoCancelled("the job is no longer running")
-            try:
-                result = _run_segment(rec, plan, pool, checks, soft_time_limit_s)
-            except DeadlineExceeded as exc:
-                raise runs.JobTimeLimit.after(soft_time_limit_s) from exc
-            lease.check()
-    except LeaseLost:
-        log.warning("video segment %s: lease lost (another worker took it over); dropping this run", rec.id)
-        return "lost"
-    except VideoCancelled:
-        store.transition(rec.id, ["running"], "cancelled", token, finished_at=time.time())
-        return "cancelled"
-    except Exception as exc:
-        log.exception("video segment %s failed", rec.id)
-        error = f"{type(exc).__name__}: {exc}"
-        store.transition(rec.id, ["running"], "failed", token, finished_at=time.time(), error=error)
-        segment = plan.segment(index)
-        fail_job(store, job_id, f"segment {index} (frames {segment.start}-{segment.end}) failed: {error}")
-        return "failed"
-    if not store.transition(rec.id, ["running"], "succeeded", token, finished_at=time.time(), progress=100.0,
-                            result=result):
-        log.warning("video segment %s: lease expired before the result could be recorded; another run will", rec.id)
-        return "lost"
-    return "succeeded"
+    segment = plan.segment(index)
+
+    def work() -> dict[str, Any]:
+        if checks.should_stop():
+            raise VideoCancelled("the job is no longer running")
+        return _run_segment(rec, plan, pool, checks, soft_time_limit_s)
+
+    return run_part_under_lease(
+        store, rec, token, lease, work, VideoCancelled, f"video segment {rec.id}",
+        lambda error: f"segment {index} (frames {segment.start}-{segment.end}) failed: {error}", soft_time_limit_s)
 
 
 def run_video_segment(sid: str, store: JobStore, pool: WorkerPool, lease_ttl_s: float = 30.0,
