@@ -193,7 +193,13 @@ def run(args: argparse.Namespace) -> dict:
     variants = [known[name] for name in args.variants.split(",") if name]
     if args.baseline_commit:
         variants.append(baseline_tree(args.baseline_commit, Path(tempfile.gettempdir())))
-    results = [run_variant(v, args, image, concurrency) for v in variants]
+    try:
+        results = [run_variant(v, args, image, concurrency) for v in variants]
+    finally:  # the baseline's worktree goes again, so the repository keeps no stray worktree
+        for variant in variants:
+            if variant.tree != REPO_ROOT:
+                subprocess.run(["git", "worktree", "remove", "--force", str(variant.tree)], cwd=REPO_ROOT,
+                               check=False, stdout=subprocess.DEVNULL)
     print(_table(results), flush=True)
     return {
         "bench": "bursts",
