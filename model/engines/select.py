@@ -21,6 +21,7 @@ compiles nor re-runs the gate.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -52,11 +53,16 @@ CandidateBuilder = Callable[[Backend, Precision], Engine]
 
 
 def openvino_missing() -> str | None:
-    """None when OpenVINO imports here, else why not (one line)."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError as exc:
-        return f"OpenVINO is not installed ({exc})"
+    """None when OpenVINO and the ONNX exporter it compiles from import here, else why not (one line).
+
+    The engine exports each network with ``torch.onnx.export``, which needs the ``onnx`` package: an
+    install with OpenVINO but without it (the runtime image) must fall back, not fail the model."""
+    for package, what in (("openvino", "OpenVINO is not installed"),
+                          ("onnx", "the onnx package, which exports networks for OpenVINO, is not installed")):
+        try:
+            importlib.import_module(package)
+        except ImportError as exc:
+            return f"{what} ({exc})"
     return None
 
 
