@@ -213,24 +213,33 @@ class ModelVersions:
             self.swaps[name] = self.swaps.get(name, 0) + 1
             pool.condition.notify_all()
         log.info("model %r: version %s now served; version %s drains", name, model.version, old.version)
-        threading.Thread(target=self._retire, args=(old,), name=f"ditepose-retire-{name}", daemon=True).start()
+        # The thread gets the name, not ``old``: a Thread keeps its args until its target returns,
+        # which would keep the retired version referenced after it is freed.
+        threading.Thread(target=self._retire, args=(name,), name=f"ditepose-retire-{name}", daemon=True).start()
         return entry
 
-    def _retire(self, entry: ServedModel) -> None:
-        """Free ``entry`` (an old version) once no request holds it and its queue is empty."""
-        pool, name = self._pool, entry.model.name
+    def _retire(self, name: str) -> None:
+        """Free the old version of ``name`` once no request holds it and its queue is empty.
+
+        It stays in :attr:`_retiring` until its batcher is closed and its engines are released, so
+        :meth:`wait_drained` returning means the old version is gone, not merely unqueued."""
+        pool = self._pool
         with pool.condition:
+            entry = self._retiring.get(name)
+            if entry is None:  # the model left the pool before this thread ran
+                return
             while not pool.stopped and (entry.leases or not entry.batcher.idle):
                 pool.condition.wait(0.5)
             infers = pool.detach([entry.batcher])
-            if self._retiring.get(name) is entry:
-                del self._retiring[name]
-            pool.condition.notify_all()
         served = pool.models[name].version if name in pool.models else "?"
         entry.batcher.close(f"version {entry.version} of model {name!r} was replaced by version {served}; "
                             "submit again")
         close_engines(infers)
         version = entry.version
-        del entry, infers
+        with pool.condition:
+            if self._retiring.get(name) is entry:
+                del self._retiring[name]
+            del entry, infers
+            pool.condition.notify_all()
         release_memory(pool.devices)
         log.info("model %r: version %s freed", name, version)

@@ -181,19 +181,24 @@ def test_server_mode_refusals_exit_2_with_the_servers_code(server: tuple[str, Pa
 
 def test_ctrl_c_cancels_the_job_on_the_server(server: tuple[str, Path], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """Ctrl-C while waiting (SIGINT to this process once the job has done frames) cancels the server's job and
-    exits 130. The clip is long (300 frames, seconds of work) so the job is still running when the signal lands."""
+    """Ctrl-C while waiting (SIGINT to this process once the job has done frames and has frames left) cancels
+    the server's job and exits 130. The clip is long (600 frames, seconds of work) so the job is still running
+    when the signal lands."""
     long_clip = tmp_path / "long.mp4"
-    write_riders_clip(long_clip, riders_camera(frames=300), gop=30)
+    write_riders_clip(long_clip, riders_camera(frames=600), gop=30)
     url = server[0]
     with DitePoseClient(url, api_key=API_KEY) as api:
         known = {j.id for j in api.jobs(limit=1000)}
         found: list[str] = []
 
         def interrupt_once_submitted() -> None:
-            new = wait_until(lambda: [j.id for j in api.jobs(limit=1000)  # frames done: the 202 is long sent
-                                      if j.id not in known and (j.frames_done or 0) > 0],
-                             timeout=120, what="the CLI's job to make progress", interval=0.05)
+            # Frames done: the 202 is long sent. Frames left (a third of the clip at least): the job is
+            # still running when the CLI's cancel arrives, even where a fast machine races through it.
+            new = wait_until(lambda: [j.id for j in api.jobs(limit=1000)
+                                      if j.id not in known and j.state == "running"
+                                      and 0 < (j.frames_done or 0) < (j.frames_total or 0) * 2 // 3],
+                             timeout=120, what="the CLI's job to be running with frames done and left",
+                             interval=0.05)
             found.extend(new)
             os.kill(os.getpid(), signal.SIGINT)
 
