@@ -248,11 +248,14 @@ def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: Worker
         soft_time_limit_s)
 
 
-def run_shard(sid: str, store: JobStore, pool: WorkerPool, jobs_dir: Path, lease_ttl_s: float = 30.0,
-              soft_time_limit_s: float = 3600.0, worker: str | None = None, max_attempts: int = 3) -> str:
-    """Claim and run one shard, then merge the job if every shard is done. Returns succeeded|failed|
+def claim_and_run_part(sid: str, store: JobStore, pool: WorkerPool, lease_ttl_s: float, worker: str | None,
+                       max_attempts: int, what: str, run_claimed: Callable[[JobRecord, str], str],
+                       merge_job: Callable[[str, str], str]) -> str:
+    """Claim one part of a job (``what``: 'shard', 'video segment'), run it with ``run_claimed(rec, token)``
+    and merge the job with ``merge_job(job_id, worker)`` if every part is done. Returns succeeded|failed|
     cancelled|lost or the claim's done|busy|missing; 'busy' also when the merge is held by a live worker
-    (the caller tries again later: that worker may still die)."""
+    (the caller tries again later: that worker may still die). One function, so evaluation shards and
+    video segments are claimed, retried, merged and released the same way."""
     claim, token, worker = runs.claim_run(store, sid, lease_ttl_s, worker)
     rec = store.get(sid)
     if rec is None or rec.parent is None:
@@ -260,13 +263,13 @@ def run_shard(sid: str, store: JobStore, pool: WorkerPool, jobs_dir: Path, lease
     if claim == "run":
         error = runs.give_up_if_retried_too_often(store, sid, token, rec.attempts, max_attempts)
         if error:
-            fail_job(store, rec.parent, f"shard {rec.plan['index']}: {error}")
+            fail_job(store, rec.parent, f"{what.split()[-1]} {rec.plan['index']}: {error}")
             return "failed"
-        outcome = _run_claimed_shard(rec, store, token, pool, jobs_dir, lease_ttl_s, soft_time_limit_s)
+        outcome = run_claimed(rec, token)
     else:
         outcome = claim
-        log.info("shard %s not run by %s: %s", sid, worker, claim)
-    if outcome in ("succeeded", "done") and merge(rec.parent, store, jobs_dir, lease_ttl_s, worker) == "busy":
+        log.info("%s %s not run by %s: %s", what, sid, worker, claim)
+    if outcome in ("succeeded", "done") and merge_job(rec.parent, worker) == "busy":
         return "busy"
     if outcome in ("cancelled", "done"):
         finish_cancel(store, rec.parent)
@@ -274,6 +277,16 @@ def run_shard(sid: str, store: JobStore, pool: WorkerPool, jobs_dir: Path, lease
     if job is None or job.state in TERMINAL:
         job_models.release(pool, rec.parent)
     return outcome
+
+
+def run_shard(sid: str, store: JobStore, pool: WorkerPool, jobs_dir: Path, lease_ttl_s: float = 30.0,
+              soft_time_limit_s: float = 3600.0, worker: str | None = None, max_attempts: int = 3) -> str:
+    """Claim and run one evaluation shard, then merge the job if every shard is done
+    (:func:`claim_and_run_part`)."""
+    return claim_and_run_part(
+        sid, store, pool, lease_ttl_s, worker, max_attempts, "shard",
+        lambda rec, token: _run_claimed_shard(rec, store, token, pool, jobs_dir, lease_ttl_s, soft_time_limit_s),
+        lambda job_id, by: merge(job_id, store, jobs_dir, lease_ttl_s, by))
 
 
 # ------------------------------------------------------------------------------------------------- merge

@@ -31,8 +31,14 @@ from ditepose.service.batching.pool import WorkerPool
 from ditepose.service.jobs import runs
 from ditepose.service.jobs.inputs import job_models, pool_detector
 from ditepose.service.jobs.lease import Lease, LeaseLost
-from ditepose.service.jobs.records import TERMINAL, JobRecord, JobStore, atomic_write_text
-from ditepose.service.jobs.shards import fail_job, finish_cancel, merge_id, run_part_under_lease, shard_ids
+from ditepose.service.jobs.records import JobRecord, JobStore, atomic_write_text
+from ditepose.service.jobs.shards import (
+    claim_and_run_part,
+    fail_job,
+    merge_id,
+    run_part_under_lease,
+    shard_ids,
+)
 from ditepose.service.jobs.video import RESULT_FILES, VideoPlan
 from ditepose.service.video.offline import PoseModel, SegmentRunner, VideoCancelled, finish_result
 from ditepose.service.video.render import render_video
@@ -139,29 +145,11 @@ def _run_claimed_segment(rec: JobRecord, store: JobStore, token: str, pool: Work
 
 def run_video_segment(sid: str, store: JobStore, pool: WorkerPool, lease_ttl_s: float = 30.0,
                       soft_time_limit_s: float = 3600.0, worker: str | None = None, max_attempts: int = 3) -> str:
-    """Claim and run one segment, then merge the job if every segment is done. Returns succeeded|failed|
-    cancelled|lost or the claim's done|busy|missing; 'busy' also while a live worker holds the merge."""
-    claim, token, worker = runs.claim_run(store, sid, lease_ttl_s, worker)
-    rec = store.get(sid)
-    if rec is None or rec.parent is None:
-        return "missing"
-    if claim == "run":
-        error = runs.give_up_if_retried_too_often(store, sid, token, rec.attempts, max_attempts)
-        if error:
-            fail_job(store, rec.parent, f"segment {rec.plan['index']}: {error}")
-            return "failed"
-        outcome = _run_claimed_segment(rec, store, token, pool, lease_ttl_s, soft_time_limit_s)
-    else:
-        outcome = claim
-        log.info("video segment %s not run by %s: %s", sid, worker, claim)
-    if outcome in ("succeeded", "done") and merge_video(rec.parent, store, lease_ttl_s, worker) == "busy":
-        return "busy"
-    if outcome in ("cancelled", "done"):
-        finish_cancel(store, rec.parent)
-    job = store.get(rec.parent)
-    if job is None or job.state in TERMINAL:
-        job_models.release(pool, rec.parent)
-    return outcome
+    """Claim and run one segment, then merge the job if every segment is done (:func:`claim_and_run_part`)."""
+    return claim_and_run_part(
+        sid, store, pool, lease_ttl_s, worker, max_attempts, "video segment",
+        lambda rec, token: _run_claimed_segment(rec, store, token, pool, lease_ttl_s, soft_time_limit_s),
+        lambda job_id, by: merge_video(job_id, store, lease_ttl_s, by))
 
 
 def _write_atomically(result: VideoResult, path: Path, fmt: str) -> None:
