@@ -144,7 +144,12 @@ def one_pass(clip: Path, model: Any, detector: Any, interval: int, flip: bool, d
     }
 
 
-def celery_pass(clip: Path, checkpoint: Path, workers: int, folder: Path) -> dict[str, Any]:
+def model_engine(model: Any) -> str:
+    """The class of the engine a loaded video model runs on (OpenVinoEngine, InferenceEngine)."""
+    return type(model.infer).__name__
+
+
+def celery_pass(clip: Path, checkpoint: Path, workers: int, folder: Path, engine: str) -> dict[str, Any]:
     """The clip as a video job cut into 2 segments, on real Redis and ``workers`` real ``ditepose worker``
     processes (one torch thread each); a first job warms them up (model and detector loads), the
     second is timed from submission to success."""
@@ -160,7 +165,8 @@ def celery_pass(clip: Path, checkpoint: Path, workers: int, folder: Path) -> dic
     redis = RedisServer(folder / f"redis-{workers}")
     redis.start()
     env = {"DITEPOSE_REDIS_URL": redis.url, "DITEPOSE_JOBS_DIR": str(folder / f"jobs-{workers}"),
-           "DITEPOSE_JOB_QUEUE": f"bench-{uuid.uuid4().hex[:8]}", "DITEPOSE_TORCH_THREADS": "1"}
+           "DITEPOSE_JOB_QUEUE": f"bench-{uuid.uuid4().hex[:8]}", "DITEPOSE_TORCH_THREADS": "1",
+           "DITEPOSE_ENGINE": engine}
     service = JobService(Settings(
         _env_file=None, models=[ModelSpec(name="demo", checkpoint=checkpoint)], redis_url=redis.url,
         jobs_dir=Path(env["DITEPOSE_JOBS_DIR"]), job_queue=env["DITEPOSE_JOB_QUEUE"],
@@ -251,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--machine", default="", help="words naming the machine, stored with the figures")
     parser.add_argument("--frames", type=int, default=90, help="frames per clip (default 90; fewer for a quick check)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "video.json")
+    parser.add_argument("--engine", default="auto", choices=("auto", "torch", "openvino"),
+                        help="pose network and NanoDet engine, in this process and in the workers (default auto)")
     args = parser.parse_args(argv)
     from ditepose.model.defaults import default_checkpoint_path
     from ditepose.model.detectors import build_detector
@@ -269,17 +277,18 @@ def main(argv: list[str] | None = None) -> int:
         riders, riders_camera = make_clip(folder, RIDERS_PHOTO, args.frames, "riders")
         three, _ = make_clip(folder, find_shared_dir() / THREE_PEOPLE_PHOTO, args.frames, "three_people")
         started = time.perf_counter()
-        model, detector = load_video_model(checkpoint), build_detector("nanodet")
+        model = load_video_model(checkpoint, engine=args.engine)
+        detector = build_detector("nanodet", engine=args.engine)
         load_s = time.perf_counter() - started
         decode = {clip.stem: decode_seconds(clip) for clip in (riders, three)}
-        scaling = [celery_pass(three, checkpoint, n, folder) for n in (1, 2)]
+        scaling = [celery_pass(three, checkpoint, n, folder, args.engine) for n in (1, 2)]
         runs = [one_pass(clip, model, detector, interval, flip, decode[clip.stem], persons)
                 for clip, interval, flip, persons in (
                     (riders, 1, False, 20), (riders, 5, False, 20), (three, 1, False, 3), (three, 5, False, 3),
                     (three, 1, True, 3), (three, 5, True, 3))]
         misses = [row for interval in (1, 5) for row in miss_runs(riders, riders_camera, model, detector, interval)]
     verdict = goal_verdict(runs)
-    print_tables(f"{machine}; {checkpoint.name}; clips 640x360, {args.frames} frames, H.264; torch threads 1; "
+    print_tables(f"{machine}; {checkpoint.name}; engine {args.engine} ({model_engine(model)}); clips 640x360, {args.frames} frames, H.264; torch threads 1; "
                  f"model+detector load {load_s:.1f} s; load average {os.getloadavg()[0]:.1f}", runs, scaling, misses)
     print(f"goal {GOAL_FRAMES_PER_S:g} frames/s (three people, detection every 5th, no flip test): "
           f"{verdict['frames_per_s']} frames/s, {verdict['short_by_factor']}x short; "
@@ -289,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "machine_detail": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "torch_threads": 1, "load_average": os.getloadavg()},
-        "checkpoint": checkpoint.name, "frames_per_clip": args.frames, "load_s": round(load_s, 2),
+        "checkpoint": checkpoint.name, "engine": args.engine, "served_engine": model_engine(model),
+        "frames_per_clip": args.frames, "load_s": round(load_s, 2),
         "decode_ms_per_frame": {k: round(1000 * v / args.frames, 2) for k, v in decode.items()},
         "runs": runs, "workers": scaling, "workers_note": "a catalogue video job cut into 2 segments on real "
         "Redis and 1 or 2 real ditepose worker processes (one torch thread each), after a warm-up job; "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from ditepose.cli import whole_number
+from ditepose.model.engines.setting import ENGINE_SETTINGS
 
 if TYPE_CHECKING:
     from ditepose.client import DitePoseClient, Job, ResultFormat, VideoJobOptions
@@ -106,6 +107,9 @@ def register_video(subparsers: argparse._SubParsersAction) -> None:
     video.add_argument("--model", metavar="NAME", help="--server: the served model (default: the server's default)")
     video.add_argument("--checkpoint", metavar="PATH", help="local: the checkpoint to run (default: the shipped demo)")
     video.add_argument("--device", default="cpu", help="local: torch device (default %(default)s)")
+    video.add_argument("--engine", default="auto", choices=ENGINE_SETTINGS,
+                       help="local: auto (default): OpenVINO on a CPU where installed and agreeing with the torch "
+                       "engine, else the torch engine; openvino (or an error); torch. The person detector follows")
     video.add_argument("--detector", help="person detector: nanodet (default), hog, whole, torchvision")
     video.add_argument("--detect-interval", type=whole_number(1), metavar="N",
                        help="run the detector on every N-th frame, carry the boxes between (default 5; 1 = every frame)")
@@ -173,8 +177,10 @@ def _run_local(args: argparse.Namespace, outputs: Outputs) -> int:
     checkpoint = args.checkpoint or default_checkpoint_path()
     if checkpoint is None:
         raise BadInput("no --checkpoint given and no shipped demo checkpoint in this installation")
-    detector = build_detector(args.detector or "nanodet")  # first: a bad name fails before the model loads
-    model = load_video_model(checkpoint, device=args.device)
+    # first: a bad name fails before the model loads; NanoDet runs on the engine the pose network runs on
+    detector_kw = {"engine": args.engine} if (args.detector or "nanodet").lower() == "nanodet" else {}
+    detector = build_detector(args.detector or "nanodet", **detector_kw)
+    model = load_video_model(checkpoint, device=args.device, engine=args.engine)
     bar = ProgressBar(sys.stderr)
     started = time.perf_counter()
     try:

@@ -101,19 +101,22 @@ class VideoOptions:
 
 
 def load_video_model(checkpoint: str | Path, device: str = "cpu", precision: str = "auto",
-                     name: str | None = None) -> PoseModel:
-    """A checkpoint behind the project's engine, built by ``build_engine`` as the serving pool builds it
-    (``precision="auto"``: fp16 on CUDA, fp32 on the CPU); version: the file's sha256, first 12 digits."""
+                     name: str | None = None, engine: str = "auto") -> PoseModel:
+    """A checkpoint behind the engine the service would serve it on (the one resolver,
+    :func:`~ditepose.model.engines.select.build_chosen_engine`: with ``engine="auto"`` OpenVINO on a CPU
+    where it is installed and agrees with the torch engine, else the torch engine; ``precision="auto"``:
+    fp16 on CUDA, fp32 on the CPU); version: the file's sha256, first 12 digits."""
     from ditepose.model.checkpoint import load_pose_model
-    from ditepose.model.engines.build import build_engine
+    from ditepose.model.engines.select import build_chosen_engine
     from ditepose.model.keypoints import spec_for_checkpoint
     from ditepose.model.repository import file_sha256
 
     module, meta = load_pose_model(checkpoint, map_location="cpu")
     spec = spec_for_checkpoint(meta.dataset, meta.num_joints)
-    engine = build_engine(module, device, precision)
+    width, height = meta.input_size
+    served, _ = build_chosen_engine(module, device, precision, engine, (height, width))
     version = "sha256:" + file_sha256(checkpoint)[:12]
-    return PoseModel(name or Path(checkpoint).stem, version, engine, meta.input_size, spec)
+    return PoseModel(name or Path(checkpoint).stem, version, served, meta.input_size, spec)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ditepose.model.detectors import NanoDetDetector
+from ditepose.model.engines.select import openvino_missing
 from ditepose.service.video.decode import probe, read_index
 from ditepose.service.video.offline import (
     PoseModel,
@@ -143,3 +144,23 @@ def test_options_are_checked() -> None:
         VideoOptions(detect_interval=0)
     with pytest.raises(ValueError, match="smoothing"):
         VideoOptions(smoothing="kalman")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(openvino_missing() is not None, reason="OpenVINO (or onnx) is not installed")
+def test_the_default_engine_is_openvino_and_agrees_with_the_torch_engine(
+        riders_clip: tuple[Path, CameraPath], pose_model: PoseModel, nanodet: NanoDetDetector,
+        demo_checkpoint: Path) -> None:
+    """``load_video_model`` resolves its engine as the service does: OpenVINO where installed and agreeing;
+    the same 30 frames on the torch engine give the same tracks and keypoints within a pixel."""
+    assert type(pose_model.infer).__name__ == "OpenVinoEngine"
+    on_torch = load_video_model(demo_checkpoint, engine="torch")
+    assert type(on_torch.infer).__name__ != "OpenVinoEngine"
+    plan = SegmentPlan(0, 0, 30)
+    fast = SegmentRunner(pose_model, nanodet, OPTIONS).run(riders_clip[0], plan)
+    reference = SegmentRunner(on_torch, nanodet, OPTIONS).run(riders_clip[0], plan)
+    fast_tracks = finish_result(probe(riders_clip[0]), [fast], pose_model, OPTIONS).tracks
+    torch_tracks = finish_result(probe(riders_clip[0]), [reference], on_torch, OPTIONS).tracks
+    assert [t.frames for t in fast_tracks] == [t.frames for t in torch_tracks]
+    for a, b in zip(fast_tracks, torch_tracks, strict=True):
+        xy_a, xy_b = np.asarray(a.keypoints)[..., :2], np.asarray(b.keypoints)[..., :2]
+        assert np.abs(xy_a - xy_b).max() <= 1.0
