@@ -7,6 +7,7 @@ what the check must measure (batch sizes, precisions, concurrency levels, AMP).
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -120,3 +121,12 @@ def test_targets_are_judged_from_the_stage_files(tmp_path: Path) -> None:
     assert met["service_errors"] == {"measured": 2, "target": "0", "met": False}
     assert met["train_img_s"]["met"] is True
     assert all(t["met"] is None for t in gpu_check.targets(tmp_path / "missing", dry=False).values())
+
+
+def test_gpu_wheels_carry_no_cpu_inference_runtime() -> None:
+    """What ``make gpu-wheels`` carries to the GPU machine gains no OpenVINO or ONNX wheels (issue 26): the GPU
+    path serves the torch engine, and the carried folder has a 64 MiB limit. The wheels are fetched with
+    ``--no-deps``, so the listed packages are all that travel besides this project."""
+    runtimes = [name for name in gpu_check.WHEEL_PACKAGES if name.startswith(("openvino", "onnx"))]
+    assert not runtimes, runtimes
+    assert '"--no-deps"' in inspect.getsource(gpu_check.prepare)  # no dependency rides along unlisted
