@@ -202,10 +202,17 @@ def test_ctrl_c_cancels_the_job_on_the_server(server: tuple[str, Path], tmp_path
             found.extend(new)
             os.kill(os.getpid(), signal.SIGINT)
 
+        # A shell that starts a command in the background (`nohup make test &`, as CI runners do) leaves
+        # SIGINT ignored and Python keeps it so: a real Ctrl-C comes from a terminal, where Python's handler
+        # raises KeyboardInterrupt. Install that handler here, whoever started the test run.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         watcher = threading.Thread(target=interrupt_once_submitted, daemon=True)
         watcher.start()
-        code = main(["video", str(long_clip), "--server", url, "--api-key", API_KEY, "--out",
-                     str(tmp_path / "t.json"), "--poll", "0.2"])
+        try:
+            code = main(["video", str(long_clip), "--server", url, "--api-key", API_KEY, "--out",
+                         str(tmp_path / "t.json"), "--poll", "0.2"])
+        finally:
+            signal.signal(signal.SIGINT, previous)
         watcher.join(30)
         assert code == 130
         assert f"job {found[0]} cancelled" in capsys.readouterr().err
