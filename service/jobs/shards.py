@@ -249,9 +249,9 @@ def _run_claimed_shard(rec: JobRecord, store: JobStore, token: str, pool: Worker
 
 
 def claim_and_run_part(sid: str, store: JobStore, pool: WorkerPool, lease_ttl_s: float, worker: str | None,
-                       max_attempts: int, what: str, run_claimed: Callable[[JobRecord, str], str],
+                       max_attempts: int, part: str, run_claimed: Callable[[JobRecord, str], str],
                        merge_job: Callable[[str, str], str]) -> str:
-    """Claim one part of a job (``what``: 'shard', 'video segment'), run it with ``run_claimed(rec, token)``
+    """Claim one part of a job (``part``, as messages name it: 'shard', 'segment'), run it with ``run_claimed(rec, token)``
     and merge the job with ``merge_job(job_id, worker)`` if every part is done. Returns succeeded|failed|
     cancelled|lost or the claim's done|busy|missing; 'busy' also when the merge is held by a live worker
     (the caller tries again later: that worker may still die). One function, so evaluation shards and
@@ -263,12 +263,12 @@ def claim_and_run_part(sid: str, store: JobStore, pool: WorkerPool, lease_ttl_s:
     if claim == "run":
         error = runs.give_up_if_retried_too_often(store, sid, token, rec.attempts, max_attempts)
         if error:
-            fail_job(store, rec.parent, f"{what.split()[-1]} {rec.plan['index']}: {error}")
+            fail_job(store, rec.parent, f"{part} {rec.plan['index']}: {error}")
             return "failed"
         outcome = run_claimed(rec, token)
     else:
         outcome = claim
-        log.info("%s %s not run by %s: %s", what, sid, worker, claim)
+        log.info("%s %s not run by %s: %s", part, sid, worker, claim)
     if outcome in ("succeeded", "done") and merge_job(rec.parent, worker) == "busy":
         return "busy"
     if outcome in ("cancelled", "done"):

@@ -147,7 +147,7 @@ def run_video_segment(sid: str, store: JobStore, pool: WorkerPool, lease_ttl_s: 
                       soft_time_limit_s: float = 3600.0, worker: str | None = None, max_attempts: int = 3) -> str:
     """Claim and run one segment, then merge the job if every segment is done (:func:`claim_and_run_part`)."""
     return claim_and_run_part(
-        sid, store, pool, lease_ttl_s, worker, max_attempts, "video segment",
+        sid, store, pool, lease_ttl_s, worker, max_attempts, "segment",
         lambda rec, token: _run_claimed_segment(rec, store, token, pool, lease_ttl_s, soft_time_limit_s),
         lambda job_id, by: merge_video(job_id, store, lease_ttl_s, by))
 
